@@ -1,0 +1,95 @@
+"""Audio front end: loading, the 24 kHz log-mel target representation and its inverse scaling.
+
+The mel parameters are the Vocos "mel-24khz" ones (DESIGN.md §2); `log_mel` is a JAX function so it
+can run batched on an accelerator, and equals librosa's melspectrogram with the same settings.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 24000
+N_FFT = 1024
+HOP_LENGTH = 256
+N_MELS = 100
+F_MAX = 12000.0
+LOG_FLOOR = 1e-5
+MEL_MEAN = -5.8843
+MEL_STD = 2.2615
+
+
+class AudioDecodeError(ValueError):
+  """An audio file that cannot be decoded or holds no samples."""
+
+
+def num_frames(num_samples: int, hop_length: int = HOP_LENGTH) -> int:
+  """Frames of a centred STFT of `num_samples` samples (a 10 s clip at 24 kHz gives 938)."""
+  return 1 + num_samples // hop_length
+
+
+def load_audio(path, sample_rate: int = SAMPLE_RATE, seconds: float | None = None) -> np.ndarray:
+  """Mono float32 waveform at `sample_rate`, peak-normalised, cropped or zero-padded to `seconds`."""
+  try:
+    wave, file_rate = sf.read(str(path), dtype='float32', always_2d=True)
+  except Exception as e:  # soundfile raises several types for unreadable files
+    raise AudioDecodeError(f'{path}: cannot decode audio ({e})') from e
+  if wave.size == 0:
+    raise AudioDecodeError(f'{path}: file holds no audio samples')
+  wave = wave.mean(axis=1)
+  if file_rate != sample_rate:
+    wave = librosa.resample(wave, orig_sr=file_rate, target_sr=sample_rate, res_type='soxr_hq')
+  peak = np.abs(wave).max()
+  if not np.isfinite(peak):
+    raise AudioDecodeError(f'{path}: audio holds NaN or infinite samples')
+  if peak > 0:
+    wave = wave / peak
+  if seconds is not None:
+    wave = fit_length(wave, round(seconds * sample_rate))
+  return wave.astype(np.float32)
+
+
+def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
+  """Crops or zero-pads the last axis to `length` samples."""
+  wave = wave[..., :length]
+  pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])]
+  return np.pad(wave, pad)
+
+
+@functools.cache
+def mel_filterbank() -> np.ndarray:
+  """(n_fft // 2 + 1, n_mels) HTK-scale, unnormalised triangular filters over 0–12 kHz."""
+  return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=F_MAX,
+                             htk=True, norm=None).T.astype(np.float32)
+
+
+def stft_magnitude(wave: jax.Array, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH) -> jax.Array:
+  """|STFT| of (..., samples), centred with reflect padding and a periodic Hann window.
+
+  Returns (..., frames, n_fft // 2 + 1).
+  """
+  pad = [(0, 0)] * (wave.ndim - 1) + [(n_fft // 2, n_fft // 2)]
+  padded = jnp.pad(wave, pad, mode='reflect')
+  frames = 1 + (padded.shape[-1] - n_fft) // hop_length
+  index = jnp.arange(frames)[:, None] * hop_length + jnp.arange(n_fft)[None, :]
+  window = jnp.asarray(np.hanning(n_fft + 1)[:-1], dtype=wave.dtype)
+  spectrum = jnp.fft.rfft(padded[..., index] * window, axis=-1)
+  return jnp.abs(spectrum)
+
+
+@jax.jit
+def log_mel(wave: jax.Array) -> jax.Array:
+  """Normalised log-mel (..., frames, 100) of 24 kHz audio (..., samples): the model's target x1."""
+  mel = stft_magnitude(wave) @ jnp.asarray(mel_filterbank())
+  return normalise(jnp.log(jnp.maximum(mel, LOG_FLOOR)))
+
+
+def normalise(log_mel_values):
+  return (log_mel_values - MEL_MEAN) / MEL_STD
+
+
+def denormalise(normalised):
+  """Inverse of `normalise`: back to the natural-log mel that the Vocos mel-24khz vocoder takes."""
+  return normalised * MEL_STD + MEL_MEAN

@@ -1,0 +1,92 @@
+"""Flow-matching, BiT-C and REPA/AG-REPA losses (DESIGN.md §3, §6) as pure functions of arrays."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from agrepa_jax.model import interpolate_linear
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowMatchingConfig:
+  noise_std: float = 0.5
+  max_prompt_fraction: float = 0.3
+  token_drop_prob: float = 0.1
+  reference_drop_prob: float = 0.1
+  loss_on_prompt: bool = False  # reference quirk: the prompt frames count in L_FM
+
+
+def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """1 − cos(a, b) along the last axis."""
+  dot = (a * b).sum(-1)
+  return 1.0 - dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), eps)
+
+
+def frame_mask(num_samples: jax.Array, num_frames: int, hop_length: int) -> jax.Array:
+  """(B,) sample counts -> (B, T) bool: frames whose centre lies inside the clip's audio."""
+  return jnp.arange(num_frames)[None, :] * hop_length < num_samples[:, None]
+
+
+def flow_matching_inputs(key, x1, valid_frames, cfg: FlowMatchingConfig):
+  """Samples t, x0, the reference prompt and the CFG drops for one batch.
+
+  x1: (B, T, M) target mel; valid_frames: (B,) frames that hold audio (the prompt is drawn in them).
+  Returns x_t, t, target velocity u, the reference mel m_ref, token_keep (B,) and the (B, T)
+  frame weights of L_FM.
+  """
+  batch, frames, _ = x1.shape
+  k_t, k_noise, k_prompt, k_tok, k_ref = jax.random.split(key, 5)
+  t = jax.random.uniform(k_t, (batch,))
+  x0 = cfg.noise_std * jax.random.normal(k_noise, x1.shape, x1.dtype)
+  x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+
+  max_prompt = jnp.maximum(jnp.floor(cfg.max_prompt_fraction * valid_frames), 1).astype(jnp.int32)
+  prompt_len = jax.random.randint(k_prompt, (batch,), 1, max_prompt + 1)
+  keep_ref = jax.random.bernoulli(k_ref, 1 - cfg.reference_drop_prob, (batch,))
+  in_prompt = (jnp.arange(frames)[None, :] < prompt_len[:, None]) & keep_ref[:, None]
+  ref_mel = jnp.where(in_prompt[..., None], x1, 0.0)
+  token_keep = jax.random.bernoulli(k_tok, 1 - cfg.token_drop_prob, (batch,)).astype(x1.dtype)
+  loss_weights = jnp.ones((batch, frames), x1.dtype) if cfg.loss_on_prompt else (~in_prompt).astype(x1.dtype)
+  return dict(x_t=x_t, t=t, u=x1 - x0, ref_mel=ref_mel, token_keep=token_keep, loss_weights=loss_weights)
+
+
+def flow_matching_loss(velocity, target, frame_weights):
+  """Mean squared velocity error over the weighted frames and all mel bins."""
+  per_frame = jnp.square(velocity - target).mean(-1)
+  return (per_frame * frame_weights).sum() / jnp.maximum(frame_weights.sum(), 1.0)
+
+
+def bitc_loss(bitc_heads, token_embedding, teacher, domain, domain_weights):
+  """Σ_d w_d · mean over the batch of [clip in d] · (1 − cos(head_d(mean_t e), y_d)).
+
+  teacher: per-domain utterance targets, a sequence of (B, C_d); domain: (B,) indices.
+  """
+  pooled = token_embedding.mean(1)
+  total = 0.0
+  for d, (target, weight) in enumerate(zip(teacher, domain_weights)):
+    in_domain = (domain == d).astype(pooled.dtype)
+    total += weight * (in_domain * cosine_distance(bitc_heads(d, pooled), target)).mean()
+  return total
+
+
+def repa_loss(repa_heads, hidden, teacher, domain, lambdas, valid_frames=None):
+  """Σ_ℓ λ_ℓ,d · (1 − cos(head_ℓ,d(h_ℓ), y_d)), averaged over the batch.
+
+  hidden: (L, B, W) time-pooled block outputs (utterance granularity), or (L, B, T, W) per frame
+    (frame granularity: teacher frames (B, F, C_d) are interpolated to T and the distance is
+    averaged over the (B, T) `valid_frames`).
+  lambdas: dense (L, num_domains) weights; a zero column entry switches that pair off, and
+    changing the values never recompiles.
+  """
+  per_layer = 0.0
+  for d, target in enumerate(teacher):
+    prediction = repa_heads(d, hidden)
+    if hidden.ndim == 4:
+      target = interpolate_linear(target, hidden.shape[2])
+      weights = valid_frames.astype(prediction.dtype)
+      distance = (cosine_distance(prediction, target[None]) * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1)
+    else:
+      distance = cosine_distance(prediction, target[None])
+    in_domain = (domain == d).astype(distance.dtype)
+    per_layer += lambdas[:, d, None] * in_domain[None] * distance  # (L, B)
+  return per_layer.sum(0).mean()

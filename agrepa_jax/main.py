@@ -1,0 +1,36 @@
+"""Command line: python -m agrepa_jax.main --config configs/X.py --workdir DIR [--mode MODE] [--config.K=V]."""
+import logging
+import pathlib
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from agrepa_jax import aot, train
+
+MODES = ('train', 'aot')
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for everything the run writes; re-running resumes it.')
+flags.DEFINE_enum('mode', 'train', MODES, 'train: train or resume; aot: compile the train step only.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host jobs; '
+                  'coordinator from the environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser()
+  train.write_config(config, workdir)
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == 'aot':
+    report = aot.run(config, workdir)
+    logging.info('aot: %s', report)
+
+
+if __name__ == '__main__':
+  app.run(main)

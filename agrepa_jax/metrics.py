@@ -1,0 +1,60 @@
+"""Metric output for one run: metrics.jsonl, TensorBoard event files and PNG plots (process 0 only)."""
+import json
+import pathlib
+
+import jax
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    self.path = workdir / 'metrics.jsonl'
+    if self.enabled:
+      self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, scalars: dict):
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    with self.path.open('a') as f:
+      f.write(json.dumps(row) + '\n')
+    for name, value in row.items():
+      if name != 'step':
+        self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self):
+    if self.enabled:
+      self.tensorboard.close()
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(metrics_path: pathlib.Path, png_path: pathlib.Path,
+                     names=('loss', 'loss_fm', 'loss_repa', 'loss_bitc', 'eval_loss_fm')):
+  """One panel per loss present in metrics.jsonl, against step."""
+  rows = read_metrics(metrics_path)
+  present = [n for n in names if any(n in r for r in rows)]
+  if not present:
+    return
+  fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+  for ax, name in zip(axes[0], present):
+    points = [(r['step'], r[name]) for r in rows if name in r]
+    ax.plot(*zip(*points), marker='.' if len(points) < 30 else None)
+    ax.set_title(name)
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)

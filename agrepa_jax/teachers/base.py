@@ -1,0 +1,32 @@
+"""The interface every frozen teacher (Whisper, BEATs, ...) offers to training, probing and features."""
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  name: str               # e.g. 'whisper-tiny.en', 'whisper-large-v3', 'beats-iter3-as2m'
+  dim: int                # feature width C_d
+  sample_rate: int        # rate the teacher's audio input must have
+  frames_per_second: float
+
+
+class Teacher(Protocol):
+  spec: TeacherSpec
+
+  def features(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame features of a batch.
+
+    audio: (B, N) float32 at spec.sample_rate, zero-padded past each clip's num_samples (B,).
+    Returns (B, F, dim) float32 features and a (B, F) bool mask of the frames that hold audio
+    (not padding), so that utterance means pool only real frames.
+    """
+    ...
+
+
+def masked_mean(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """(B, F, C), (B, F) -> (B, C): mean over the frames that hold audio."""
+  weights = mask.astype(frames.dtype)[..., None]
+  return (frames * weights).sum(1) / np.maximum(weights.sum(1), 1.0)

@@ -1,0 +1,293 @@
+"""Training: the train state, the pure step functions, and the loop (big_vision style, linear)."""
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import grain
+import tqdm
+from flax import nnx
+
+from agrepa_jax import audio, losses, metrics, selection, sharding
+from agrepa_jax.model import AgRepaModel, ModelConfig
+
+
+class Frozen(nnx.Variable):
+  """A model variable the optimiser never touches (the reference-quirk token projection)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  frozen: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming reproduces every draw
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  flow: losses.FlowMatchingConfig
+  bitc_weights: tuple[float, ...] | None  # None: no BiT-C loss
+  hidden: str  # 'none' (no REPA), 'pooled' (utterance), 'frames' (frame granularity)
+  domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
+
+  @classmethod
+  def from_config(cls, config) -> 'LossConfig':
+    flow_fields = {f.name for f in dataclasses.fields(losses.FlowMatchingConfig)}
+    flow = losses.FlowMatchingConfig(**{k: v for k, v in config.flow.items() if k in flow_fields})
+    bitc = tuple(config.bitc.weights[d] for d in config.data.domains) if config.bitc.enabled else None
+    if config.repa.selection == 'none':
+      hidden = 'none'
+    elif config.repa.granularity in ('utterance', 'frame'):
+      hidden = {'utterance': 'pooled', 'frame': 'frames'}[config.repa.granularity]
+    else:
+      raise ValueError(f"repa.granularity={config.repa.granularity!r}: expected 'utterance' or 'frame'")
+    return cls(flow, bitc, hidden, tuple(config.data.domains))
+
+
+def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
+  cfg = ModelConfig.from_config({**config.model, 'num_domains': len(config.data.domains)})
+  model = AgRepaModel(cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)))
+  if cfg.frozen_token_projection:
+    projection = model.backbone.token_encoder.domain_projection
+    model.backbone.token_encoder.domain_projection = Frozen(projection[...])
+  return model
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping and a one-cycle (or constant) learning-rate schedule."""
+  opt = config.optim
+  total = opt.schedule_steps if opt.schedule_steps > 0 else config.num_steps
+  if opt.schedule == 'onecycle':
+    schedule = optax.cosine_onecycle_schedule(total, opt.learning_rate, opt.pct_start, opt.div_factor,
+                                              opt.final_div_factor)
+  elif opt.schedule == 'constant':
+    schedule = optax.constant_schedule(opt.learning_rate)
+  else:
+    raise ValueError(f"optim.schedule={opt.schedule!r}: expected 'onecycle' or 'constant'")
+  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip),
+                   optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+  return tx, schedule
+
+
+def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState]:
+  model = make_model(config, teacher_dims, seed)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+  return graphdef, state
+
+
+def abstract_state(config, teacher_dims, tx):
+  """(graphdef, TrainState of ShapeDtypeStructs) without allocating any parameter."""
+  graphdef = None
+
+  def init(seed):
+    nonlocal graphdef
+    graphdef, state = init_state(config, teacher_dims, tx, seed)
+    return state
+
+  shapes = jax.eval_shape(init, 0)
+  return graphdef, shapes
+
+
+def sharded_init(config, teacher_dims, tx, mesh):
+  """Initialises the train state directly into its shardings (no host-side full copy)."""
+  graphdef, shapes = abstract_state(config, teacher_dims, tx)
+  shardings = state_shardings(shapes, mesh)
+  init = jax.jit(lambda seed: init_state(config, teacher_dims, tx, seed)[1], static_argnums=0,
+                 out_shardings=shardings)
+  return graphdef, init(config.seed), shardings
+
+
+def state_shardings(shapes: TrainState, mesh):
+  return shapes.replace(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
+                        params=sharding.tree_shardings(shapes.params, mesh),
+                        frozen=sharding.tree_shardings(shapes.frozen, mesh),
+                        opt_state=sharding.tree_shardings(shapes.opt_state, mesh))
+
+
+def compute_losses(model: AgRepaModel, batch, lambdas, key, loss_cfg: LossConfig, train: bool):
+  """All losses of one batch. `key` draws t, noise, prompts, CFG drops (and dropout if training)."""
+  mel = batch['mel']
+  batch_size, num_frames, _ = mel.shape
+  valid = losses.frame_mask(batch['num_samples'], num_frames, audio.HOP_LENGTH)
+  sample_key, dropout_key = jax.random.split(key)
+  inputs = losses.flow_matching_inputs(sample_key, mel, valid.sum(1), loss_cfg.flow)
+  velocity, extras = model.backbone(
+      inputs['x_t'], inputs['t'], batch['tokens'], inputs['ref_mel'], batch['domain'],
+      token_keep=inputs['token_keep'], dropout_key=dropout_key if train else None, hidden=loss_cfg.hidden)
+  out = {'loss_fm': losses.flow_matching_loss(velocity, inputs['u'], inputs['loss_weights'])}
+  teacher = tuple(batch['teacher'][d] for d in loss_cfg.domains)
+  out['loss_bitc'] = (losses.bitc_loss(model.bitc_heads, extras['token_embedding'], teacher, batch['domain'],
+                                       loss_cfg.bitc_weights) if loss_cfg.bitc_weights else jnp.zeros(()))
+  if loss_cfg.hidden == 'none':
+    out['loss_repa'] = jnp.zeros(())
+  else:
+    targets = (tuple(batch['teacher_frames'][d] for d in loss_cfg.domains) if loss_cfg.hidden == 'frames'
+               else teacher)
+    out['loss_repa'] = losses.repa_loss(model.repa_heads, extras['hidden'], targets, batch['domain'],
+                                        lambdas, valid)
+  out['loss'] = out['loss_fm'] + out['loss_bitc'] + out['loss_repa']
+  return out
+
+
+def train_step(state: TrainState, batch, lambdas, *, graphdef, tx, schedule, loss_cfg: LossConfig):
+  """One optimisation step. `lambdas` (L, domains) is an array input: new values never recompile."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, state.frozen)
+    parts = compute_losses(model, batch, lambdas, key, loss_cfg, train=True)
+    return parts['loss'], parts
+
+  grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  parts.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), parts
+
+
+def eval_step(state: TrainState, batch, lambdas, key, *, graphdef, loss_cfg: LossConfig):
+  """Held-out losses with dropout off and a fixed key, so every evaluation draws the same t and noise."""
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  return compute_losses(model, batch, lambdas, key, loss_cfg, train=False)
+
+
+def jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh):
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, loss_cfg=loss_cfg)
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(graphdef, loss_cfg, shardings, mesh):
+  step = functools.partial(eval_step, graphdef=graphdef, loss_cfg=loss_cfg)
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh),
+                                     sharding.replicated(mesh)), out_shardings=sharding.replicated(mesh))
+
+
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=config.async_checkpointing)
+  return ocp.CheckpointManager(workdir / 'checkpoints', options=options)
+
+
+def save_checkpoint(manager, step: int, state: TrainState, data_iterator, force=False):
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+
+
+def restore_checkpoint(manager, step: int, abstract: TrainState, data_iterator) -> TrainState:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  return restored['state']
+
+
+def abstract_with_shardings(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+class StopRequest:
+  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag the loop checks between steps.
+
+  Stopping between steps matters: the step donates the train state, so an exception raised
+  inside it would leave no valid state to save. A second Ctrl-C interrupts at once.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    logging.warning('%s received: saving a checkpoint after this step', signal.Signals(signum).name)
+    self.requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def train_and_evaluate(config, workdir: pathlib.Path):
+  """Trains (or resumes) the run in `workdir`; returns the final train state."""
+  from agrepa_jax.data import pipeline, prepare
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  train_source, heldout_source, meta = prepare.prepare(config)
+  domains = tuple(config.data.domains)
+  teacher_dims = tuple(meta['teacher_dims'][d] for d in domains)
+  logging.info('data: %s clips in %s; mesh %s', meta['num_clips'], meta['directory'], dict(mesh.shape))
+
+  tx, schedule = make_optimizer(config)
+  loss_cfg = LossConfig.from_config(config)
+  graphdef, state, shardings = sharded_init(config, teacher_dims, tx, mesh)
+  lambdas = jnp.asarray(selection.lambdas_from_config(config), jnp.float32)
+  train_step_fn = jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh)
+  eval_step_fn = jit_eval_step(graphdef, loss_cfg, shardings, mesh)
+
+  data_iterator = iter(pipeline.training_dataset(train_source, config.batch_size, config.data.seed,
+                                                 tuple(config.data.domain_weights)))
+  eval_batches = pipeline.evaluation_batches(heldout_source, config.batch_size, config.eval_batches)
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    state = restore_checkpoint(manager, manager.latest_step(), abstract_with_shardings(state, shardings),
+                               data_iterator)
+    logging.info('resumed from step %d', int(state.step))
+  writer = metrics.MetricWriter(workdir)
+  stop = StopRequest()
+  start_step = int(state.step)
+  progress = tqdm.tqdm(total=config.num_steps, initial=start_step, desc='train', unit='step',
+                       disable=jax.process_index() != 0, dynamic_ncols=True)
+  eval_key = jax.random.key_data(jax.random.key(config.seed + 2))
+
+  def evaluate():
+    parts = [jax.device_get(eval_step_fn(state, sharding.global_batch(b, mesh), lambdas, eval_key))
+             for b in eval_batches]
+    return {f'eval_{k}': float(np.mean([p[k] for p in parts])) for k in ('loss', 'loss_fm')}
+
+  last_log, last_step, step = time.perf_counter(), start_step, start_step
+  try:
+    for step in range(start_step + 1, config.num_steps + 1):
+      state, parts = train_step_fn(state, sharding.global_batch(next(data_iterator), mesh), lambdas)
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.num_steps:
+        scalars = jax.device_get(parts)
+        now = time.perf_counter()
+        scalars['steps_per_sec'] = (step - last_step) / (now - last_log)
+        last_log, last_step = now, step
+        if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
+          scalars.update(evaluate())
+        writer.write(step, scalars)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}", fm=f"{scalars['loss_fm']:.4f}",
+                             steps_per_s=f"{scalars['steps_per_sec']:.2f}")
+      if step % config.checkpoint_every == 0:
+        save_checkpoint(manager, step, state, data_iterator)
+      if stop.requested or manager.reached_preemption(step):
+        break
+  finally:
+    progress.close()
+    stop.restore()
+    if manager.latest_step() != int(state.step):
+      save_checkpoint(manager, int(state.step), state, data_iterator, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  if jax.process_index() == 0:
+    metrics.plot_loss_curves(workdir / 'metrics.jsonl', workdir / 'loss_curves.png')
+  return state
+
+
+def write_config(config, workdir: pathlib.Path):
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=str))
