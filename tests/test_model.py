@@ -1,0 +1,140 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agrepa_jax.model import AgRepaModel, DiTBlock, ModelConfig, interpolate_linear, run_blocks
+
+CFG = ModelConfig(num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=11, n_mels=8,
+                  time_freq_dim=16, dropout=0.2)
+
+
+def randomise(module, seed=0, scale=0.1):
+  """Replaces every parameter with noise, so zero-initialised layers do not hide bugs."""
+  graphdef, state = nnx.split(module)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  noisy = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+
+def inputs(cfg=CFG, batch=2, frames=12, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  return dict(x_t=jax.random.normal(k[0], (batch, frames, cfg.n_mels)),
+              t=jax.random.uniform(k[1], (batch,)),
+              tokens=jax.random.randint(k[2], (batch, cfg.num_codebooks, 5), 0, cfg.vocab_size),
+              ref_mel=jax.random.normal(k[3], (batch, frames, cfg.n_mels)),
+              domain=jnp.array([0, 1][:batch]))
+
+
+@pytest.fixture(scope='module')
+def model():
+  return randomise(AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).backbone)
+
+
+def test_block_with_zero_gate_is_exactly_identity():
+  block = randomise(DiTBlock(CFG, nnx.Rngs(1)))
+  h = jax.random.normal(jax.random.key(2), (2, 12, CFG.width))
+  time_emb = jax.random.normal(jax.random.key(3), (2, CFG.width))
+  out = block(h, time_emb, jnp.float32(0.0), dropout_key=jax.random.key(4))
+  np.testing.assert_array_equal(out, h)
+  assert not np.allclose(block(h, time_emb, jnp.float32(1.0)), h)
+
+
+def test_all_ones_gates_equal_ungated_model_and_an_unrolled_loop(model):
+  x = inputs()
+  v_default, _ = model(**x)
+  v_ones, _ = model(**x, gates=jnp.ones(CFG.num_layers))
+  np.testing.assert_array_equal(v_default, v_ones)
+
+  # The scan over stacked blocks equals calling each layer's block in a Python loop.
+  graphdef, state = nnx.split(model.blocks)
+  h = jax.random.normal(jax.random.key(5), (2, 12, CFG.width))
+  time_emb = jax.random.normal(jax.random.key(6), (2, CFG.width))
+  scanned, pooled = run_blocks(model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'pooled', 'none')
+  looped = h
+  for layer in range(CFG.num_layers):
+    looped = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(looped, time_emb, 1.0)
+    np.testing.assert_allclose(pooled[layer], looped.mean(1), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(scanned, looped, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_gate_skips_exactly_that_block(model):
+  graphdef, state = nnx.split(model.blocks)
+  h = jax.random.normal(jax.random.key(5), (2, 12, CFG.width))
+  time_emb = jax.random.normal(jax.random.key(6), (2, CFG.width))
+  gates = jnp.array([1.0, 0.0, 1.0])
+  out, _ = run_blocks(model.blocks, h, time_emb, gates, None, 'none', 'none')
+  block = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+  expected = block(2)(block(0)(h, time_emb, 1.0), time_emb, 1.0)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_policies_do_not_change_values_or_gradients(model):
+  x = inputs()
+  graphdef, state = nnx.split(model)
+
+  def loss(state, remat):
+    m = nnx.merge(graphdef, state)
+    m.cfg = ModelConfig(**{**CFG.__dict__, 'remat': remat})
+    return jnp.square(m(**x)[0]).mean()
+
+  base, base_grad = jax.value_and_grad(loss)(state, 'none')
+  for policy in ('full', 'dots'):
+    value, grad = jax.value_and_grad(loss)(state, policy)
+    np.testing.assert_allclose(value, base, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, base_grad)
+
+
+def test_interpolate_linear_matches_half_pixel_hand_case():
+  x = jnp.array([[[0.0], [4.0]]])  # (B=1, N=2, C=1) -> 4 frames
+  # source positions (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to [0, 1]
+  np.testing.assert_allclose(interpolate_linear(x, 4)[0, :, 0], [0.0, 1.0, 3.0, 4.0])
+
+
+def test_token_embedding_is_unit_norm_per_frame_and_domain_specific(model):
+  x = inputs()
+  e = model.token_encoder(x['tokens'], x['domain'], 12)
+  np.testing.assert_allclose(jnp.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
+  e_swapped = model.token_encoder(x['tokens'], 1 - x['domain'], 12)
+  assert not np.allclose(e, e_swapped)
+
+
+def test_dropped_tokens_remove_token_information(model):
+  x = inputs()
+  other_tokens = (x['tokens'] + 1) % CFG.vocab_size
+  drop = jnp.zeros(2)
+  v1, _ = model(**x, token_keep=drop)
+  v2, _ = model(**{**x, 'tokens': other_tokens}, token_keep=drop)
+  np.testing.assert_allclose(v1, v2, atol=1e-6)
+  v3, _ = model(**{**x, 'tokens': other_tokens})
+  assert not np.allclose(v1, v3)
+
+
+def test_dropout_is_deterministic_per_key_and_off_without_key(model):
+  x = inputs()
+  a, _ = model(**x, dropout_key=jax.random.key(0))
+  b, _ = model(**x, dropout_key=jax.random.key(0))
+  c, _ = model(**x, dropout_key=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_dual_codebook_and_hidden_shapes():
+  cfg = ModelConfig(**{**CFG.__dict__, 'num_codebooks': 2})
+  net = AgRepaModel(cfg, (6, 5), nnx.Rngs(0))
+  x = inputs(cfg)
+  v, extras = net.backbone(**x, hidden='frames')
+  assert v.shape == (2, 12, cfg.n_mels)
+  assert extras['hidden'].shape == (cfg.num_layers, 2, 12, cfg.width)
+  assert extras['token_embedding'].shape == (2, 12, cfg.token_dim)
+  assert net.repa_heads(0, extras['hidden']).shape == (cfg.num_layers, 2, 12, 6)
+  assert net.repa_heads(1, extras['hidden'].mean(2)).shape == (cfg.num_layers, 2, 5)
+
+
+def test_zero_initialised_layers_make_fresh_blocks_identity():
+  net = AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).backbone
+  h = jax.random.normal(jax.random.key(2), (2, 12, CFG.width))
+  out, _ = run_blocks(net.blocks, h, jnp.ones((2, CFG.width)), jnp.ones(CFG.num_layers), None, 'none', 'none')
+  np.testing.assert_array_equal(out, h)
