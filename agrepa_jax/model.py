@@ -176,20 +176,26 @@ class DiT(nnx.Module):
       per-layer block outputs, time-pooled (L, B, width) or per frame (L, B, T, width).
     """
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    batch, frames, _ = x_t.shape
+    h, time_emb, e = self.embed_inputs(x_t, t, tokens, ref_mel, domain, token_keep)
+    gates = jnp.ones((cfg.num_layers,), h.dtype) if gates is None else gates.astype(h.dtype)
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+    h, per_layer = run_blocks(self.blocks, h, time_emb, gates, layer_keys, hidden, cfg.remat)
+    return self.output(h), {'token_embedding': e, 'hidden': per_layer}
+
+  def embed_inputs(self, x_t, t, tokens, ref_mel, domain, token_keep=None):
+    """The blocks' input h0 (B, T, width), the time embedding (B, width) and e before token dropout."""
+    cfg = self.cfg
+    frames = x_t.shape[1]
     e = self.token_encoder(tokens, domain, frames)
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
-    h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(dtype)
+    h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
     time_emb = self.time_mlp_out(jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim))))
+    return h, time_emb, e
 
-    gates = jnp.ones((cfg.num_layers,), dtype) if gates is None else gates.astype(dtype)
-    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-    h, per_layer = run_blocks(self.blocks, h, time_emb, gates, layer_keys, hidden, cfg.remat)
-
-    velocity = self.output_projection(self.output_norm(h.astype(jnp.float32)))
-    return velocity, {'token_embedding': e, 'hidden': per_layer}
+  def output(self, h):
+    """Last block's output (B, T, width) -> velocity (B, T, n_mels)."""
+    return self.output_projection(self.output_norm(h.astype(jnp.float32)))
 
 
 def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenOutput, remat: str):

@@ -291,3 +291,34 @@ def write_config(config, workdir: pathlib.Path):
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A trained workdir opened for probing, sampling or evaluation."""
+  model: AgRepaModel
+  step: int
+  mesh: jax.sharding.Mesh
+  train_source: object
+  heldout_source: object
+  meta: dict
+
+
+def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> TrainedRun:
+  """Opens the data and restores the model parameters of `step` (default: the latest checkpoint)."""
+  from agrepa_jax.data import prepare
+  mesh = sharding.make_mesh(config.mesh)
+  train_source, heldout_source, meta = prepare.prepare(config)
+  teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)
+  tx, _ = make_optimizer(config)
+  graphdef, shapes = abstract_state(config, teacher_dims, tx)
+  shardings = state_shardings(shapes, mesh)
+  manager = checkpoint_manager(workdir, config)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}: train this workdir first')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_with_shardings(shapes, shardings))))['state']
+  manager.close()
+  model = nnx.merge(graphdef, restored.params, restored.frozen)
+  return TrainedRun(model, int(step), mesh, train_source, heldout_source, meta)
