@@ -1,0 +1,268 @@
+import csv
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from agrepa_jax import config_base, selection, sharding, train
+from agrepa_jax.data import cache, prepare
+from agrepa_jax.model import AgRepaModel, ModelConfig
+from agrepa_jax.probe import (REFERENCE_SCHEDULE, fog_a, lasp, probe_config, probed_layers, scd,
+                              schedule_from_config, select)
+from agrepa_jax.probe import batch as probe_batch
+from agrepa_jax.probe.report import run_probe
+from tests.test_model import randomise
+
+CFG = ModelConfig(num_layers=5, width=32, num_heads=4, token_dim=16, vocab_size=11, n_mels=8,
+                  time_freq_dim=16, dropout=0.2)
+FRAMES = 12
+
+
+def make_dit(cfg=CFG, seed=0):
+  return randomise(AgRepaModel(cfg, (6, 5), nnx.Rngs(seed)).backbone, seed=seed, scale=0.3)
+
+
+def make_batch(cfg=CFG, size=4, seed=1):
+  k = jax.random.split(jax.random.key(seed), 2)
+  return {'mel': jax.random.normal(k[0], (size, FRAMES, cfg.n_mels)),
+          'tokens': jax.random.randint(k[1], (size, cfg.num_codebooks, 5), 0, cfg.vocab_size),
+          'domain': jnp.arange(size) % 2,
+          'num_samples': jnp.array([3000, 2000, 1000, 256 * FRAMES, 700, 2500][:size])}
+
+
+def looped_scores(dit, batch, t, noise, dropout_key):
+  """Δ (L, B) from L+1 separate model calls, one gate mask each: FoG-A by its definition."""
+  graphdef, state = nnx.split(dit)
+  inputs = probe_batch.model_inputs(batch, t, noise, 0.15)
+  forward = jax.jit(lambda state, gates: nnx.merge(graphdef, state)(**inputs, gates=gates,
+                                                                      dropout_key=dropout_key)[0])
+  num_layers = dit.cfg.num_layers
+  clean = np.asarray(forward(state, jnp.ones(num_layers)))
+  valid = np.asarray(probe_batch.valid_frames(batch['num_samples'], FRAMES))[..., None]
+  rms = lambda x: np.sqrt((np.square(x) * valid).sum((1, 2)))
+  return np.stack([rms(np.asarray(forward(state, 1.0 - jnp.eye(num_layers)[layer])) - clean) / rms(clean)
+                   for layer in range(num_layers)])
+
+
+@pytest.mark.parametrize('num_layers', [1, 2, 3, 4, 5, 8])
+def test_ablation_lanes_cover_every_continuation_in_full_lanes(num_layers):
+  first, second = fog_a.ablation_lanes(num_layers, multiple=3)
+  assert len(first) % 3 == 0
+  assert set(first) | set(second) == set(range(num_layers - 1))  # ablation L-1 needs no block
+  for a, b in zip(first, second):
+    steps = list(range(a + 1, num_layers)) + list(range(b + 1, num_layers))  # blocks each ablation still runs
+    switch = num_layers - 1 - a
+    scheduled = [a + 1 + s if s < switch else s for s in range(num_layers)]
+    assert scheduled == steps
+
+
+def test_probe_inputs_follow_the_documented_rules():
+  batch = make_batch()
+  noise = probe_batch.clip_noise(jax.random.key(0), 4, (FRAMES, CFG.n_mels))
+  # noise of a clip depends on its position only, not on the batch it is drawn with
+  np.testing.assert_array_equal(noise[:2], probe_batch.clip_noise(jax.random.key(0), 2, (FRAMES, CFG.n_mels)))
+  inputs = probe_batch.model_inputs(batch, 0.25, noise, 0.15)
+  np.testing.assert_allclose(inputs['x_t'], 0.75 * noise + 0.25 * batch['mel'], rtol=1e-6)
+  # valid frames 12, 8, 4, 12 -> prompts floor(0.15 * valid) = 1, 1, 1 (at least one), 1
+  prompt = np.asarray((inputs['ref_mel'] != 0).any(-1)).sum(1)
+  np.testing.assert_array_equal(prompt, [1, 1, 1, 1])
+  no_prompt = probe_batch.model_inputs(batch, 0.25, noise, 0.0)
+  np.testing.assert_array_equal(no_prompt['ref_mel'], 0.0)
+  domains = np.array([0, 0, 0, 1, 1, 0, 1])
+  chosen = probe_batch.balanced_indices(domains, 2, 5, seed=3)
+  assert np.bincount(domains[chosen]).tolist() == [3, 2]
+  np.testing.assert_array_equal(chosen, probe_batch.balanced_indices(domains, 2, 5, seed=3))
+
+
+def test_block_that_is_identity_by_its_weights_scores_zero_at_every_t():
+  dit, k = make_dit(), 2
+  for layer in (dit.blocks.attn_out, dit.blocks.mlp_out):
+    for param in (layer.kernel, layer.bias):
+      param[...] = param[...].at[k].set(0.0)
+  batch = make_batch()
+  t_values = (0.1, 0.5, 0.9)
+  table, counts = fog_a.fog_a_table(dit, batch, t_values, jax.random.key(0), num_domains=3, batch_size=2,
+                                    chunk_size=1)
+  assert table.shape == (CFG.num_layers, 3, 3)
+  np.testing.assert_array_equal(counts, [2, 2, 0])
+  assert np.isnan(table[..., 2]).all()  # a domain without clips
+  np.testing.assert_allclose(table[k, :, :2], 0.0, atol=1e-6)
+  assert (np.delete(table[..., :2], k, axis=0) > 1e-2).all()
+
+
+def test_prefix_shared_scores_equal_one_ablation_at_a_time():
+  num_layers = 4  # even: the middle ablation shares a lane with itself
+  cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': num_layers})
+  dit, batch = make_dit(cfg), make_batch(cfg)
+  noise = probe_batch.clip_noise(jax.random.key(2), 4, (FRAMES, cfg.n_mels))
+  dropout_key = jax.random.key(3)  # training mode, as in the reference schedule
+  expected = looped_scores(dit, batch, 0.7, noise, dropout_key)
+  shared = fog_a.clip_scores(dit, batch, 0.7, noise, dropout_key=dropout_key, chunk_size=2)
+  naive = fog_a.naive_clip_scores(dit, batch, 0.7, noise, dropout_key=dropout_key)
+  assert shared.shape == (num_layers, 4)
+  np.testing.assert_allclose(shared, expected, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(naive, expected, rtol=2e-5, atol=1e-6)
+  assert expected.min() > 1e-2
+
+
+def test_sharding_lanes_and_chunk_size_do_not_change_scores():
+  dit, batch = make_dit(), make_batch()
+  noise = probe_batch.clip_noise(jax.random.key(4), 4, (FRAMES, CFG.n_mels))
+  reference = fog_a.naive_clip_scores(dit, batch, 0.3, noise)
+  eight = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  for chunk_size, mesh in [(1, None), (3, None), (1, eight)]:
+    scores = fog_a.clip_scores(dit, batch, 0.3, noise, chunk_size=chunk_size, mesh=mesh)
+    np.testing.assert_allclose(scores, reference, rtol=2e-5, atol=1e-6, err_msg=f'chunk {chunk_size}')
+
+
+def test_domain_means_and_nan_for_absent_domains():
+  means, counts = fog_a.domain_means(np.array([[1.0, 2.0, 4.0]]), np.array([0, 0, 2]), 3)
+  np.testing.assert_array_equal(counts, [2, 0, 1])
+  np.testing.assert_allclose(means, [[1.5, np.nan, 4.0]])
+
+
+def test_top_k_and_lambda_rules_on_a_hand_table():
+  scores = np.array([[0.30, 0.1], [0.05, np.nan], [0.20, 0.4], [0.10, 0.4], [0.25, 0.2]])
+  np.testing.assert_array_equal(select.top_k_layers(scores[:, 0], 3), [0, 4, 2])
+  np.testing.assert_array_equal(select.top_k_layers(scores[:, 1], 3), [2, 3, 4])  # NaN out, ties shallow first
+  odd = probed_layers(5, REFERENCE_SCHEDULE)
+  np.testing.assert_array_equal(odd, [True, False, True, False, True])
+  np.testing.assert_array_equal(select.top_k_layers(scores[:, 1], 3, odd), [2, 4, 0])
+
+  raw = select.select_layers(scores, ('speech', 'audio'), top_k=2)
+  assert raw == {'speech': {1: 0.30, 5: 0.25}, 'audio': {3: 0.4, 4: 0.4}}
+  normalized = select.select_layers(scores, ('speech', 'audio'), top_k=2, rule='normalized', total=1.1)
+  np.testing.assert_allclose(list(normalized['speech'].values()), [0.6, 0.5])
+  softmax = select.select_layers(scores, ('speech',), top_k=2, rule='softmax', total=2.0, temperature=0.05)
+  e = np.exp(1.0)  # exp((0.30 - 0.25) / 0.05)
+  np.testing.assert_allclose(list(softmax['speech'].values()), [2 * e / (e + 1), 2 / (e + 1)])
+  lambdas = selection.dense_lambdas(raw, 5, ('speech', 'audio'))
+  np.testing.assert_allclose(lambdas[:, 0], [0.30, 0, 0, 0, 0.25])
+  with pytest.raises(ValueError, match='lambda_rule'):
+    select.layer_lambdas(np.ones(2), 'cubic', 1.0, 1.0)
+  assert select.select_layers(np.full((3, 1), np.nan), ('speech',), top_k=2) == {'speech': {}}
+
+
+def test_layer_scores_and_ema():
+  table = np.arange(12, dtype=float).reshape(2, 3, 2)
+  np.testing.assert_allclose(select.layer_scores(table, (0.1, 0.5, 0.9), -1), table.mean(1))
+  np.testing.assert_allclose(select.layer_scores(table, (0.1, 0.5, 0.9), 0.5), table[:, 1])
+  with pytest.raises(ValueError, match='selection_t'):
+    select.layer_scores(table, (0.1, 0.5), 0.8)
+  np.testing.assert_allclose(select.ema_update(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25])
+  np.testing.assert_allclose(select.ema_update(None, np.array([0.5]), 0.9), [0.5])
+
+
+def test_spearman_and_top_k_overlap_known_cases():
+  rising = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+  same = scd.dissociation(rising, 2 * rising, k=3)
+  assert same['spearman'] == pytest.approx(1.0) and same['top_k_overlap'] == 1.0
+  assert same['storage_top'] == [6, 5, 4]
+  opposite = scd.dissociation(rising, rising[::-1], k=3)
+  assert opposite['spearman'] == pytest.approx(-1.0) and opposite['top_k_overlap'] == 0.0
+  # storage ranks 6 > 5 > 4 > ..., contribution ranks 1 > 5 > 2: one shared layer of three
+  partial = scd.dissociation(rising, np.array([0.9, 0.5, 0.1, 0.2, 0.6, 0.3]), k=3)
+  assert partial['top_k_overlap'] == pytest.approx(1 / 3)
+  assert partial['spearman'] == pytest.approx(1 - 6 * (25 + 4 + 4 + 4 + 0 + 9) / (6 * 35))
+  report = scd.scd_report(np.stack([rising, rising], 1), np.stack([rising, rising[::-1]], 1),
+                          ('speech', 'audio'), k=2, eligible=np.array([True, False] * 3))
+  assert report['speech']['contribution_top'] == [5, 3]  # 1-based model layers, odd only
+  assert report['audio']['spearman'] == pytest.approx(-1.0)
+
+
+def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(2, 40, 6))
+  mixing = rng.normal(size=(6, 3))
+  unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
+  targets = [unit[1] @ mixing, rng.normal(size=(40, 2))]  # layer 2 stores domain 0's teacher linearly
+  domains = np.zeros(40, np.int64)
+  scores = lasp.ridge_scores(features, targets, domains, fit_fraction=0.5, alpha=1e-6)
+  assert scores[1, 0] > 0.999 and scores[0, 0] < 0.6
+  assert np.isnan(scores[:, 1]).all()  # no clip of domain 1
+
+  heads = AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).repa_heads
+  pooled = rng.normal(size=(CFG.num_layers, 4, CFG.width)).astype(np.float32)
+  head_targets = [rng.normal(size=(4, 6)), rng.normal(size=(4, 5))]
+  clip_domains = np.array([0, 1, 0, 1])
+  got = lasp.repa_head_scores(heads, pooled, head_targets, clip_domains)
+  prediction = np.asarray(heads(1, jnp.asarray(pooled[:, 1::2])))
+  np.testing.assert_allclose(got[:, 1], lasp.mean_cosine(prediction, head_targets[1][1::2][None]), rtol=1e-5)
+
+
+def test_reference_schedule_from_config():
+  probe = probe_config()
+  assert schedule_from_config(probe).t_values == (0.1, 0.3, 0.5, 0.7, 0.9)
+  probe.quirks = True
+  assert schedule_from_config(probe) == REFERENCE_SCHEDULE
+  assert REFERENCE_SCHEDULE.t_values == (0.8,) and REFERENCE_SCHEDULE.num_clips == 2
+  assert REFERENCE_SCHEDULE.dropout and REFERENCE_SCHEDULE.odd_layers_only
+
+
+def tiny_run_config(tmp_path):
+  config = config_base.base_config()
+  config.model.update(num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=11, time_freq_dim=16)
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.async_checkpointing = False
+  config.batch_size = 8
+  config.probe = probe_config()
+  config.probe.update(num_clips=6, batch_size=4, t_values=(0.3, 0.7), chunk_size=1, top_k=2)
+  return config
+
+
+def write_fake_cache(config, num_frames=16, clips_per_split=8):
+  """A complete data cache with random mels, tokens and teacher targets, where `prepare` looks for it."""
+  directory = pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(prepare.cache_settings(config))}'
+  rng = np.random.default_rng(0)
+  dims = {'speech': 6, 'audio': 5}
+  for split in cache.SPLITS:
+    out = directory / split
+    out.mkdir(parents=True)
+    domain = np.arange(clips_per_split, dtype=np.int32) % 2
+    np.save(out / 'mel.npy', rng.normal(size=(clips_per_split, num_frames, 100)).astype(np.float16))
+    np.save(out / 'num_samples.npy', rng.integers(1000, num_frames * 256, clips_per_split))
+    np.save(out / 'domain.npy', domain)
+    np.save(out / 'tokens.npy', rng.integers(0, 11, (clips_per_split, 1, 5)).astype(np.int32))
+    for name, dim in dims.items():
+      np.save(out / f'teacher_{name}.npy', rng.normal(size=(clips_per_split, dim)).astype(np.float32))
+    (out / 'clips.json').write_text(json.dumps([{'id': f'{split}{i}'} for i in range(clips_per_split)]))
+  (directory / 'meta.json').write_text(json.dumps({'teacher_dims': dims, 'num_clips': {}, 'domains': list(dims)}))
+  (directory / 'COMPLETE').write_text('')
+  return dims
+
+
+@pytest.mark.slow
+def test_run_probe_writes_the_documented_files(tmp_path):
+  config = tiny_run_config(tmp_path)
+  dims = write_fake_cache(config)
+  tx, _ = train.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  _, state, _ = train.sharded_init(config, (dims['speech'], dims['audio']), tx, mesh)
+  noisy = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), state.params)
+  manager = train.checkpoint_manager(tmp_path / 'run', config)
+  manager.save(5, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state.replace(params=noisy))))
+  manager.wait_until_finished()
+  manager.close()
+
+  results = run_probe(config, tmp_path / 'run')
+  out = tmp_path / 'run' / 'probe'
+  read = lambda name: list(csv.DictReader((out / name).open()))
+  fog = read('fog_a.csv')
+  assert list(fog[0]) == ['domain', 'layer', 't', 'score']
+  assert len(fog) == 2 * 3 * 2 and {r['layer'] for r in fog} == {'1', '2', '3'}
+  assert all(float(r['score']) > 0 for r in fog)
+  lasp_rows = read('lasp.csv')
+  assert list(lasp_rows[0]) == ['domain', 'layer', 'probe', 'score']
+  assert len(lasp_rows) == 2 * 2 * 3 and {r['probe'] for r in lasp_rows} == {'repa', 'ridge'}
+  report = json.loads((out / 'scd.json').read_text())
+  assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
+  assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}
+  chosen = select.read_selection(out / 'selection.json')
+  assert json.loads((out / 'selection.json').read_text())['rule'] == 'raw'
+  assert chosen == results['selection'] and all(len(layers) == 2 for layers in chosen.values())
+  assert selection.dense_lambdas(chosen, 3, ('speech', 'audio')).shape == (3, 2)
+  assert (out / 'fog_a_heatmap.png').stat().st_size > 0 and (out / 'storage_vs_contribution.png').exists()
