@@ -5,6 +5,8 @@ model.frozen_token_projection, flow.loss_on_prompt.
 """
 import ml_collections
 
+from agrepa_jax.generation import config as generation_config
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -59,7 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
       clip_seconds=10.0, heldout_fraction=0.1, token_rate=25.0, seed=0,
       feature_batch_size=16, teacher_frames=False,
   ))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1,                 # axis sizes; -1: all remaining devices
+      fsdp_min_size=2 ** 14,           # parameters with fewer elements are replicated, not sharded
+  ))
+  config.sample = generation_config.sample_config()
+  config.eval = generation_config.eval_config()
+  config.vocoder = generation_config.vocoder_config()
   return config
 
 

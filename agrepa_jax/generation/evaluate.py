@@ -1,0 +1,381 @@
+"""The sample and eval modes: generate held-out clips from a trained workdir, write a listening page,
+and score the generations.
+
+Both modes generate each held-out clip from its own tokens and a reference prompt cut from its own
+first frames (config.sample), and vocode with config.vocoder (Griffin-Lim without a checkpoint).
+
+Metric choices (run_eval):
+- Embeddings for FAD are utterance means of frozen-teacher features over the frames that hold audio,
+  computed from 24 kHz audio resampled to the teacher's rate — the same recipe as the training
+  targets (data.cache.teacher_features).
+- 'fad' compares generated audio with the real mels vocoded by the same vocoder (resynthesis), so
+  that vocoder artefacts appear on both sides; 'fad_original' compares with the clips' original
+  audio (decoded from their paths, when they can be). 'fad_inf' is FAD∞ against the resynthesis.
+  FAD is computed over all clips and per domain; each value's clip count is in eval.json 'counts'.
+- WER: speech-domain clips with a transcript, transcribed at 16 kHz by the JAX Whisper greedy
+  decoder, for the generated, resynthesised and original audio.
+- mel L1: mean |generated − real| of normalised mels over the frames that hold audio and lie
+  after the prompt (the prompt frames are copies).
+"""
+import dataclasses
+import html
+import itertools
+import json
+import logging
+import math
+import pathlib
+import re
+
+import jax
+import librosa
+import matplotlib
+import numpy as np
+import soundfile as sf
+import tqdm
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from agrepa_jax import audio, metrics, teachers, train  # noqa: E402
+from agrepa_jax.data import cache  # noqa: E402
+from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
+
+SAMPLES_DIR = 'samples'
+TRANSCRIBER_RATE = 16000
+SPEECH_DOMAIN = 'speech'
+MIN_FAD_INF_CLIPS = 4  # FAD∞ fits subsets of sizes between n/2 (at least 2) and n
+
+
+@dataclasses.dataclass
+class Generation:
+  """Held-out clips and what the sampler made of them; arrays have one row per clip."""
+  clips: list[dict]          # id, path, domain, text
+  domain: np.ndarray         # (N,) domain indices
+  num_samples: np.ndarray    # (N,) samples of audio in each 24 kHz clip
+  prompt_frames: np.ndarray  # (N,) reference-prompt length
+  real: np.ndarray           # (N, T, n_mels) normalised mels of the clips
+  generated: np.ndarray      # (N, T, n_mels) normalised generated mels
+
+
+def select_clips(source, num_clips: int, clip_list: str = '') -> np.ndarray:
+  """Held-out rows: the ids listed in `clip_list` (one per line), else the first `num_clips`
+  taking the domains in turn, so that every domain is represented."""
+  if clip_list:
+    ids = [line.strip() for line in pathlib.Path(clip_list).expanduser().read_text().splitlines()
+           if line.strip()]
+    rows = {clip['id']: i for i, clip in enumerate(source.clips)}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+      raise ValueError(f'{clip_list}: clips not in the held-out split: {missing[:5]}')
+    return np.array([rows[i] for i in ids], np.int64)
+  per_domain = [source.indices_of_domain(d) for d in range(len(source.domains))]
+  in_turn = [i for group in itertools.zip_longest(*per_domain) for i in group if i is not None]
+  return np.array(in_turn[:num_clips], np.int64)
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+  return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """Fills a short last batch up to `rows` by repeating its last row."""
+  return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+
+
+def generate(run: train.TrainedRun, rows: np.ndarray, sample_cfg, noise_std: float) -> Generation:
+  """Samples every held-out row with its own tokens and reference prompt."""
+  source = run.heldout_source
+  records = [source[int(i)] for i in rows]
+  stack = lambda key: np.stack([r[key] for r in records])
+  real, num_samples, domain, tokens = (stack(k) for k in ('mel', 'num_samples', 'domain', 'tokens'))
+  prompt_frames = sampler.prompt_lengths(num_samples, sample_cfg.prompt_seconds, sample_cfg.prompt_fraction)
+  prompt_mask = sampler.leading_frames_mask(prompt_frames, real.shape[1])
+  devices = run.mesh.size
+  batch_size = -(-sample_cfg.batch_size // devices) * devices  # the batch is sharded over all devices
+  key = jax.random.key(sample_cfg.seed)
+  generated = []
+  for b, s in enumerate(tqdm.tqdm(batch_slices(len(rows), batch_size), desc='sample', unit='batch')):
+    inputs = [pad_rows(x[s], batch_size) for x in (tokens, real, domain, prompt_mask)]
+    mels = sampler.sample(run.model.backbone, *inputs[:3], jax.random.fold_in(key, b), inputs[3],
+                          num_points=sample_cfg.num_points, sway=sample_cfg.sway,
+                          cfg_weight=sample_cfg.cfg_weight, noise_std=noise_std, mesh=run.mesh)
+    generated.append(np.asarray(mels)[:s.stop - s.start])
+  return Generation([source.clips[int(i)] for i in rows], domain, num_samples, prompt_frames, real,
+                    np.concatenate(generated))
+
+
+def open_vocoder(checkpoint: str) -> vocos.Vocoder:
+  vocoder = vocos.load_vocoder(checkpoint or None)
+  logging.log(logging.INFO if checkpoint else logging.WARNING, 'vocoder: %s', vocoder.name)
+  return vocoder
+
+
+def zero_past(waves: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
+  return np.where(np.arange(waves.shape[1])[None, :] < num_samples[:, None], waves, 0.0).astype(np.float32)
+
+
+def vocode(vocoder: vocos.Vocoder, mels: np.ndarray, num_samples: np.ndarray, clip_samples: int,
+           batch_size: int, desc: str) -> np.ndarray:
+  """(N, clip_samples) 24 kHz audio of normalised mels, zero past each clip's num_samples."""
+  waves = [vocoder.vocode(mels[s]) for s in tqdm.tqdm(batch_slices(len(mels), batch_size), desc=desc,
+                                                      unit='batch')]
+  return zero_past(audio.fit_length(np.concatenate(waves), clip_samples), num_samples)
+
+
+def load_originals(clips: list[dict], clip_seconds: float) -> np.ndarray | None:
+  """The clips' original 24 kHz audio as the cache decoded it, or None if any cannot be read."""
+  try:
+    return np.stack([audio.load_audio(clip['path'], seconds=clip_seconds) for clip in clips])
+  except audio.AudioDecodeError as e:
+    logging.warning('original audio unavailable, metrics against it skipped: %s', e)
+    return None
+
+
+def mel_l1(real: np.ndarray, generated: np.ndarray, num_samples: np.ndarray,
+           prompt_frames: np.ndarray) -> np.ndarray:
+  """(N,) mean |generated − real| over each clip's audio frames after its prompt."""
+  frame = np.arange(real.shape[1])[None, :]
+  scored = (frame * audio.HOP_LENGTH < num_samples[:, None]) & (frame >= prompt_frames[:, None])
+  per_frame = np.abs(generated - real).mean(-1)
+  return (per_frame * scored).sum(1) / np.maximum(scored.sum(1), 1)
+
+
+def domain_groups(domain: np.ndarray, domain_names) -> dict[str, np.ndarray]:
+  """'all' and each domain present -> the rows of its clips."""
+  groups = {'all': np.arange(len(domain))}
+  for d, name in enumerate(domain_names):
+    if (domain == d).any():
+      groups[name] = np.flatnonzero(domain == d)
+  return groups
+
+
+def embedding_teachers(config) -> dict[str, teachers.Teacher]:
+  """The FAD embedding models of config.eval.embeddings, each loaded once, labelled by their
+  spec name (e.g. 'whisper-tiny.en'; the config entry is appended when two share a name).
+
+  An entry is a key of config.teachers (its name and checkpoint) or a teacher name (its default
+  checkpoint); () means every domain's configured teacher.
+  """
+  entries = {}
+  for entry in config.eval.embeddings or config.data.domains:
+    spec = config.teachers[entry] if entry in config.teachers else {'name': entry, 'checkpoint': ''}
+    entries.setdefault((spec['name'], spec['checkpoint']), entry)
+  out = {}
+  for (name, checkpoint), entry in entries.items():
+    teacher = teachers.load_teacher(name, checkpoint or None)
+    out[teacher.spec.name if teacher.spec.name not in out else f'{teacher.spec.name}_{entry}'] = teacher
+  return out
+
+
+def utterance_embeddings(teacher: teachers.Teacher, waves: np.ndarray, num_samples: np.ndarray,
+                         batch_size: int) -> np.ndarray:
+  return cache.teacher_features(teacher, waves, num_samples, batch_size)[0]
+
+
+def fad_scores(embeddings: dict[str, dict[str, np.ndarray]], groups: dict[str, np.ndarray],
+               fad_inf_points: int) -> tuple[dict, dict]:
+  """Scalar FAD metrics and the FAD∞ fits, per embedding model and clip group.
+
+  embeddings: label -> {'generated', 'resynthesis'[, 'original']: (N, C)}.
+  """
+  scores, fits = {}, {}
+  for label, sets in embeddings.items():
+    for group, rows in groups.items():
+      if len(rows) < 2:
+        continue
+      generated = sets['generated'][rows]
+      scores[f'fad/{label}/{group}'] = fad.fad(sets['resynthesis'][rows], generated)
+      if 'original' in sets:
+        scores[f'fad_original/{label}/{group}'] = fad.fad(sets['original'][rows], generated)
+      if len(rows) >= MIN_FAD_INF_CLIPS:
+        fit = fad.fad_infinity(sets['resynthesis'][rows], generated, num_points=fad_inf_points)
+        scores[f'fad_inf/{label}/{group}'] = fit.value
+        fits[f'{label}/{group}'] = dataclasses.asdict(fit)
+  return scores, fits
+
+
+def load_transcriber(checkpoint: str) -> tuple[wer.Transcriber | None, str]:
+  """The JAX Whisper greedy transcriber, or None and the reason it is unavailable."""
+  try:
+    from agrepa_jax.teachers.whisper_decode import load_transcriber as load
+  except ImportError as e:
+    return None, f'no Whisper transcriber ({e})'
+  return load(checkpoint or None), ''
+
+
+def transcribe(transcriber: wer.Transcriber, waves: np.ndarray, num_samples: np.ndarray,
+               batch_size: int, desc: str) -> list[str]:
+  """Texts of 24 kHz clips, resampled to the transcriber's 16 kHz."""
+  resampled = librosa.resample(waves, orig_sr=audio.SAMPLE_RATE, target_sr=TRANSCRIBER_RATE,
+                               res_type='soxr_hq', axis=-1)
+  resampled_samples = np.ceil(num_samples * TRANSCRIBER_RATE / audio.SAMPLE_RATE).astype(np.int64)
+  resampled = zero_past(resampled, resampled_samples)
+  texts = []
+  for s in tqdm.tqdm(batch_slices(len(waves), batch_size), desc=desc, unit='batch'):
+    texts += transcriber.transcribe(resampled[s], resampled_samples[s])
+  return texts
+
+
+def speech_wer(transcriber_checkpoint: str, clips: list[dict], waves: dict[str, np.ndarray],
+               num_samples: np.ndarray, batch_size: int) -> tuple[dict, list[dict], str]:
+  """Corpus WER of each audio kind on the speech clips that have a transcript, every such clip's
+  transcripts, and '' — or no scores and the reason WER was skipped."""
+  rows = [i for i, clip in enumerate(clips) if clip['domain'] == SPEECH_DOMAIN and clip.get('text')]
+  if not rows:
+    return {}, [], 'no speech clips with a transcript'
+  transcriber, skipped = load_transcriber(transcriber_checkpoint)
+  if transcriber is None:
+    return {}, [], skipped
+  texts = [clips[i]['text'] for i in rows]
+  hypotheses = {kind: transcribe(transcriber, w[rows], num_samples[rows], batch_size, f'transcribe {kind}')
+                for kind, w in waves.items()}
+  scores = {f'wer/{kind}': wer.corpus_wer(texts, h) for kind, h in hypotheses.items()}
+  per_clip = [{'id': clips[row]['id'], 'text': text, **{kind: h[j] for kind, h in hypotheses.items()}}
+              for j, (row, text) in enumerate(zip(rows, texts))]
+  return scores, per_clip, ''
+
+
+def restore(config, workdir: pathlib.Path, step: int) -> train.TrainedRun:
+  run = train.restore_trained(config, workdir, None if step < 0 else step)
+  logging.info('restored %s at step %d', workdir, run.step)
+  return run
+
+
+def sampler_settings(config) -> dict:
+  keys = ('num_points', 'sway', 'cfg_weight', 'prompt_seconds', 'prompt_fraction', 'seed')
+  return {**{k: config.sample[k] for k in keys}, 'noise_std': config.flow.noise_std}
+
+
+def run_eval(config, workdir: pathlib.Path) -> dict:
+  """Generates config.eval.num_clips held-out clips and writes eval.json and a metrics.jsonl row.
+
+  Returns the eval.json contents. Metric keys: mel_l1/<group>, fad/<embedding>/<group>,
+  fad_original/…, fad_inf/…, wer/<generated|resynthesis|original>; groups are 'all' and domains.
+  """
+  workdir = pathlib.Path(workdir)
+  run = restore(config, workdir, config.eval.step)
+  generation = generate(run, select_clips(run.heldout_source, config.eval.num_clips), config.sample,
+                        config.flow.noise_std)
+  vocoder = open_vocoder(config.vocoder.checkpoint)
+  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
+  batch_size, num_samples = config.eval.batch_size, generation.num_samples
+  waves = {kind: vocode(vocoder, mels, num_samples, clip_samples, batch_size, f'vocode {kind}')
+           for kind, mels in (('generated', generation.generated), ('resynthesis', generation.real))}
+  original = load_originals(generation.clips, config.data.clip_seconds)
+  if original is not None:
+    waves['original'] = original
+
+  groups = domain_groups(generation.domain, config.data.domains)
+  per_clip_l1 = mel_l1(generation.real, generation.generated, num_samples, generation.prompt_frames)
+  scores = {f'mel_l1/{group}': float(per_clip_l1[rows].mean()) for group, rows in groups.items()}
+  embeddings = {label: {kind: utterance_embeddings(teacher, w, num_samples, batch_size)
+                        for kind, w in waves.items()}
+                for label, teacher in embedding_teachers(config).items()}
+  fad_values, fad_inf_fits = fad_scores(embeddings, groups, config.eval.fad_inf_points)
+  scores.update(fad_values)
+
+  wer_values, transcripts, wer_skipped = speech_wer(config.eval.whisper_checkpoint, generation.clips, waves,
+                                                    num_samples, batch_size)
+  scores.update(wer_values)
+  if wer_skipped:
+    logging.warning('WER skipped: %s', wer_skipped)
+
+  report = {
+      'step': run.step, 'vocoder': vocoder.name, 'sampler': sampler_settings(config),
+      'metrics': scores,
+      'counts': {group: len(rows) for group, rows in groups.items()} | {'wer': len(transcripts)},
+      'fad_real_reference': 'fad: real mels through the same vocoder; fad_original: original audio',
+      'embeddings': list(embeddings),
+      'fad_infinity': fad_inf_fits, 'wer_skipped': wer_skipped, 'transcripts': transcripts,
+      'clip_ids': [clip['id'] for clip in generation.clips],
+  }
+  if jax.process_index() == 0:
+    (workdir / 'eval.json').write_text(json.dumps(report, indent=2))
+    writer = metrics.MetricWriter(workdir)
+    writer.write(run.step, {f'eval/{k}': v for k, v in scores.items()} | {'eval/num_clips': len(generation.clips)})
+    writer.close()
+  logging.info('eval at step %d: %s', run.step, json.dumps(scores))
+  return report
+
+
+def file_stem(clip_id: str) -> str:
+  """A clip id as a file name (ids of directory sources hold slashes)."""
+  return re.sub(r'[^A-Za-z0-9._-]', '_', clip_id)
+
+
+def plot_mels(path: pathlib.Path, reference: np.ndarray, generated: np.ndarray, prompt_frames: int,
+              audio_frames: int, title: str):
+  """Reference and generated normalised mels side by side; lines mark the prompt's end and the audio's."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
+  for ax, mel, name in zip(axes, (reference, generated), ('reference', 'generated')):
+    image = ax.imshow(mel.T, origin='lower', aspect='auto', vmin=-3, vmax=3, cmap='magma')
+    ax.axvline(prompt_frames - 0.5, color='cyan', lw=1)
+    ax.axvline(audio_frames - 0.5, color='white', lw=1, ls='--')
+    ax.set_title(name)
+    ax.set_xlabel('frame')
+  axes[0].set_ylabel('mel band')
+  fig.colorbar(image, ax=axes, fraction=0.03)
+  fig.suptitle(title, fontsize=9)
+  fig.savefig(path, dpi=80, bbox_inches='tight')
+  plt.close(fig)
+
+
+def index_html(rows: list[dict], step: int, vocoder_name: str, settings: dict) -> str:
+  """The listening page: per clip its text, the audio players and the spectrogram image."""
+  players = lambda row: ''.join(
+      f'<td><audio controls preload="none" src="{html.escape(row[kind])}"></audio></td>' if row.get(kind)
+      else '<td>—</td>' for kind in ('original', 'reference', 'generated'))
+  body = '\n'.join(
+      f'<tr><td><b>{html.escape(r["id"])}</b><br>{html.escape(r["domain"])}<br>'
+      f'<i>{html.escape(r["text"])}</i><br>prompt {r["prompt_seconds"]:.2f} s</td>{players(r)}'
+      f'<td><img src="{html.escape(r["image"])}" width="600"></td></tr>' for r in rows)
+  settings_text = ', '.join(f'{k} {v}' for k, v in settings.items())
+  return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>agrepa_jax samples, step {step}</title>
+<style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}}</style>
+</head><body>
+<h1>Samples at step {step}</h1>
+<p>Vocoder: <b>{html.escape(vocoder_name)}</b>. Sampler: {html.escape(settings_text)}.</p>
+<p>original: the clip's audio; reference: its real mel through the same vocoder; generated: the
+model's mel from the clip's tokens and the reference prompt (left of the cyan line), vocoded.</p>
+<table><tr><th>clip</th><th>original</th><th>reference</th><th>generated</th><th>mels</th></tr>
+{body}
+</table></body></html>
+"""
+
+
+def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
+  """Writes workdir/samples/: <id>_generated.wav, <id>_reference.wav (real mel, same vocoder),
+  <id>_original.wav (when decodable), <id>.png and index.html. Returns that directory."""
+  workdir = pathlib.Path(workdir)
+  run = restore(config, workdir, config.sample.step)
+  rows = select_clips(run.heldout_source, config.sample.num_clips, config.sample.clip_list)
+  generation = generate(run, rows, config.sample, config.flow.noise_std)
+  vocoder = open_vocoder(config.vocoder.checkpoint)
+  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
+  batch_size, num_samples = config.sample.batch_size, generation.num_samples
+  waves = {kind: vocode(vocoder, mels, num_samples, clip_samples, batch_size, f'vocode {kind}')
+           for kind, mels in (('generated', generation.generated), ('reference', generation.real))}
+  original = load_originals(generation.clips, config.data.clip_seconds)
+  if original is not None:
+    waves['original'] = original
+
+  out = workdir / SAMPLES_DIR
+  if jax.process_index() != 0:
+    return out
+  out.mkdir(parents=True, exist_ok=True)
+  page_rows = []
+  for i, clip in enumerate(tqdm.tqdm(generation.clips, desc='write samples', unit='clip')):
+    stem = file_stem(clip['id'])
+    entry = {'id': clip['id'], 'domain': clip['domain'], 'text': clip.get('text', ''),
+             'prompt_seconds': generation.prompt_frames[i] * audio.HOP_LENGTH / audio.SAMPLE_RATE,
+             'image': f'{stem}.png'}
+    for kind, w in waves.items():
+      entry[kind] = f'{stem}_{kind}.wav'
+      sf.write(out / entry[kind], np.clip(w[i, :num_samples[i]], -1, 1), audio.SAMPLE_RATE, subtype='PCM_16')
+    plot_mels(out / entry['image'], generation.real[i], generation.generated[i], generation.prompt_frames[i],
+              math.ceil(num_samples[i] / audio.HOP_LENGTH), f'{clip["id"]} ({clip["domain"]})')
+    page_rows.append(entry)
+  (out / 'index.html').write_text(index_html(page_rows, run.step, vocoder.name, sampler_settings(config)))
+  logging.info('wrote %d samples to %s (vocoder: %s)', len(page_rows), out, vocoder.name)
+  return out

@@ -1,0 +1,108 @@
+"""Word error rate: English text normalisation, word-level edit distance, corpus WER.
+
+Normalisation (applied to references and hypotheses alike) is deliberately small, not Whisper's
+full EnglishTextNormalizer:
+  1. lowercase; thousands separators inside numbers dropped ("1,000" -> "1000");
+  2. apostrophes removed ("don't" -> "dont"), every other non-alphanumeric character is a space
+     (so "twenty-one" -> "twenty one", "3.5" -> "3 5");
+  3. digit runs split from letters and spelled out: 0–99 as words ("42" -> "forty two"), longer runs
+     digit by digit ("2024" -> "two zero two four"), so a number written either way matches;
+  4. whitespace collapsed.
+"""
+import dataclasses
+import re
+from typing import Protocol
+
+import numpy as np
+
+ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+        'fifteen sixteen seventeen eighteen nineteen').split()
+TENS = 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
+
+
+class Transcriber(Protocol):
+
+  def transcribe(self, audio_16k: np.ndarray, num_samples: np.ndarray) -> list[str]:
+    """Text of each clip of (B, N) float32 16 kHz audio, zero-padded past its num_samples (B,)."""
+    ...
+
+
+def spell_number(digits: str) -> str:
+  """'7' -> 'seven', '42' -> 'forty two', '07' / '123' -> digit by digit."""
+  if len(digits) > 2 or (len(digits) == 2 and digits[0] == '0'):
+    return ' '.join(ONES[int(d)] for d in digits)
+  value = int(digits)
+  if value < 20:
+    return ONES[value]
+  tens, ones = divmod(value, 10)
+  return TENS[tens - 2] + ('' if ones == 0 else ' ' + ONES[ones])
+
+
+def normalise_text(text: str) -> str:
+  text = text.lower()
+  text = re.sub(r'(?<=\d),(?=\d)', '', text)
+  text = text.replace("'", '').replace('\u2019', '')
+  text = re.sub(r'[^a-z0-9]+', ' ', text)
+  text = re.sub(r'\d+', lambda m: f' {spell_number(m.group())} ', text)
+  return ' '.join(text.split())
+
+
+@dataclasses.dataclass(frozen=True)
+class EditCounts:
+  substitutions: int
+  deletions: int   # reference words missing from the hypothesis
+  insertions: int  # hypothesis words absent from the reference
+  reference_words: int
+
+  @property
+  def errors(self) -> int:
+    return self.substitutions + self.deletions + self.insertions
+
+  def __add__(self, other: 'EditCounts') -> 'EditCounts':
+    return EditCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def word_edits(reference: list[str], hypothesis: list[str]) -> EditCounts:
+  """Minimum word edits turning `reference` into `hypothesis`, split by kind.
+
+  Among minimal alignments the backtrace prefers match/substitution, then deletion, then insertion.
+  """
+  n, m = len(reference), len(hypothesis)
+  cost = np.zeros((n + 1, m + 1), np.int64)
+  cost[:, 0] = np.arange(n + 1)
+  cost[0, :] = np.arange(m + 1)
+  for i in range(1, n + 1):
+    for j in range(1, m + 1):
+      cost[i, j] = min(cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]),
+                       cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+  substitutions = deletions = insertions = 0
+  i, j = n, m
+  while i or j:
+    if i and j and cost[i, j] == cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]):
+      substitutions += int(reference[i - 1] != hypothesis[j - 1])
+      i, j = i - 1, j - 1
+    elif i and cost[i, j] == cost[i - 1, j] + 1:
+      deletions += 1
+      i -= 1
+    else:
+      insertions += 1
+      j -= 1
+  return EditCounts(substitutions, deletions, insertions, n)
+
+
+def corpus_edits(references: list[str], hypotheses: list[str]) -> EditCounts:
+  """Summed edits of normalised texts, pair by pair."""
+  if len(references) != len(hypotheses):
+    raise ValueError(f'{len(references)} references but {len(hypotheses)} hypotheses')
+  total = EditCounts(0, 0, 0, 0)
+  for reference, hypothesis in zip(references, hypotheses):
+    total += word_edits(normalise_text(reference).split(), normalise_text(hypothesis).split())
+  return total
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
+  """Total edits / total reference words over the corpus (not a mean of per-clip rates)."""
+  edits = corpus_edits(references, hypotheses)
+  if edits.reference_words == 0:
+    raise ValueError('WER needs at least one reference word')
+  return edits.errors / edits.reference_words
