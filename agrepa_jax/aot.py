@@ -45,7 +45,7 @@ def compile_train_step(config):
   teacher_dims = teacher_dims_from_config(config)
   tx, schedule = train.make_optimizer(config)
   graphdef, shapes = train.abstract_state(config, teacher_dims, tx)
-  shardings = train.state_shardings(shapes, mesh)
+  shardings = train.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
   step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
   lambdas = jax.ShapeDtypeStruct((config.model.num_layers, len(config.data.domains)), jnp.float32,
                                  sharding=sharding.replicated(mesh))

@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
       token_dir='',                    # external tokens <token_dir>/<clip id>.npy instead of built-in units
       num_speech=300, num_audio=300,   # embedded corpus size
       clip_seconds=10.0, heldout_fraction=0.1, token_rate=25.0, seed=0,
-      feature_batch_size=16, teacher_frames=False,
+      chunk_size=64,                   # clips per cache chunk: the unit of resuming and of teacher batches
+      teacher_frames=False,            # also cache teacher frame features (repa.granularity='frame')
   ))
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1,                 # axis sizes; -1: all remaining devices
@@ -85,7 +86,7 @@ def paper_config(num_codebooks: int, preset: str) -> ml_collections.ConfigDict:
   config.checkpoint_every = 5000
   config.model.update(num_layers=24, width=1024, num_heads=16, token_dim=1024, vocab_size=4096,
                       num_codebooks=num_codebooks, dropout=0.2, remat='full', dtype='bfloat16')
-  config.data.update(source='directories', clip_seconds=10.0, token_rate=25.0, feature_batch_size=32)
+  config.data.update(source='directories', clip_seconds=10.0, token_rate=25.0, chunk_size=32)
   config.teachers.speech.update(name='whisper', checkpoint='', dim=1280)  # Whisper large-v3 encoder
   config.teachers.audio.update(name='beats', checkpoint='', dim=768)     # BEATs iter3+ AS2M
   config.repa.update(selection='fixed', preset=preset, granularity='utterance')

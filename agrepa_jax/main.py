@@ -8,10 +8,11 @@ from ml_collections import config_flags
 
 from agrepa_jax import aot, train
 
-MODES = ('train', 'aot', 'sample', 'eval')
+MODES = ('train', 'aot', 'features', 'sample', 'eval')
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for everything the run writes; re-running resumes it.')
-flags.DEFINE_enum('mode', 'train', MODES, 'train: train or resume; aot: compile the train step only; '
+flags.DEFINE_enum('mode', 'train', MODES, 'train: train or resume; aot: compile the train step only; features: build (or resume '
+                  'building) the data cache with teacher features and tokens; '
                   'sample: generate held-out clips into DIR/samples; eval: FAD, WER and mel L1 into DIR/eval.json.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host jobs; '
                   'coordinator from the environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).')
@@ -30,6 +31,9 @@ def main(argv):
     train.train_and_evaluate(config, workdir)
   elif FLAGS.mode == 'aot':
     logging.info('aot: %s', aot.run(config, workdir))
+  elif FLAGS.mode == 'features':
+    from agrepa_jax.data import prepare
+    logging.info('features: %s', prepare.write_features_report(config, workdir))
   elif FLAGS.mode == 'sample':
     from agrepa_jax.generation import evaluate
     evaluate.run_sample(config, workdir)

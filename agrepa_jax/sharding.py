@@ -46,13 +46,17 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
 
 
-def tree_shardings(tree, mesh: Mesh):
-  """NamedShardings for every array leaf of `tree` (parameters, optimiser state, ...)."""
+def tree_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
+  """NamedShardings for every array leaf of `tree` (parameters, optimiser state, ...).
+
+  Leaves with fewer than `min_size` elements are replicated: sharding them saves little memory and
+  costs a collective each.
+  """
   fsdp_size = mesh.shape['fsdp']
 
   def rule(path, leaf):
     stacked = any(name in STACKED_SCOPES for name in _path_names(path))
-    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, stacked))
+    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, stacked, min_size))
 
   return jax.tree_util.tree_map_with_path(rule, tree)
 

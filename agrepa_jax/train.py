@@ -104,17 +104,16 @@ def abstract_state(config, teacher_dims, tx):
 def sharded_init(config, teacher_dims, tx, mesh):
   """Initialises the train state directly into its shardings (no host-side full copy)."""
   graphdef, shapes = abstract_state(config, teacher_dims, tx)
-  shardings = state_shardings(shapes, mesh)
+  shardings = state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
   init = jax.jit(lambda seed: init_state(config, teacher_dims, tx, seed)[1], static_argnums=0,
                  out_shardings=shardings)
   return graphdef, init(config.seed), shardings
 
 
-def state_shardings(shapes: TrainState, mesh):
+def state_shardings(shapes: TrainState, mesh, min_size: int):
+  tree = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=min_size)
   return shapes.replace(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
-                        params=sharding.tree_shardings(shapes.params, mesh),
-                        frozen=sharding.tree_shardings(shapes.frozen, mesh),
-                        opt_state=sharding.tree_shardings(shapes.opt_state, mesh))
+                        params=tree(shapes.params), frozen=tree(shapes.frozen), opt_state=tree(shapes.opt_state))
 
 
 def compute_losses(model: AgRepaModel, batch, lambdas, key, loss_cfg: LossConfig, train: bool):
@@ -154,7 +153,7 @@ def train_step(state: TrainState, batch, lambdas, *, graphdef, tx, schedule, los
   grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  parts.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+  parts.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), parts
 
 
@@ -312,7 +311,7 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)
   tx, _ = make_optimizer(config)
   graphdef, shapes = abstract_state(config, teacher_dims, tx)
-  shardings = state_shardings(shapes, mesh)
+  shardings = state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
   manager = checkpoint_manager(workdir, config)
   step = manager.latest_step() if step is None else step
   if step is None:

@@ -61,7 +61,7 @@ class FakeTeacher:
     return np.log1p(np.square(chunks).mean(-1)), mask
 
 
-def test_cache_skips_and_counts_unreadable_and_empty_files(tmp_path):
+def make_clip_directories(tmp_path):
   speech, other = tmp_path / 'speech', tmp_path / 'audio'
   for folder in (speech, other):
     folder.mkdir()
@@ -70,22 +70,55 @@ def test_cache_skips_and_counts_unreadable_and_empty_files(tmp_path):
     write_wave(other / f'a{i}.flac', freq=1000 + 300 * i, rate=24000)
   (speech / 'empty.wav').write_bytes(b'')
   (other / 'corrupt.wav').write_bytes(b'not audio at all')
-  clips = sources.directory_clips(str(speech), 'speech') + sources.directory_clips(str(other), 'audio')
-  settings = dict(clip_seconds=0.6, heldout_fraction=0.25, token_rate=10.0, codebook_size=4, num_codebooks=2,
-                  seed=0, batch_size=4, teacher_frames=True)
+  return sources.directory_clips(str(speech), 'speech') + sources.directory_clips(str(other), 'audio')
+
+
+SETTINGS = dict(clip_seconds=0.6, heldout_fraction=0.25, token_rate=10.0, codebook_size=4, num_codebooks=2,
+                seed=0, chunk_size=4, teacher_frames=True)
+
+
+def test_cache_skips_and_counts_unreadable_and_empty_files(tmp_path):
+  clips = make_clip_directories(tmp_path)
   teachers = {'speech': FakeTeacher(), 'audio': FakeTeacher()}
-  directory = cache.build_cache(clips, tmp_path / 'cache', settings, ('speech', 'audio'), teachers)
-  meta = json.loads((directory / 'meta.json').read_text())
+  meta = cache.build_cache(clips, tmp_path / 'cache', SETTINGS, ('speech', 'audio'), lambda: teachers)
   assert sorted(s['id'] for s in meta['skipped']) == ['audio/corrupt', 'speech/empty']
-  assert sum(meta['num_clips'].values()) == 12
-  train = pipeline.CachedSplit(directory / 'train', ('speech', 'audio'), teacher_frames=True)
+  assert sum(meta['num_clips'].values()) == 12 and meta['teacher_dims'] == {'speech': 8, 'audio': 8}
+  train = pipeline.CachedSplit(tmp_path / 'cache' / 'train', ('speech', 'audio'), teacher_frames=True)
+  assert len(train) == meta['num_clips']['train']
   record = train[0]
   assert record['mel'].shape == (audio.num_frames(14400), 100)
   assert record['tokens'].shape == (2, 6) and record['tokens'].max() < 4
   assert record['teacher_frames']['speech'].shape[-1] == 8
-  other_domain = 'audio' if record['domain'] == 0 else 'speech'
-  assert np.all(record['teacher'][other_domain] == 0) and np.any(record['teacher'][
-      ('speech', 'audio')[record['domain']]] != 0)
+  own, other = ('speech', 'audio')[record['domain']], ('audio', 'speech')[record['domain']]
+  assert np.all(record['teacher'][other] == 0) and np.any(record['teacher'][own] != 0)
+  # rows hold the clip they claim: the mel of a cached clip equals the mel of its file
+  clip = train.clips[0]
+  expected = audio.log_mel(jnp.asarray(audio.fit_length(audio.load_audio(clip['path']), 14400)))
+  np.testing.assert_allclose(record['mel'], np.asarray(expected), atol=2e-3)
+
+
+class CountingTeacher(FakeTeacher):
+  calls = 0
+
+  def features(self, batch, num_samples):
+    CountingTeacher.calls += 1
+    return super().features(np.asarray(batch), num_samples)
+
+
+def test_interrupted_cache_build_resumes_without_recomputing_finished_chunks(tmp_path):
+  clips = make_clip_directories(tmp_path)
+  teachers = {'speech': CountingTeacher(), 'audio': CountingTeacher()}
+  directory = tmp_path / 'cache'
+  cache.build_cache(clips, directory, SETTINGS, ('speech', 'audio'), lambda: teachers)
+  complete = {p.name: p.read_bytes() for p in (directory / 'train').iterdir()}
+  calls_for_all = CountingTeacher.calls
+  # simulate a build that died after the first two chunks
+  for p in list(directory.glob('chunks/*'))[2:] + [directory / 'COMPLETE']:
+    p.unlink()
+  CountingTeacher.calls = 0
+  cache.build_cache(clips, directory, SETTINGS, ('speech', 'audio'), lambda: teachers)
+  assert 0 < CountingTeacher.calls < calls_for_all
+  assert {p.name: p.read_bytes() for p in (directory / 'train').iterdir()} == complete
 
 
 def test_pool_to_rate_hand_case():

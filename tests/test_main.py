@@ -107,3 +107,21 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
   result = run_main('--config', tiny_config_file(tmp_path, stopped_at + 2), '--workdir', str(workdir))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resumed from step {stopped_at}' in result.stderr
+
+
+@pytest.mark.slow
+def test_features_mode_builds_a_cache_that_training_reads_without_recomputing(tmp_path):
+  small = ['--config.data.cache_dir=' + str(tmp_path / 'cache'), '--config.data.num_speech=6',
+           '--config.data.num_audio=6', '--config.data.clip_seconds=1.8', '--config.data.chunk_size=4',
+           '--config.data.heldout_fraction=0.25', '--config.model.vocab_size=8', '--config.batch_size=4',
+           '--config.eval_every=0']
+  result = run_main('--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'), '--mode', 'features', *small)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / 'run' / 'features.json').read_text())
+  assert sum(report['num_clips'].values()) == 12 and report['teacher_dims'] == {'speech': 384, 'audio': 384}
+  assert report['this_run']['computed'] == 3 and report['this_run']['clips'] == 12
+  result = run_main('--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'), '--config.num_steps=2',
+                    '--config.log_every=1', *small)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'data chunks' not in result.stderr  # nothing recomputed
+  assert [r['step'] for r in metric_rows(tmp_path / 'run')] == [1, 2]

@@ -15,7 +15,7 @@ def cache_settings(config) -> dict:
       'num_speech': data.num_speech, 'num_audio': data.num_audio, 'clip_seconds': data.clip_seconds,
       'heldout_fraction': data.heldout_fraction, 'token_rate': data.token_rate,
       'codebook_size': config.model.vocab_size, 'num_codebooks': config.model.num_codebooks,
-      'seed': data.seed, 'batch_size': data.feature_batch_size, 'teacher_frames': data.teacher_frames,
+      'seed': data.seed, 'chunk_size': data.chunk_size, 'teacher_frames': data.teacher_frames,
       'teachers': {d: dict(config.teachers[d]) for d in data.domains},
   }
 
@@ -47,16 +47,41 @@ def load_teachers(config) -> dict:
   return per_domain
 
 
-def prepare(config) -> tuple[CachedSplit, CachedSplit, dict]:
-  """Builds the cache on process 0 if needed (others wait), then opens its splits."""
-  settings = cache_settings(config)
-  directory = pathlib.Path(config.data.cache_dir).expanduser() / f'cache-{cache.cache_key(settings)}'
+def cache_directory(config) -> pathlib.Path:
+  return pathlib.Path(config.data.cache_dir).expanduser() / f'cache-{cache.cache_key(cache_settings(config))}'
+
+
+def build(config) -> dict:
+  """Builds (or resumes building) the data cache of `config`; every process takes part. Returns meta."""
   domains = tuple(config.data.domains)
-  if jax.process_index() == 0 and not (directory / 'COMPLETE').exists():
-    cache.build_cache(list_clips(config), directory, settings, domains, load_teachers(config))
-  cache.sync_processes('data-cache')
-  meta = json.loads((directory / 'meta.json').read_text())
+  configured_dims = {d: int(config.teachers[d].dim) for d in domains}
+  meta = cache.build_cache(list_clips(config), cache_directory(config), cache_settings(config), domains,
+                           lambda: load_teachers(config))
+  for domain, dim in configured_dims.items():
+    if dim and dim != meta['teacher_dims'][domain]:
+      raise ValueError(f'teachers.{domain}.dim={dim}, but the {domain} teacher gives {meta["teacher_dims"][domain]}-d '
+                       'features')
+  return meta
+
+
+def prepare(config) -> tuple[CachedSplit, CachedSplit, dict]:
+  """Builds the cache if needed, then opens its splits."""
+  directory = cache_directory(config)
+  meta = build(config)
   meta['directory'] = str(directory)
-  open_split = lambda split: CachedSplit(directory / split, domains, config.data.teacher_frames,
+  open_split = lambda split: CachedSplit(directory / split, tuple(config.data.domains), config.data.teacher_frames,
                                          config.data.token_dir or None)
   return open_split('train'), open_split('heldout'), meta
+
+
+def write_features_report(config, workdir: pathlib.Path) -> dict:
+  """--mode features: builds the cache and writes what it holds to DIR/features.json."""
+  was_complete = (cache_directory(config) / 'COMPLETE').exists()
+  meta = build(config)
+  report = {'cache': str(cache_directory(config)), 'num_clips': meta['num_clips'], 'skipped': len(meta['skipped']),
+            'teacher_dims': meta['teacher_dims'], 'teachers': {d: dict(config.teachers[d]) for d in config.data.domains},
+            'this_run': 'the cache was already complete' if was_complete else meta['feature_stats']}
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'features.json').write_text(json.dumps(report, indent=2, default=str))
+  return report

@@ -169,7 +169,10 @@ def embedding_teachers(config) -> dict[str, teachers.Teacher]:
 
 def utterance_embeddings(teacher: teachers.Teacher, waves: np.ndarray, num_samples: np.ndarray,
                          batch_size: int) -> np.ndarray:
-  return cache.teacher_features(teacher, waves, num_samples, batch_size)[0]
+  """Utterance-mean teacher features of 24 kHz audio, computed as the training targets are."""
+  mesh = cache.feature_mesh()
+  return np.concatenate([cache.teacher_features(teacher, waves[s], num_samples[s], mesh)[0]
+                         for s in batch_slices(len(waves), batch_size)])
 
 
 def fad_scores(embeddings: dict[str, dict[str, np.ndarray]], groups: dict[str, np.ndarray],

@@ -19,7 +19,8 @@ class Teacher(Protocol):
   def features(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frame features of a batch.
 
-    audio: (B, N) float32 at spec.sample_rate, zero-padded past each clip's num_samples (B,).
+    audio: (B, N) float32 at spec.sample_rate, zero-padded past each clip's num_samples (B,); a
+      numpy array or a jax.Array (possibly sharded over the batch, which must then stay sharded).
     Returns (B, F, dim) float32 features and a (B, F) bool mask of the frames that hold audio
     (not padding), so that utterance means pool only real frames.
     """

@@ -536,11 +536,11 @@ class WhisperTeacher:
       return max_samples
     return -(-num_samples // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
 
-  def features(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    audio = np.asarray(audio, np.float32)
+  def features(self, audio, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    audio = jnp.asarray(audio, jnp.float32)  # a batch-sharded input stays sharded
     num_samples = np.asarray(num_samples)
     length = self._padded_length(audio.shape[1])
-    padded = np.pad(audio, [(0, 0), (0, length - audio.shape[1])])
+    padded = jnp.pad(audio, [(0, 0), (0, length - audio.shape[1])])
     frames_with_audio = encoder_frames_holding_audio(num_samples).astype(np.int32)
     attended_frames = frames_with_audio if self.mask_padding else None
     frames = encode_audio(self._graphdef, self._state, padded, attended_frames, self.dims.n_mels)

@@ -1,0 +1,96 @@
+"""LASP, the storage probe (DESIGN.md §7): how much teacher information each layer's hidden state holds.
+
+Features: every layer's hidden state pooled over all T frames, as the REPA loss pools it
+(`DiT(..., hidden='pooled')`, clean model, dropout off), at one t (`lasp_t`, default 0.5,
+mid-trajectory) from the same fixed noise and prompt as FoG-A. Two probes map a layer's features to
+teacher space; a layer's score for domain d is the mean cosine between the prediction and the
+utterance target y_d over that domain's clips:
+- 'repa': the trained REPA head (ℓ, d) of `model.repa_heads`, the hidden-side head. Only the pairs
+  trained with λ_ℓ,d > 0 have learnt anything; for the others it is an untrained head. (The BiT-C head
+  reads the token embedding e, not hidden states, so it cannot probe layers.)
+- 'ridge': ridge regression on the L2-normalised features, fitted per layer and domain on the first
+  `fit_fraction` of the domain's clips and scored on the rest. Its intercept alone already predicts
+  the teacher mean, so scores sit high; the differences between layers carry the information.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from sklearn.linear_model import Ridge
+
+from agrepa_jax.model import AgRepaModel, DiT
+from agrepa_jax.probe.batch import MODEL_KEYS, clip_noise, model_inputs
+
+PROBE_KINDS = ('repa', 'ridge')
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
+def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
+  _, extras = nnx.merge(graphdef, state)(**model_inputs(batch, t, noise, prompt_fraction), hidden='pooled')
+  return extras['hidden']
+
+
+def pooled_hidden(dit: DiT, batch: dict, t: float, key: jax.Array, *, prompt_fraction: float = 0.15,
+                  batch_size: int = 16) -> np.ndarray:
+  """(L, N, width) time-pooled hidden states of the probe set at one t (noise of the probe key `key`)."""
+  graphdef, state = nnx.split(dit)
+  num_clips = len(batch['domain'])
+  noise = clip_noise(key, num_clips, batch['mel'].shape[1:])
+  parts = []
+  for start in range(0, num_clips, batch_size):
+    rows = slice(start, start + batch_size)
+    inputs = {k: batch[k][rows] for k in MODEL_KEYS}
+    parts.append(np.asarray(_pooled_hidden(state, inputs, jnp.float32(t), noise[rows], graphdef=graphdef,
+                                           prompt_fraction=prompt_fraction)))
+  return np.concatenate(parts, axis=1)
+
+
+def mean_cosine(prediction: np.ndarray, target: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+  """Mean over the clip axis (−2) of cos(prediction, target) along the last axis."""
+  dot = (prediction * target).sum(-1)
+  norms = np.linalg.norm(prediction, axis=-1) * np.linalg.norm(target, axis=-1)
+  return (dot / np.maximum(norms, eps)).mean(-1)
+
+
+def repa_head_scores(repa_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
+  """(L, D) mean cosine of head (ℓ, d) applied to layer ℓ with y_d; NaN for a domain without clips.
+
+  targets: per domain (N, C_d) utterance targets, in domain-index order.
+  """
+  scores = np.full((pooled.shape[0], len(targets)), np.nan)
+  for d, target in enumerate(targets):
+    rows = np.flatnonzero(clip_domains == d)
+    if len(rows):
+      scores[:, d] = mean_cosine(np.asarray(repa_heads(d, jnp.asarray(pooled[:, rows]))), target[rows][None])
+  return scores
+
+
+def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_fraction: float = 0.5,
+                 alpha: float = 1.0) -> np.ndarray:
+  """(L, D) held-out mean cosine of a per-layer ridge probe; NaN where a domain cannot give both a fit
+  and a test clip."""
+  features = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
+  scores = np.full((pooled.shape[0], len(targets)), np.nan)
+  for d, target in enumerate(targets):
+    rows = np.flatnonzero(clip_domains == d)
+    num_fit = int(round(fit_fraction * len(rows)))
+    if num_fit < 1 or num_fit == len(rows):
+      continue
+    fit, test = rows[:num_fit], rows[num_fit:]
+    for layer, x in enumerate(features):
+      probe = Ridge(alpha=alpha).fit(x[fit], target[fit])
+      scores[layer, d] = mean_cosine(probe.predict(x[test]), target[test])
+  return scores
+
+
+def storage_scores(model: AgRepaModel, batch: dict, domains: tuple[str, ...], key: jax.Array, *,
+                   t: float = 0.5, prompt_fraction: float = 0.15, batch_size: int = 16,
+                   fit_fraction: float = 0.5, ridge_alpha: float = 1.0) -> dict[str, np.ndarray]:
+  """{'repa': (L, D), 'ridge': (L, D)} storage scores of the stacked probe set `batch`."""
+  pooled = pooled_hidden(model.backbone, batch, t, key, prompt_fraction=prompt_fraction, batch_size=batch_size)
+  targets = [np.asarray(batch['teacher'][d], np.float32) for d in domains]
+  clip_domains = np.asarray(batch['domain'])
+  return {'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),
+          'ridge': ridge_scores(pooled, targets, clip_domains, fit_fraction=fit_fraction, alpha=ridge_alpha)}
