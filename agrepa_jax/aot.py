@@ -47,10 +47,8 @@ def compile_train_step(config):
   graphdef, shapes = train.abstract_state(config, teacher_dims, tx)
   shardings = train.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
   step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
-  lambdas = jax.ShapeDtypeStruct((config.model.num_layers, len(config.data.domains)), jnp.float32,
-                                 sharding=sharding.replicated(mesh))
   compiled = step.lower(train.abstract_with_shardings(shapes, shardings),
-                        abstract_batch(config, teacher_dims, mesh), lambdas).compile()
+                        abstract_batch(config, teacher_dims, mesh)).compile()
   params = nnx.State.merge(shapes.params, shapes.frozen)
   memory = compiled.memory_analysis()
   report = {

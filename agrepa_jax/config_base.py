@@ -5,6 +5,7 @@ model.frozen_token_projection, flow.loss_on_prompt.
 """
 import ml_collections
 
+from agrepa_jax import probe
 from agrepa_jax.generation import config as generation_config
 
 
@@ -39,11 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.bitc = ml_collections.ConfigDict(dict(enabled=True, weights={'speech': 0.5, 'audio': 1.0}))
   config.repa = ml_collections.ConfigDict(dict(
-      selection='none',                # none | fixed
+      selection='none',                # none | fixed | fog_a (AG-REPA: λ from FoG-A, see probe.*)
       preset='',                       # paper_single | paper_dual: the paper's FoG-A layers and λ
       layers={'speech': [8], 'audio': [8]},       # 1-based, used by 'fixed' without a preset
       lambdas={'speech': [0.5], 'audio': [0.5]},  # one per layer, or one for all
       granularity='utterance',         # utterance (paper) | frame (original REPA)
+      selection_file='',               # fog_a: λ from a probe's selection.json; empty = re-measure online
+      probe_every=200,                 # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
+      score_ema=0.9,                   # fog_a online: decay of the moving average of the scores
   ))
   config.teachers = ml_collections.ConfigDict(dict(
       # dim: the teacher's feature width C_d, checked against the loaded teacher; 0 = take it from there
@@ -66,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
       data=-1, fsdp=1,                 # axis sizes; -1: all remaining devices
       fsdp_min_size=2 ** 14,           # parameters with fewer elements are replicated, not sharded
   ))
+  config.probe = probe.probe_config()
   config.sample = generation_config.sample_config()
   config.eval = generation_config.eval_config()
   config.vocoder = generation_config.vocoder_config()

@@ -32,6 +32,8 @@ class TrainState:
   frozen: nnx.State
   opt_state: optax.OptState
   rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming reproduces every draw
+  lambdas: jax.Array  # (L, domains) alignment weights in force: an input of the step, never a constant
+  scores: jax.Array  # (L, domains) moving average of FoG-A scores re-measured in training (else zeros)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +85,10 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState]:
   model = make_model(config, teacher_dims, seed)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  lambdas = jnp.asarray(selection.lambdas_from_config(config))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+                     lambdas=lambdas, scores=jnp.zeros_like(lambdas))
   return graphdef, state
 
 
@@ -113,6 +117,7 @@ def sharded_init(config, teacher_dims, tx, mesh):
 def state_shardings(shapes: TrainState, mesh, min_size: int):
   tree = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=min_size)
   return shapes.replace(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
+                        lambdas=sharding.replicated(mesh), scores=sharding.replicated(mesh),
                         params=tree(shapes.params), frozen=tree(shapes.frozen), opt_state=tree(shapes.opt_state))
 
 
@@ -141,13 +146,13 @@ def compute_losses(model: AgRepaModel, batch, lambdas, key, loss_cfg: LossConfig
   return out
 
 
-def train_step(state: TrainState, batch, lambdas, *, graphdef, tx, schedule, loss_cfg: LossConfig):
-  """One optimisation step. `lambdas` (L, domains) is an array input: new values never recompile."""
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, loss_cfg: LossConfig):
+  """One optimisation step. `state.lambdas` is an array input: new values never recompile."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.frozen)
-    parts = compute_losses(model, batch, lambdas, key, loss_cfg, train=True)
+    parts = compute_losses(model, batch, state.lambdas, key, loss_cfg, train=True)
     return parts['loss'], parts
 
   grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -157,22 +162,22 @@ def train_step(state: TrainState, batch, lambdas, *, graphdef, tx, schedule, los
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), parts
 
 
-def eval_step(state: TrainState, batch, lambdas, key, *, graphdef, loss_cfg: LossConfig):
+def eval_step(state: TrainState, batch, key, *, graphdef, loss_cfg: LossConfig):
   """Held-out losses with dropout off and a fixed key, so every evaluation draws the same t and noise."""
   model = nnx.merge(graphdef, state.params, state.frozen)
-  return compute_losses(model, batch, lambdas, key, loss_cfg, train=False)
+  return compute_losses(model, batch, state.lambdas, key, loss_cfg, train=False)
 
 
 def jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh):
   step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, loss_cfg=loss_cfg)
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(graphdef, loss_cfg, shardings, mesh):
   step = functools.partial(eval_step, graphdef=graphdef, loss_cfg=loss_cfg)
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh),
-                                     sharding.replicated(mesh)), out_shardings=sharding.replicated(mesh))
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
@@ -230,7 +235,6 @@ def train_and_evaluate(config, workdir: pathlib.Path):
   tx, schedule = make_optimizer(config)
   loss_cfg = LossConfig.from_config(config)
   graphdef, state, shardings = sharded_init(config, teacher_dims, tx, mesh)
-  lambdas = jnp.asarray(selection.lambdas_from_config(config), jnp.float32)
   train_step_fn = jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh)
   eval_step_fn = jit_eval_step(graphdef, loss_cfg, shardings, mesh)
 
@@ -242,6 +246,9 @@ def train_and_evaluate(config, workdir: pathlib.Path):
     state = restore_checkpoint(manager, manager.latest_step(), abstract_with_shardings(state, shardings),
                                data_iterator)
     logging.info('resumed from step %d', int(state.step))
+    if not selection.measures_online(config):  # fixed λ follow the config, not the checkpoint
+      state = state.replace(lambdas=jax.device_put(selection.lambdas_from_config(config), sharding.replicated(mesh)))
+  online_fog_a = selection.OnlineFogA(config, heldout_source) if selection.measures_online(config) else None
   writer = metrics.MetricWriter(workdir)
   stop = StopRequest()
   start_step = int(state.step)
@@ -250,19 +257,22 @@ def train_and_evaluate(config, workdir: pathlib.Path):
   eval_key = jax.random.key_data(jax.random.key(config.seed + 2))
 
   def evaluate():
-    parts = [jax.device_get(eval_step_fn(state, sharding.global_batch(b, mesh), lambdas, eval_key))
+    parts = [jax.device_get(eval_step_fn(state, sharding.global_batch(b, mesh), eval_key))
              for b in eval_batches]
     return {f'eval_{k}': float(np.mean([p[k] for p in parts])) for k in ('loss', 'loss_fm')}
 
   last_log, last_step, step = time.perf_counter(), start_step, start_step
   try:
     for step in range(start_step + 1, config.num_steps + 1):
-      state, parts = train_step_fn(state, sharding.global_batch(next(data_iterator), mesh), lambdas)
+      state, parts = train_step_fn(state, sharding.global_batch(next(data_iterator), mesh))
       progress.update(1)
+      if online_fog_a and step % config.repa.probe_every == 0:
+        state = reselect_layers(state, online_fog_a, graphdef, mesh)
       if step % config.log_every == 0 or step == config.num_steps:
         scalars = jax.device_get(parts)
         now = time.perf_counter()
         scalars['steps_per_sec'] = (step - last_step) / (now - last_log)
+        scalars.update(selection.lambda_scalars(jax.device_get(state.lambdas), config.data.domains))
         last_log, last_step = now, step
         if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
           scalars.update(evaluate())
@@ -284,6 +294,16 @@ def train_and_evaluate(config, workdir: pathlib.Path):
   if jax.process_index() == 0:
     metrics.plot_loss_curves(workdir / 'metrics.jsonl', workdir / 'loss_curves.png')
   return state
+
+
+def reselect_layers(state: TrainState, online_fog_a, graphdef, mesh) -> TrainState:
+  """Measures FoG-A on the current model and puts the new λ and score average into the state."""
+  model = nnx.merge(graphdef, state.params, state.frozen)
+  scores = online_fog_a.measure(model.backbone, int(state.step), mesh)
+  previous = np.asarray(jax.device_get(state.scores))
+  lambdas, averaged = online_fog_a.update(scores, previous if previous.any() else None)
+  put = lambda x: jax.device_put(np.asarray(x, np.float32), sharding.replicated(mesh))
+  return state.replace(lambdas=put(lambdas), scores=put(averaged))
 
 
 def write_config(config, workdir: pathlib.Path):

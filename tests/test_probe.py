@@ -83,11 +83,13 @@ def test_probe_inputs_follow_the_documented_rules():
   noise = probe_batch.clip_noise(jax.random.key(0), 4, (FRAMES, CFG.n_mels))
   # noise of a clip depends on its position only, not on the batch it is drawn with
   np.testing.assert_array_equal(noise[:2], probe_batch.clip_noise(jax.random.key(0), 2, (FRAMES, CFG.n_mels)))
-  inputs = probe_batch.model_inputs(batch, 0.25, noise, 0.15)
+  inputs = probe_batch.model_inputs(batch, 0.25, noise, 0.3)
   np.testing.assert_allclose(inputs['x_t'], 0.75 * noise + 0.25 * batch['mel'], rtol=1e-6)
-  # valid frames 12, 8, 4, 12 -> prompts floor(0.15 * valid) = 1, 1, 1 (at least one), 1
-  prompt = np.asarray((inputs['ref_mel'] != 0).any(-1)).sum(1)
-  np.testing.assert_array_equal(prompt, [1, 1, 1, 1])
+  # valid frames 12, 8, 4, 12 -> prompts of floor(0.3 * valid) = 3, 2, 1, 3 leading frames of x1
+  prompt = np.arange(FRAMES)[None, :] < np.array([3, 2, 1, 3])[:, None]
+  np.testing.assert_array_equal(inputs['ref_mel'], np.where(prompt[..., None], batch['mel'], 0.0))
+  short = probe_batch.model_inputs(batch, 0.25, noise, 0.15)  # floor(0.15 * 4) = 0 -> at least one frame
+  np.testing.assert_array_equal(np.asarray((short['ref_mel'] != 0).any(-1)).sum(1), [1, 1, 1, 1])
   no_prompt = probe_batch.model_inputs(batch, 0.25, noise, 0.0)
   np.testing.assert_array_equal(no_prompt['ref_mel'], 0.0)
   domains = np.array([0, 0, 0, 1, 1, 0, 1])
@@ -128,11 +130,12 @@ def test_prefix_shared_scores_equal_one_ablation_at_a_time():
 
 
 def test_sharding_lanes_and_chunk_size_do_not_change_scores():
-  dit, batch = make_dit(), make_batch()
-  noise = probe_batch.clip_noise(jax.random.key(4), 4, (FRAMES, CFG.n_mels))
+  cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': 6})  # 3 lanes: chunks of 2 pad a fourth
+  dit, batch = make_dit(cfg), make_batch(cfg)
+  noise = probe_batch.clip_noise(jax.random.key(4), 4, (FRAMES, cfg.n_mels))
   reference = fog_a.naive_clip_scores(dit, batch, 0.3, noise)
   eight = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  for chunk_size, mesh in [(1, None), (3, None), (1, eight)]:
+  for chunk_size, mesh in [(1, None), (2, None), (1, eight)]:
     scores = fog_a.clip_scores(dit, batch, 0.3, noise, chunk_size=chunk_size, mesh=mesh)
     np.testing.assert_allclose(scores, reference, rtol=2e-5, atol=1e-6, err_msg=f'chunk {chunk_size}')
 

@@ -28,8 +28,9 @@ def run_steps(config, mesh_axes, batches, lambdas):
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
   step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
   history = []
+  state = state.replace(lambdas=jnp.asarray(lambdas))
   for batch in batches:
-    state, parts = step(state, sharding.global_batch(batch, mesh), jnp.asarray(lambdas))
+    state, parts = step(state, sharding.global_batch(batch, mesh))
     history.append(jax.device_get(parts))
   return history, state, step
 
@@ -65,7 +66,7 @@ def test_new_lambda_values_do_not_recompile_and_change_the_repa_loss(config):
   step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
   repa = []
   for batch, lam in zip(batches, lambdas):
-    state, parts = step(state, sharding.global_batch(batch, mesh), jnp.asarray(lam))
+    state, parts = step(state.replace(lambdas=jnp.asarray(lam)), sharding.global_batch(batch, mesh))
     repa.append(float(parts['loss_repa']))
   assert step._cache_size() == 1
   assert repa[0] > 0 and repa[1] > 0 and repa[2] == 0.0
@@ -115,3 +116,30 @@ def test_training_reduces_the_flow_matching_loss(config, tmp_path):
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert rows[-1]['loss_fm'] < 0.8 * rows[0]['loss_fm']
   assert np.isfinite(rows[-1]['eval_loss_fm'])
+
+
+def test_online_fog_a_reselects_layers_without_recompiling(config, tmp_path):
+  config.repa.update(selection='fog_a', probe_every=2)
+  config.probe.update(num_clips=4, t_values=(0.3, 0.7), top_k=2, batch_size=4)
+  config.num_steps, config.log_every, config.eval_every = 6, 2, 0
+  workdir = tmp_path / 'online'
+  calls = []
+  original = train.jit_train_step
+
+  def counting(*args, **kwargs):
+    step = original(*args, **kwargs)
+    calls.append(step)
+    return step
+
+  train.jit_train_step = counting
+  try:
+    state = train.train_and_evaluate(config, workdir)
+  finally:
+    train.jit_train_step = original
+  assert calls[0]._cache_size() == 1
+  lambdas = np.asarray(state.lambdas)
+  assert ((lambdas > 0).sum(0) == 2).all()  # top-2 layers per domain, λ = raw FoG-A score
+  np.testing.assert_allclose(lambdas[lambdas > 0], np.asarray(state.scores)[lambdas > 0])
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  logged = {k for row in rows for k in row if k.startswith('lambda/')}
+  assert len(logged) >= 4 and rows[-1]['loss_repa'] > 0

@@ -55,8 +55,12 @@ def build(config) -> dict:
   """Builds (or resumes building) the data cache of `config`; every process takes part. Returns meta."""
   domains = tuple(config.data.domains)
   configured_dims = {d: int(config.teachers[d].dim) for d in domains}
-  meta = cache.build_cache(list_clips(config), cache_directory(config), cache_settings(config), domains,
-                           lambda: load_teachers(config))
+  directory = cache_directory(config)
+  if (directory / 'COMPLETE').exists():
+    meta = json.loads((directory / 'meta.json').read_text())
+  else:
+    meta = cache.build_cache(list_clips(config), directory, cache_settings(config), domains,
+                             lambda: load_teachers(config))
   for domain, dim in configured_dims.items():
     if dim and dim != meta['teacher_dims'][domain]:
       raise ValueError(f'teachers.{domain}.dim={dim}, but the {domain} teacher gives {meta["teacher_dims"][domain]}-d '
