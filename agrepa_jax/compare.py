@@ -1,0 +1,105 @@
+"""Probe-then-intervene on one command: Phase I baseline, FoG-A probe, Phase II variants, comparison.
+
+Every variant starts from the same initialisation and sees the same data order (both follow the
+seeds), trains for the same number of steps, and differs only in its REPA selection:
+  none         no hidden-state alignment (BiT-C only) — the Phase I run itself
+  fixed:<l>    REPA on layer l (1-based) in every domain, λ = compare.fixed_lambda
+  ag_repa      AG-REPA: the layers and λ that the probe of Phase I selected
+"""
+import csv
+import json
+import logging
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from agrepa_jax import metrics, train  # noqa: E402
+
+PHASE_ONE = 'none'
+
+
+def variant_config(config, variant: str, selection_file: str = ''):
+  """A copy of `config` that trains one variant on its own."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.workflow = 'single'
+  domains = tuple(config.data.domains)
+  if variant == 'none':
+    config.repa.selection = 'none'
+  elif variant.startswith('fixed:'):
+    layer = int(variant.split(':')[1])
+    config.repa.update(selection='fixed', preset='', layers={d: [layer] for d in domains},
+                       lambdas={d: [config.compare.fixed_lambda] for d in domains})
+  elif variant == 'ag_repa':
+    config.repa.update(selection='fog_a', selection_file=selection_file)
+  else:
+    raise ValueError(f"compare variant {variant!r}: expected 'none', 'fixed:<layer>' or 'ag_repa'")
+  config.lock()
+  return config
+
+
+def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  return [(r['step'], r['eval_loss_fm']) for r in metrics.read_metrics(workdir / 'metrics.jsonl')
+          if 'eval_loss_fm' in r]
+
+
+def run_compare(config, workdir: pathlib.Path) -> list[dict]:
+  """Runs (or resumes) the whole workflow in `workdir`; writes compare.csv and compare_curves.png."""
+  workdirs = {PHASE_ONE: workdir / 'phase1'}
+  logging.info('compare: Phase I (no hidden-state alignment)')
+  train.train_and_evaluate(variant_config(config, PHASE_ONE), workdirs[PHASE_ONE])
+  selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
+  if not selection_file.exists():
+    from agrepa_jax.probe import report
+    report.run_probe(variant_config(config, PHASE_ONE), workdirs[PHASE_ONE])
+  for variant in config.compare.variants:
+    if variant == PHASE_ONE:
+      continue
+    logging.info('compare: Phase II variant %s', variant)
+    workdirs[variant] = workdir / variant.replace(':', '')
+    variant_cfg = variant_config(config, variant, str(selection_file))
+    train.write_config(variant_cfg, workdirs[variant])
+    train.train_and_evaluate(variant_cfg, workdirs[variant])
+  rows = [comparison_row(variant, workdirs[variant]) for variant in config.compare.variants]
+  write_comparison(rows, workdir)
+  return rows
+
+
+def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
+  run_config = json.loads((workdir / 'config.json').read_text()) if (workdir / 'config.json').exists() else None
+  lambdas = {}
+  if variant == 'ag_repa':
+    from agrepa_jax.probe import select
+    lambdas = select.read_selection(pathlib.Path(run_config['repa']['selection_file']))
+  elif variant != PHASE_ONE:
+    lambdas = {d: dict(zip(run_config['repa']['layers'][d], run_config['repa']['lambdas'][d]))
+               for d in run_config['data']['domains']}
+  curve = eval_curve(workdir)
+  return {'variant': variant,
+          'layers': ' '.join(f'{d}:{",".join(map(str, sorted(c)))}' for d, c in lambdas.items()) or '-',
+          'lambdas': ' '.join(f'{d}:{",".join(f"{v:.3f}" for _, v in sorted(c.items()))}'
+                              for d, c in lambdas.items()) or '-',
+          'final_eval_loss_fm': curve[-1][1] if curve else float('nan'),
+          'eval_loss_fm_curve': ' '.join(f'{s}:{v:.4f}' for s, v in curve), 'workdir': str(workdir), 'curve': curve}
+
+
+def write_comparison(rows: list[dict], workdir: pathlib.Path):
+  columns = ('variant', 'layers', 'lambdas', 'final_eval_loss_fm', 'eval_loss_fm_curve', 'workdir')
+  with (workdir / 'compare.csv').open('w', newline='') as f:
+    writer = csv.DictWriter(f, columns, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for row in rows:
+    if row['curve']:
+      ax.plot(*zip(*row['curve']), marker='.', label=f"{row['variant']} ({row['final_eval_loss_fm']:.4f})")
+  ax.set_xlabel('step')
+  ax.set_ylabel('held-out FM loss')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / 'compare_curves.png', dpi=100)
+  plt.close(fig)
