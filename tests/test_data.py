@@ -1,4 +1,3 @@
-import json
 
 import jax.numpy as jnp
 import librosa

@@ -249,6 +249,20 @@ def sampler_settings(config) -> dict:
   return {**{k: config.sample[k] for k in keys}, 'noise_std': config.flow.noise_std}
 
 
+def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
+  """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated', real_kind
+  (the real mel through the same vocoder), and 'original' when the clips' files decode}."""
+  generation = generate(run, rows, config.sample, config.flow.noise_std)
+  vocoder = open_vocoder(config.vocoder.checkpoint)
+  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
+  waves = {kind: vocode(vocoder, mels, generation.num_samples, clip_samples, batch_size, f'vocode {kind}')
+           for kind, mels in (('generated', generation.generated), (real_kind, generation.real))}
+  original = load_originals(generation.clips, config.data.clip_seconds)
+  if original is not None:
+    waves['original'] = original
+  return generation, vocoder, waves
+
+
 def run_eval(config, workdir: pathlib.Path) -> dict:
   """Generates config.eval.num_clips held-out clips and writes eval.json and a metrics.jsonl row.
 
@@ -257,16 +271,10 @@ def run_eval(config, workdir: pathlib.Path) -> dict:
   """
   workdir = pathlib.Path(workdir)
   run = restore(config, workdir, config.eval.step)
-  generation = generate(run, select_clips(run.heldout_source, config.eval.num_clips), config.sample,
-                        config.flow.noise_std)
-  vocoder = open_vocoder(config.vocoder.checkpoint)
-  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
-  batch_size, num_samples = config.eval.batch_size, generation.num_samples
-  waves = {kind: vocode(vocoder, mels, num_samples, clip_samples, batch_size, f'vocode {kind}')
-           for kind, mels in (('generated', generation.generated), ('resynthesis', generation.real))}
-  original = load_originals(generation.clips, config.data.clip_seconds)
-  if original is not None:
-    waves['original'] = original
+  batch_size = config.eval.batch_size
+  generation, vocoder, waves = generate_and_vocode(
+      config, run, select_clips(run.heldout_source, config.eval.num_clips), batch_size, 'resynthesis')
+  num_samples = generation.num_samples
 
   groups = domain_groups(generation.domain, config.data.domains)
   per_clip_l1 = mel_l1(generation.real, generation.generated, num_samples, generation.prompt_frames)
@@ -353,15 +361,8 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   run = restore(config, workdir, config.sample.step)
   rows = select_clips(run.heldout_source, config.sample.num_clips, config.sample.clip_list)
-  generation = generate(run, rows, config.sample, config.flow.noise_std)
-  vocoder = open_vocoder(config.vocoder.checkpoint)
-  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
-  batch_size, num_samples = config.sample.batch_size, generation.num_samples
-  waves = {kind: vocode(vocoder, mels, num_samples, clip_samples, batch_size, f'vocode {kind}')
-           for kind, mels in (('generated', generation.generated), ('reference', generation.real))}
-  original = load_originals(generation.clips, config.data.clip_seconds)
-  if original is not None:
-    waves['original'] = original
+  generation, vocoder, waves = generate_and_vocode(config, run, rows, config.sample.batch_size, 'reference')
+  num_samples = generation.num_samples
 
   out = workdir / SAMPLES_DIR
   if jax.process_index() != 0:
