@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the main job on every worker of a Cloud TPU VM pod slice, one process per host.
+#   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh configs/paper_single.py /mnt/shared/runs/paper [--config.K=V ...]
+# The repository must be checked out at the same path on every worker (REPO, default ~/agrepa_jax),
+# and WORKDIR and data.cache_dir must be on a filesystem every host sees (e.g. a Filestore/NFS or
+# gcsfuse mount). Re-running the same command resumes from the last checkpoint.
+set -euo pipefail
+: "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
+config=${1:?config file}; workdir=${2:?workdir}; shift 2
+repo=${REPO:-~/agrepa_jax}
+quoted=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
+  "cd $repo && python -m agrepa_jax.main --distributed --config $config --workdir $workdir$quoted"
