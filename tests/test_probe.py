@@ -230,7 +230,6 @@ def tiny_run_config(tmp_path):
   config.data.cache_dir = str(tmp_path / 'cache')
   config.async_checkpointing = False
   config.batch_size = 8
-  config.probe = probe_config()
   config.probe.update(num_clips=6, batch_size=4, t_values=(0.3, 0.7), chunk_size=1, top_k=2)
   return config
 

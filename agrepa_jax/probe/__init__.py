@@ -15,7 +15,8 @@ def probe_config() -> ml_collections.ConfigDict:
       batch_size=16,                   # clips per probe forward
       t_values=(0.1, 0.3, 0.5, 0.7, 0.9),
       prompt_fraction=0.15,            # fixed prompt: the first ⌊f·valid frames⌋ of x1; 0 = no prompt
-      chunk_size=4,                    # FoG-A lanes (two ablations each) run side by side per device, at most
+      chunk_size=1,                    # FoG-A lanes (two ablations each) side by side per device; 1 suits CPUs
+                                       # and large models, more helps where one lane leaves an accelerator idle
       top_k=3,
       selection_t=-1.0,                # t whose FoG-A scores select layers; -1: the mean over t_values
       lambda_rule='raw',               # raw (paper) | normalized | softmax

@@ -137,7 +137,7 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 
 def clip_scores(dit: DiT, batch: dict, t: float, noise: jax.Array, *, dropout_key: jax.Array | None = None,
-                prompt_fraction: float = 0.15, chunk_size: int = 4, mesh: jax.sharding.Mesh | None = None):
+                prompt_fraction: float = 0.15, chunk_size: int = 1, mesh: jax.sharding.Mesh | None = None):
   """Δ (L, B) of every block for every clip of `batch` at one t, prefix-shared and lane-sharded.
 
   batch: 'mel' x1 (B, T, M), 'tokens', 'domain', 'num_samples'; noise: x0 (B, T, M).
@@ -177,7 +177,7 @@ def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: in
 
 
 def fog_a_table(dit: DiT, batch: dict, t_values, key: jax.Array, *, num_domains: int, batch_size: int = 16,
-                chunk_size: int = 4, mesh: jax.sharding.Mesh | None = None, prompt_fraction: float = 0.15,
+                chunk_size: int = 1, mesh: jax.sharding.Mesh | None = None, prompt_fraction: float = 0.15,
                 dropout: bool = False, progress: bool = False):
   """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) clip counts.
 

@@ -21,6 +21,7 @@ import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from agrepa_jax import train  # noqa: E402
 from agrepa_jax.probe import fog_a, lasp, scd, schedule_from_config, probed_layers, select  # noqa: E402
@@ -43,6 +44,7 @@ def plot_fog_a(table: np.ndarray, t_values, domains, path: pathlib.Path):
     axis.set_xticks(range(len(t_values)), [f'{t:g}' for t in t_values])
     axis.set_xlabel('t')
     axis.set_ylabel('layer')
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_title(f'FoG-A Δ, {domain}')
     figure.colorbar(image, ax=axis)
   figure.tight_layout()
@@ -56,6 +58,7 @@ def plot_storage_vs_contribution(contribution: np.ndarray, storage: dict, domain
   for d, (axis, domain) in enumerate(zip(axes[0], domains)):
     axis.plot(layers, contribution[:, d], 'o-', color='tab:red', label='contribution (FoG-A)')
     axis.set_xlabel('layer')
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel('contribution (FoG-A Δ)', color='tab:red')
     twin = axis.twinx()
     for kind, scores in storage.items():
