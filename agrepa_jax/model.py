@@ -178,9 +178,12 @@ class DiT(nnx.Module):
     cfg = self.cfg
     h, time_emb, e = self.embed_inputs(x_t, t, tokens, ref_mel, domain, token_keep)
     gates = jnp.ones((cfg.num_layers,), h.dtype) if gates is None else gates.astype(h.dtype)
-    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
-    h, per_layer = run_blocks(self.blocks, h, time_emb, gates, layer_keys, hidden, cfg.remat)
+    h, per_layer = run_blocks(self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat)
     return self.output(h), {'token_embedding': e, 'hidden': per_layer}
+
+  def layer_keys(self, dropout_key):
+    """Per-block dropout keys (L,), or None in evaluation mode."""
+    return None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
 
   def embed_inputs(self, x_t, t, tokens, ref_mel, domain, token_keep=None):
     """The blocks' input h0 (B, T, width), the time embedding (B, width) and e before token dropout."""

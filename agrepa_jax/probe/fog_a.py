@@ -64,7 +64,7 @@ def clean_pass(dit: DiT, inputs: dict, dropout_key):
   cfg = dit.cfg
   h0, time_emb, _ = dit.embed_inputs(inputs['x_t'], inputs['t'], inputs['tokens'], inputs['ref_mel'],
                                      inputs['domain'])
-  layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+  layer_keys = dit.layer_keys(dropout_key)
   h, outputs = run_blocks(dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys,
                           'frames', cfg.remat)
   return dit.output(h), jnp.concatenate([h0[None], outputs[:-1]]), time_emb, layer_keys
