@@ -63,9 +63,33 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
     variant_cfg = variant_config(config, variant, str(selection_file))
     train.write_config(variant_cfg, workdirs[variant])
     train.train_and_evaluate(variant_cfg, workdirs[variant])
+  if config.compare.eval_clips:
+    for variant, variant_dir in workdirs.items():
+      evaluate_variant(variant_config(config, variant, str(selection_file)), variant_dir, config.compare.eval_clips)
   rows = [comparison_row(variant, workdirs[variant]) for variant in config.compare.variants]
   write_comparison(rows, workdir)
   return rows
+
+
+def evaluate_variant(config, workdir: pathlib.Path, num_clips: int):
+  """FAD, WER and mel L1 of the variant's final checkpoint on `num_clips` held-out clips (once)."""
+  if (workdir / 'eval.json').exists():
+    return
+  from agrepa_jax.generation import evaluate
+  config.unlock()
+  config.eval.num_clips = num_clips
+  config.lock()
+  evaluate.run_eval(config, workdir)
+
+
+def eval_metrics(workdir: pathlib.Path) -> dict:
+  """fad (first embedding, all clips), wer of generated and of the original speech, mel_l1, from eval.json."""
+  if not (workdir / 'eval.json').exists():
+    return {}
+  scores = json.loads((workdir / 'eval.json').read_text())['metrics']
+  fad = sorted(k for k in scores if k.startswith('fad/') and k.endswith('/all'))
+  return {'fad': scores[fad[0]] if fad else float('nan'), 'wer': scores.get('wer/generated', float('nan')),
+          'wer_real': scores.get('wer/original', float('nan')), 'mel_l1': scores.get('mel_l1/all', float('nan'))}
 
 
 def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
@@ -83,11 +107,13 @@ def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
           'lambdas': ' '.join(f'{d}:{",".join(f"{v:.3f}" for _, v in sorted(c.items()))}'
                               for d, c in lambdas.items()) or '-',
           'final_eval_loss_fm': curve[-1][1] if curve else float('nan'),
-          'eval_loss_fm_curve': ' '.join(f'{s}:{v:.4f}' for s, v in curve), 'workdir': str(workdir), 'curve': curve}
+          'eval_loss_fm_curve': ' '.join(f'{s}:{v:.4f}' for s, v in curve), 'workdir': str(workdir), 'curve': curve,
+          **eval_metrics(workdir)}
 
 
 def write_comparison(rows: list[dict], workdir: pathlib.Path):
-  columns = ('variant', 'layers', 'lambdas', 'final_eval_loss_fm', 'eval_loss_fm_curve', 'workdir')
+  columns = ('variant', 'layers', 'lambdas', 'final_eval_loss_fm', 'fad', 'wer', 'wer_real', 'mel_l1',
+             'eval_loss_fm_curve', 'workdir')
   with (workdir / 'compare.csv').open('w', newline='') as f:
     writer = csv.DictWriter(f, columns, extrasaction='ignore')
     writer.writeheader()

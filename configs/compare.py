@@ -22,5 +22,6 @@ def get_config(variant: str = ''):
   config.compare = ml_collections.ConfigDict(dict(
       variants=('none', 'fixed:1', 'fixed:2', 'fixed:4', 'ag_repa'),
       fixed_lambda=0.5,
+      eval_clips=16,                   # held-out clips generated per variant for FAD/WER/mel L1; 0 = skip
   ))
   return compare.variant_config(config, variant) if variant else config

@@ -270,6 +270,12 @@ class VocosVocoder:
     return np.asarray(vocode_with_vocos(self.graphdef, self.state, jnp.asarray(normalised_mel)))
 
 
+@functools.cache
+def pseudo_inverse_filterbank() -> np.ndarray:
+  """(n_fft // 2 + 1, n_mels): maps mel magnitudes back to linear-frequency magnitudes."""
+  return np.linalg.pinv(audio.mel_filterbank().T.astype(np.float64))
+
+
 @dataclasses.dataclass
 class GriffinLimVocoder:
   name: str = GRIFFIN_LIM_NAME
@@ -277,11 +283,9 @@ class GriffinLimVocoder:
 
   def vocode(self, normalised_mel: np.ndarray) -> np.ndarray:
     mel = np.exp(audio.denormalise(np.asarray(normalised_mel, np.float64))).swapaxes(1, 2)
-    # librosa.feature.inverse.mel_to_audio is these two steps; calling them apart lets us seed the
-    # random initial phase so that vocoding is reproducible.
-    stft_magnitude = librosa.feature.inverse.mel_to_stft(
-        mel, sr=audio.SAMPLE_RATE, n_fft=audio.N_FFT, power=1.0, htk=True, norm=None,
-        fmax=audio.F_MAX)
+    # A clamped pseudo-inverse of the filterbank instead of librosa's non-negative least squares
+    # (mel_to_stft), which took ~80% of the time; Griffin-Lim's own error dwarfs the difference.
+    stft_magnitude = np.maximum(pseudo_inverse_filterbank() @ mel, 0.0)
     num_frames = mel.shape[-1]
     wave = librosa.griffinlim(stft_magnitude, n_iter=self.n_iter, hop_length=audio.HOP_LENGTH,
                               n_fft=audio.N_FFT, pad_mode='reflect',
