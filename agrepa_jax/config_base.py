@@ -105,7 +105,7 @@ def embedded_config() -> ml_collections.ConfigDict:
   config = base_config()
   config.num_steps = 400
   config.batch_size = 16
-  config.log_every = 20
+  config.log_every = 25
   config.eval_every = 100
   config.checkpoint_every = 100
 

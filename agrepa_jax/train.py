@@ -268,17 +268,19 @@ def train_and_evaluate(config, workdir: pathlib.Path):
       progress.update(1)
       if online_fog_a and step % config.repa.probe_every == 0:
         state = reselect_layers(state, online_fog_a, graphdef, mesh)
-      if step % config.log_every == 0 or step == config.num_steps:
+      evaluates = config.eval_every and (step % config.eval_every == 0 or step == config.num_steps)
+      if evaluates or step % config.log_every == 0 or step == config.num_steps:
         scalars = jax.device_get(parts)
         now = time.perf_counter()
         scalars['steps_per_sec'] = (step - last_step) / (now - last_log)
         scalars.update(selection.lambda_scalars(jax.device_get(state.lambdas), config.data.domains))
         last_log, last_step = now, step
-        if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
-          scalars.update(evaluate())
-        writer.write(step, scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", fm=f"{scalars['loss_fm']:.4f}",
                              steps_per_s=f"{scalars['steps_per_sec']:.2f}")
+        if evaluates:
+          scalars.update(evaluate())
+          last_log = time.perf_counter()  # throughput counts training steps only
+        writer.write(step, scalars)
       if step % config.checkpoint_every == 0:
         save_checkpoint(manager, step, state, data_iterator)
       if stop.requested or manager.reached_preemption(step):
