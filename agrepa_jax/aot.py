@@ -46,7 +46,7 @@ def compile_train_step(config):
   tx, schedule = train.make_optimizer(config)
   graphdef, shapes = train.abstract_state(config, teacher_dims, tx)
   shardings = train.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
-  step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
   compiled = step.lower(train.abstract_with_shardings(shapes, shardings),
                         abstract_batch(config, teacher_dims, mesh)).compile()
   params = nnx.State.merge(shapes.params, shapes.frozen)

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule='onecycle',             # onecycle | constant
       schedule_steps=-1,               # length of the one-cycle schedule; -1 = num_steps
       pct_start=0.3, div_factor=25.0, final_div_factor=1e4,
+      ema_decay=0.0,                   # > 0: moving average of the parameters for eval, probe, sample (paper: none)
   ))
   config.bitc = ml_collections.ConfigDict(dict(enabled=True, weights={'speech': 0.5, 'audio': 1.0}))
   config.repa = ml_collections.ConfigDict(dict(

@@ -34,17 +34,24 @@ class TrainState:
   rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming reproduces every draw
   lambdas: jax.Array  # (L, domains) alignment weights in force: an input of the step, never a constant
   scores: jax.Array  # (L, domains) moving average of FoG-A scores re-measured in training (else zeros)
+  ema_params: nnx.State | None  # moving average of params (optim.ema_decay > 0), else None
+
+  def inference_params(self) -> nnx.State:
+    """The parameters that evaluation, probing and sampling use: the moving average when kept."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class StepConfig:
+  """The static settings of the train and eval steps."""
   flow: losses.FlowMatchingConfig
   bitc_weights: tuple[float, ...] | None  # None: no BiT-C loss
   hidden: str  # 'none' (no REPA), 'pooled' (utterance), 'frames' (frame granularity)
   domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
+  ema_decay: float = 0.0  # > 0: keep a moving average of the parameters for evaluation and inference
 
   @classmethod
-  def from_config(cls, config) -> 'LossConfig':
+  def from_config(cls, config) -> 'StepConfig':
     flow_fields = {f.name for f in dataclasses.fields(losses.FlowMatchingConfig)}
     flow = losses.FlowMatchingConfig(**{k: v for k, v in config.flow.items() if k in flow_fields})
     bitc = tuple(config.bitc.weights[d] for d in config.data.domains) if config.bitc.enabled else None
@@ -54,7 +61,7 @@ class LossConfig:
       hidden = {'utterance': 'pooled', 'frame': 'frames'}[config.repa.granularity]
     else:
       raise ValueError(f"repa.granularity={config.repa.granularity!r}: expected 'utterance' or 'frame'")
-    return cls(flow, bitc, hidden, tuple(config.data.domains))
+    return cls(flow, bitc, hidden, tuple(config.data.domains), config.optim.ema_decay)
 
 
 def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
@@ -88,7 +95,8 @@ def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState
   lambdas = jnp.asarray(selection.lambdas_from_config(config))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
-                     lambdas=lambdas, scores=jnp.zeros_like(lambdas))
+                     lambdas=lambdas, scores=jnp.zeros_like(lambdas),
+                     ema_params=jax.tree.map(jnp.copy, params) if config.optim.ema_decay > 0 else None)
   return graphdef, state
 
 
@@ -118,27 +126,28 @@ def state_shardings(shapes: TrainState, mesh, min_size: int):
   tree = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=min_size)
   return shapes.replace(step=sharding.replicated(mesh), rng=sharding.replicated(mesh),
                         lambdas=sharding.replicated(mesh), scores=sharding.replicated(mesh),
-                        params=tree(shapes.params), frozen=tree(shapes.frozen), opt_state=tree(shapes.opt_state))
+                        params=tree(shapes.params), frozen=tree(shapes.frozen), opt_state=tree(shapes.opt_state),
+                        ema_params=tree(shapes.ema_params))
 
 
-def compute_losses(model: AgRepaModel, batch, lambdas, key, loss_cfg: LossConfig, train: bool):
+def compute_losses(model: AgRepaModel, batch, lambdas, key, step_cfg: StepConfig, train: bool):
   """All losses of one batch. `key` draws t, noise, prompts, CFG drops (and dropout if training)."""
   mel = batch['mel']
   batch_size, num_frames, _ = mel.shape
   valid = losses.frame_mask(batch['num_samples'], num_frames, audio.HOP_LENGTH)
   sample_key, dropout_key = jax.random.split(key)
-  inputs = losses.flow_matching_inputs(sample_key, mel, valid.sum(1), loss_cfg.flow)
+  inputs = losses.flow_matching_inputs(sample_key, mel, valid.sum(1), step_cfg.flow)
   velocity, extras = model.backbone(
       inputs['x_t'], inputs['t'], batch['tokens'], inputs['ref_mel'], batch['domain'],
-      token_keep=inputs['token_keep'], dropout_key=dropout_key if train else None, hidden=loss_cfg.hidden)
+      token_keep=inputs['token_keep'], dropout_key=dropout_key if train else None, hidden=step_cfg.hidden)
   out = {'loss_fm': losses.flow_matching_loss(velocity, inputs['u'], inputs['loss_weights'])}
-  teacher = tuple(batch['teacher'][d] for d in loss_cfg.domains)
+  teacher = tuple(batch['teacher'][d] for d in step_cfg.domains)
   out['loss_bitc'] = (losses.bitc_loss(model.bitc_heads, extras['token_embedding'], teacher, batch['domain'],
-                                       loss_cfg.bitc_weights) if loss_cfg.bitc_weights else jnp.zeros(()))
-  if loss_cfg.hidden == 'none':
+                                       step_cfg.bitc_weights) if step_cfg.bitc_weights else jnp.zeros(()))
+  if step_cfg.hidden == 'none':
     out['loss_repa'] = jnp.zeros(())
   else:
-    targets = (tuple(batch['teacher_frames'][d] for d in loss_cfg.domains) if loss_cfg.hidden == 'frames'
+    targets = (tuple(batch['teacher_frames'][d] for d in step_cfg.domains) if step_cfg.hidden == 'frames'
                else teacher)
     out['loss_repa'] = losses.repa_loss(model.repa_heads, extras['hidden'], targets, batch['domain'],
                                         lambdas, valid)
@@ -146,36 +155,39 @@ def compute_losses(model: AgRepaModel, batch, lambdas, key, loss_cfg: LossConfig
   return out
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, loss_cfg: LossConfig):
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, step_cfg: StepConfig):
   """One optimisation step. `state.lambdas` is an array input: new values never recompile."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.frozen)
-    parts = compute_losses(model, batch, state.lambdas, key, loss_cfg, train=True)
+    parts = compute_losses(model, batch, state.lambdas, key, step_cfg, train=True)
     return parts['loss'], parts
 
   grads, parts = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = optax.incremental_update(params, ema_params, 1.0 - step_cfg.ema_decay)
   parts.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), parts
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), parts
 
 
-def eval_step(state: TrainState, batch, key, *, graphdef, loss_cfg: LossConfig):
+def eval_step(state: TrainState, batch, key, *, graphdef, step_cfg: StepConfig):
   """Held-out losses with dropout off and a fixed key, so every evaluation draws the same t and noise."""
-  model = nnx.merge(graphdef, state.params, state.frozen)
-  return compute_losses(model, batch, state.lambdas, key, loss_cfg, train=False)
+  model = nnx.merge(graphdef, state.inference_params(), state.frozen)
+  return compute_losses(model, batch, state.lambdas, key, step_cfg, train=False)
 
 
-def jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh):
-  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, loss_cfg=loss_cfg)
+def jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh):
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, step_cfg=step_cfg)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(graphdef, loss_cfg, shardings, mesh):
-  step = functools.partial(eval_step, graphdef=graphdef, loss_cfg=loss_cfg)
+def jit_eval_step(graphdef, step_cfg, shardings, mesh):
+  step = functools.partial(eval_step, graphdef=graphdef, step_cfg=step_cfg)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
@@ -233,10 +245,10 @@ def train_and_evaluate(config, workdir: pathlib.Path):
   logging.info('data: %s clips in %s; mesh %s', meta['num_clips'], meta['directory'], dict(mesh.shape))
 
   tx, schedule = make_optimizer(config)
-  loss_cfg = LossConfig.from_config(config)
+  step_cfg = StepConfig.from_config(config)
   graphdef, state, shardings = sharded_init(config, teacher_dims, tx, mesh)
-  train_step_fn = jit_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh)
-  eval_step_fn = jit_eval_step(graphdef, loss_cfg, shardings, mesh)
+  train_step_fn = jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh)
+  eval_step_fn = jit_eval_step(graphdef, step_cfg, shardings, mesh)
 
   data_iterator = iter(pipeline.training_dataset(train_source, config.batch_size, config.data.seed,
                                                  tuple(config.data.domain_weights)))
@@ -341,5 +353,5 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_with_shardings(shapes, shardings))))['state']
   manager.close()
-  model = nnx.merge(graphdef, restored.params, restored.frozen)
+  model = nnx.merge(graphdef, restored.inference_params(), restored.frozen)
   return TrainedRun(model, int(step), mesh, train_source, heldout_source, meta)

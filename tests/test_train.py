@@ -26,7 +26,7 @@ def run_steps(config, mesh_axes, batches, lambdas):
   mesh = sharding.make_mesh(mesh_axes, jax.devices()[:int(np.prod(list(mesh_axes.values())))])
   tx, schedule = train.make_optimizer(config)
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
   history = []
   state = state.replace(lambdas=jnp.asarray(lambdas))
   for batch in batches:
@@ -63,7 +63,7 @@ def test_new_lambda_values_do_not_recompile_and_change_the_repa_loss(config):
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   tx, schedule = train.make_optimizer(config)
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(graphdef, tx, schedule, train.LossConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
   repa = []
   for batch, lam in zip(batches, lambdas):
     state, parts = step(state.replace(lambdas=jnp.asarray(lam)), sharding.global_batch(batch, mesh))
@@ -143,3 +143,18 @@ def test_online_fog_a_reselects_layers_without_recompiling(config, tmp_path):
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   logged = {k for row in rows for k in row if k.startswith('lambda/')}
   assert len(logged) >= 4 and rows[-1]['loss_repa'] > 0
+
+
+def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
+  config.optim.ema_decay = 0.5
+  batches = first_batches(config, 2)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  tx, schedule = train.make_optimizer(config)
+  graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
+  leaf = lambda tree: np.asarray(tree['backbone']['output_projection']['kernel'][...])
+  initial = leaf(state.params)
+  state, _ = step(state, sharding.global_batch(batches[0], mesh))
+  after_one = leaf(state.params)
+  np.testing.assert_allclose(leaf(state.ema_params), 0.5 * initial + 0.5 * after_one, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(leaf(state.inference_params()), after_one)
