@@ -1,52 +1,24 @@
 """Greedy Whisper decoding in JAX against CTranslate2's greedy `generate` on eSpeak speech."""
-import ctypes
-
 import librosa
 import numpy as np
 import pytest
 
+from agrepa_jax.data import synth
 from agrepa_jax.teachers import bundled_whisper_tiny_en, whisper
 from agrepa_jax.teachers.whisper_decode import WhisperGreedyTranscriber, until_end_of_text
 
 TINY_EN = bundled_whisper_tiny_en()
 SENTENCES = ('The quick brown fox jumps over the lazy dog.',
-             'Please call Stella and ask her to bring these things with her from the store.')
-
-
-def espeak_synthesiser():
-  """A function text -> 16 kHz float32 speech, from the eSpeak NG library shipped in espeakng-loader."""
-  espeakng_loader = pytest.importorskip('espeakng_loader')
-  library = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
-  chunks = []
-
-  @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-  def collect(samples, count, events):
-    if count > 0:
-      chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
-    return 0
-
-  synchronous_output = 2
-  rate = library.espeak_Initialize(synchronous_output, 0, espeakng_loader.get_data_path().encode(), 0)
-  library.espeak_SetSynthCallback(collect)
-  assert library.espeak_SetVoiceByName(b'en-us') == 0
-
-  def synthesise(text: str) -> np.ndarray:
-    chunks.clear()
-    encoded = text.encode()
-    position_is_character = 1
-    library.espeak_Synth(encoded, len(encoded) + 1, 0, position_is_character, 0, 0, None, None)
-    library.espeak_Synchronize()
-    wave = np.concatenate(chunks).astype(np.float32) / 2**15
-    return librosa.resample(wave, orig_sr=rate, target_sr=16000).astype(np.float32)
-
-  synthesise.callback = collect  # keeps the C callback alive as long as the function
-  return synthesise
+             'Please call Stella and ask her to bring these things with her from the store.',
+             'Seven green boxes were left by the river in the morning.',
+             'My sister reads a short story every night.')
 
 
 @pytest.fixture(scope='module')
 def utterances():
-  synthesise = espeak_synthesiser()
-  waves = [synthesise(text) for text in SENTENCES]
+  with synth.EspeakProcess() as espeak:
+    waves = [librosa.resample(espeak.speak(text, 'en-us', 175, 50, 50).astype(np.float32) / 2**15,
+                              orig_sr=synth.ESPEAK_SAMPLE_RATE, target_sr=16000) for text in SENTENCES]
   batch = np.zeros((len(waves), max(w.size for w in waves)), np.float32)
   for row, wave in zip(batch, waves):
     row[:wave.size] = wave
@@ -80,7 +52,7 @@ def test_greedy_tokens_equal_ctranslate2(transcriber, utterances):
   ours = transcriber.tokens(utterances, max_new_tokens=48)
   assert ours == reference
   assert ours[0] == [383, 2068, 7586, 21831, 4391, 625, 262, 16931, 299, 519, 13]
-  texts = transcriber.transcribe(utterances, np.array([utterances.shape[1]] * 2), max_new_tokens=48)
+  texts = transcriber.transcribe(utterances, np.array([utterances.shape[1]] * len(SENTENCES)), max_new_tokens=48)
   assert texts[0] == ' The quick brown fox jump over the lazy nog.'
   assert texts[1].startswith(' Please call stellar and ask')
   # A shorter budget gives the first tokens of the same greedy path.
