@@ -10,7 +10,7 @@ from flax import nnx
 
 from agrepa_jax import config_base, selection, sharding, train
 from agrepa_jax.data import cache, prepare
-from agrepa_jax.model import DiT, ModelConfig, RepaHeads
+from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
 from agrepa_jax.probe import (REFERENCE_SCHEDULE, fog_a, lasp, probe_config, probed_layers, scd,
                               schedule_from_config, select)
 from agrepa_jax.probe import batch as probe_batch
@@ -214,6 +214,14 @@ def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
   prediction = np.asarray(heads(1, jnp.asarray(pooled[:, 1::2])))
   np.testing.assert_allclose(got[:, 1], lasp.mean_cosine(prediction, head_targets[1][1::2][None]), rtol=1e-5)
 
+  bitc = BitcHeads(CFG.width, (6, 5), nnx.Rngs(1))
+  got = lasp.bitc_head_scores(bitc, pooled, head_targets, clip_domains)
+  unit = pooled[:, 0::2] / np.linalg.norm(pooled[:, 0::2], axis=-1, keepdims=True)
+  mean, var = unit.mean(-1, keepdims=True), unit.var(-1, keepdims=True)
+  projected = (unit - mean) / np.sqrt(var + 1e-6) @ np.asarray(bitc.projections[0].kernel[...])
+  projected += np.asarray(bitc.projections[0].bias[...])
+  np.testing.assert_allclose(got[:, 0], lasp.mean_cosine(projected, head_targets[0][0::2][None]), rtol=1e-4)
+
 
 def test_reference_schedule_from_config():
   probe = probe_config()
@@ -226,7 +234,7 @@ def test_reference_schedule_from_config():
 
 def tiny_run_config(tmp_path):
   config = config_base.base_config()
-  config.model.update(num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=11, time_freq_dim=16)
+  config.model.update(num_layers=3, width=32, num_heads=4, token_dim=32, vocab_size=11, time_freq_dim=16)
   config.data.cache_dir = str(tmp_path / 'cache')
   config.async_checkpointing = False
   config.batch_size = 8
@@ -277,7 +285,7 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   assert all(float(r['score']) > 0 for r in fog)
   lasp_rows = read('lasp.csv')
   assert list(lasp_rows[0]) == ['domain', 'layer', 'probe', 'score']
-  assert len(lasp_rows) == 2 * 2 * 3 and {r['probe'] for r in lasp_rows} == {'repa', 'ridge'}
+  assert len(lasp_rows) == 2 * 3 * 3 and {r['probe'] for r in lasp_rows} == {'bitc', 'repa', 'ridge'}
   report = json.loads((out / 'scd.json').read_text())
   assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
   assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}

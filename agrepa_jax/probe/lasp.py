@@ -5,9 +5,11 @@ Features: every layer's hidden state pooled over all T frames, as the REPA loss 
 mid-trajectory) from the same fixed noise and prompt as FoG-A. Two probes map a layer's features to
 teacher space; a layer's score for domain d is the mean cosine between the prediction and the
 utterance target y_d over that domain's clips:
+- 'bitc': the trained BiT-C head of domain d (LayerNorm → linear map to C_d), the paper's LASP probe.
+  It was trained on the time-mean of the token embedding e, so it reads hidden states only when
+  model.width == model.token_dim (as in the paper's and the default configs); otherwise it is left out.
 - 'repa': the trained REPA head (ℓ, d) of `model.repa_heads`, the hidden-side head. Only the pairs
-  trained with λ_ℓ,d > 0 have learnt anything; for the others it is an untrained head. (The BiT-C head
-  reads the token embedding e, not hidden states, so it cannot probe layers.)
+  trained with λ_ℓ,d > 0 have learnt anything; for the others it is an untrained head.
 - 'ridge': ridge regression on the L2-normalised features, fitted per layer and domain on the first
   `fit_fraction` of the domain's clips and scored on the rest. Its intercept alone already predicts
   the teacher mean, so scores sit high; the differences between layers carry the information.
@@ -23,7 +25,7 @@ from sklearn.linear_model import Ridge
 from agrepa_jax.model import AgRepaModel, DiT
 from agrepa_jax.probe.batch import MODEL_KEYS, clip_noise, model_inputs
 
-PROBE_KINDS = ('repa', 'ridge')
+PROBE_KINDS = ('bitc', 'repa', 'ridge')
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
@@ -54,8 +56,9 @@ def mean_cosine(prediction: np.ndarray, target: np.ndarray, eps: float = 1e-8) -
   return (dot / np.maximum(norms, eps)).mean(-1)
 
 
-def repa_head_scores(repa_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
-  """(L, D) mean cosine of head (ℓ, d) applied to layer ℓ with y_d; NaN for a domain without clips.
+def head_scores(apply_head, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
+  """(L, D) mean cosine of `apply_head(d, (L, N_d, width)) -> (L, N_d, C_d)` with y_d; NaN for a domain
+  without clips.
 
   targets: per domain (N, C_d) utterance targets, in domain-index order.
   """
@@ -63,8 +66,19 @@ def repa_head_scores(repa_heads, pooled: np.ndarray, targets, clip_domains: np.n
   for d, target in enumerate(targets):
     rows = np.flatnonzero(clip_domains == d)
     if len(rows):
-      scores[:, d] = mean_cosine(np.asarray(repa_heads(d, jnp.asarray(pooled[:, rows]))), target[rows][None])
+      scores[:, d] = mean_cosine(np.asarray(apply_head(d, jnp.asarray(pooled[:, rows]))), target[rows][None])
   return scores
+
+
+def repa_head_scores(repa_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
+  """Scores of REPA head (ℓ, d) applied to layer ℓ."""
+  return head_scores(repa_heads, pooled, targets, clip_domains)
+
+
+def bitc_head_scores(bitc_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
+  """Scores of the BiT-C head of domain d applied to every layer's normalised pooled state."""
+  unit = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
+  return head_scores(bitc_heads, unit, targets, clip_domains)
 
 
 def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_fraction: float = 0.5,
@@ -88,9 +102,13 @@ def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_f
 def storage_scores(model: AgRepaModel, batch: dict, domains: tuple[str, ...], key: jax.Array, *,
                    t: float = 0.5, prompt_fraction: float = 0.15, batch_size: int = 16,
                    fit_fraction: float = 0.5, ridge_alpha: float = 1.0) -> dict[str, np.ndarray]:
-  """{'repa': (L, D), 'ridge': (L, D)} storage scores of the stacked probe set `batch`."""
+  """{'bitc': (L, D) when width == token_dim, 'repa': (L, D), 'ridge': (L, D)} storage scores of the
+  stacked probe set `batch`."""
   pooled = pooled_hidden(model.backbone, batch, t, key, prompt_fraction=prompt_fraction, batch_size=batch_size)
   targets = [np.asarray(batch['teacher'][d], np.float32) for d in domains]
   clip_domains = np.asarray(batch['domain'])
-  return {'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),
-          'ridge': ridge_scores(pooled, targets, clip_domains, fit_fraction=fit_fraction, alpha=ridge_alpha)}
+  scores = {'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),
+            'ridge': ridge_scores(pooled, targets, clip_domains, fit_fraction=fit_fraction, alpha=ridge_alpha)}
+  if model.backbone.cfg.width == model.backbone.cfg.token_dim:
+    scores = {'bitc': bitc_head_scores(model.bitc_heads, pooled, targets, clip_domains), **scores}
+  return scores

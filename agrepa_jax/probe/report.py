@@ -3,7 +3,7 @@
 Files (layers 1-based everywhere):
 - fog_a.csv: domain, layer, t, score — the per-domain mean FoG-A Δ (NaN for a domain without clips;
   0 for layers the schedule does not probe);
-- lasp.csv: domain, layer, probe, score — storage scores of the 'repa' and 'ridge' probes;
+- lasp.csv: domain, layer, probe, score — storage scores of the 'bitc', 'repa' and 'ridge' probes;
 - scd.json: the probe settings, clips per domain, and per probe kind and domain the Spearman
   correlation, its p-value, the top-K overlap and both top-K lists;
 - selection.json: the rule and settings, and per domain the selected layers and their λ
