@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       selection_file='',               # fog_a: λ from a probe's selection.json; empty = re-measure online
       probe_every=200,                 # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
       score_ema=0.9,                   # fog_a online: decay of the moving average of the scores
+      quirks=False,                    # reference FoG-A: t=0.8, 2 clips, dropout on, odd layers only, raw λ
   ))
   config.teachers = ml_collections.ConfigDict(dict(
       # dim: the teacher's feature width C_d, checked against the loaded teacher; 0 = take it from there

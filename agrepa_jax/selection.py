@@ -59,15 +59,15 @@ def lambda_scalars(lambdas: np.ndarray, domains) -> dict[str, float]:
 class OnlineFogA:
   """Re-measures FoG-A on a fixed held-out probe batch and turns the moving-average scores into λ.
 
-  The probe settings (t values, clips, top-K, λ rule, reference-quirk schedule) are `config.probe`'s;
-  `repa.score_ema` is the decay of the moving average.
+  The probe settings (t values, clips, top-K, λ rule) are `config.probe`'s, or the reference code's
+  with `repa.quirks`; `repa.score_ema` is the decay of the moving average.
   """
 
   def __init__(self, config, heldout_source):
     from agrepa_jax import probe
     from agrepa_jax.probe import batch as probe_batch
     self.config, self.domains = config, tuple(config.data.domains)
-    self.schedule = probe.schedule_from_config(config.probe)
+    self.schedule = probe.schedule_from_config(config)
     clip_domains = np.asarray(heldout_source.arrays['domain'])
     rows = probe_batch.balanced_indices(clip_domains, len(self.domains), self.schedule.num_clips, config.probe.seed)
     self.batch = probe_batch.stack_records([heldout_source[int(i)] for i in rows], self.domains)
@@ -94,7 +94,7 @@ class OnlineFogA:
       scores = np.where(np.isfinite(scores), scores, previous)
     averaged = select.ema_update(previous, scores, self.config.repa.score_ema)
     probe = self.config.probe
-    chosen = select.select_layers(averaged, self.domains, top_k=probe.top_k, rule=probe.lambda_rule,
+    chosen = select.select_layers(averaged, self.domains, top_k=probe.top_k, rule=self.schedule.lambda_rule,
                                   total=probe.lambda_total, temperature=probe.softmax_temperature,
                                   eligible=self.eligible)
     return dense_lambdas(chosen, self.config.model.num_layers, self.domains), averaged

@@ -11,8 +11,8 @@ from flax import nnx
 from agrepa_jax import config_base, selection, sharding, train
 from agrepa_jax.data import cache, prepare
 from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
-from agrepa_jax.probe import (REFERENCE_SCHEDULE, fog_a, lasp, probe_config, probed_layers, scd,
-                              schedule_from_config, select)
+from agrepa_jax import config_base
+from agrepa_jax.probe import REFERENCE_SCHEDULE, fog_a, lasp, probed_layers, scd, schedule_from_config, select
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
 
@@ -224,12 +224,14 @@ def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
 
 
 def test_reference_schedule_from_config():
-  probe = probe_config()
-  assert schedule_from_config(probe).t_values == (0.1, 0.3, 0.5, 0.7, 0.9)
-  probe.quirks = True
-  assert schedule_from_config(probe) == REFERENCE_SCHEDULE
+  config = config_base.base_config()
+  schedule = schedule_from_config(config)
+  assert schedule.t_values == (0.1, 0.3, 0.5, 0.7, 0.9) and schedule.lambda_rule == 'normalized'
+  assert not schedule.dropout and not schedule.odd_layers_only
+  config.repa.quirks = True
+  assert schedule_from_config(config) == REFERENCE_SCHEDULE
   assert REFERENCE_SCHEDULE.t_values == (0.8,) and REFERENCE_SCHEDULE.num_clips == 2
-  assert REFERENCE_SCHEDULE.dropout and REFERENCE_SCHEDULE.odd_layers_only
+  assert REFERENCE_SCHEDULE.dropout and REFERENCE_SCHEDULE.odd_layers_only and REFERENCE_SCHEDULE.lambda_rule == 'raw'
 
 
 def tiny_run_config(tmp_path):
@@ -290,7 +292,8 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
   assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}
   chosen = select.read_selection(out / 'selection.json')
-  assert json.loads((out / 'selection.json').read_text())['rule'] == 'raw'
+  assert json.loads((out / 'selection.json').read_text())['rule'] == 'normalized'
   assert chosen == results['selection'] and all(len(layers) == 2 for layers in chosen.values())
+  assert all(sum(layers.values()) == pytest.approx(0.5) for layers in chosen.values())  # probe.lambda_total
   assert selection.dense_lambdas(chosen, 3, ('speech', 'audio')).shape == (3, 2)
   assert (out / 'fog_a_heatmap.png').stat().st_size > 0 and (out / 'storage_vs_contribution.png').exists()

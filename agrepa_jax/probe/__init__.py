@@ -19,14 +19,13 @@ def probe_config() -> ml_collections.ConfigDict:
                                        # and large models, more helps where one lane leaves an accelerator idle
       top_k=3,
       selection_t=-1.0,                # t whose FoG-A scores select layers; -1: the mean over t_values
-      lambda_rule='raw',               # raw (paper) | normalized | softmax
+      lambda_rule='normalized',        # normalized (Σλ = lambda_total) | softmax | raw (the paper's code; also repa.quirks)
       lambda_total=0.5,                # Σλ per domain for normalized and softmax
       softmax_temperature=0.1,
       seed=0,
       lasp_t=0.5,                      # t of the hidden states the storage probes read
       ridge_alpha=1.0,
       ridge_fit_fraction=0.5,          # share of each domain's clips the ridge probe is fitted on
-      quirks=False,                    # reference schedule: t=0.8, 2 clips, dropout on, odd layers only
   ))
 
 
@@ -37,18 +36,22 @@ class ProbeSchedule:
   num_clips: int
   dropout: bool             # training mode: one dropout draw shared by all gate settings of a batch
   odd_layers_only: bool     # only 1-based odd layers are probed; even layers score 0 and are never selected
+  lambda_rule: str          # how selected layers' scores become λ (select.layer_lambdas)
 
 
-# Reference quirk (DESIGN.md §9): the paper's code probes in training mode at t = 0.8 on 2 clips,
-# and only odd-numbered layers.
-REFERENCE_SCHEDULE = ProbeSchedule(t_values=(0.8,), num_clips=2, dropout=True, odd_layers_only=True)
+# Reference quirks (DESIGN.md §9): the paper's code probes in training mode at t = 0.8 on 2 clips,
+# only odd-numbered layers, and uses the raw score as λ.
+REFERENCE_SCHEDULE = ProbeSchedule(t_values=(0.8,), num_clips=2, dropout=True, odd_layers_only=True,
+                                   lambda_rule='raw')
 
 
-def schedule_from_config(probe) -> ProbeSchedule:
-  if probe.quirks:
+def schedule_from_config(config) -> ProbeSchedule:
+  """config.probe's schedule, or the reference code's when config.repa.quirks is set."""
+  if config.repa.quirks:
     return REFERENCE_SCHEDULE
+  probe = config.probe
   return ProbeSchedule(tuple(float(t) for t in probe.t_values), int(probe.num_clips), dropout=False,
-                       odd_layers_only=False)
+                       odd_layers_only=False, lambda_rule=probe.lambda_rule)
 
 
 def probed_layers(num_layers: int, schedule: ProbeSchedule):

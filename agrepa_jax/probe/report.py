@@ -76,7 +76,7 @@ def plot_storage_vs_contribution(contribution: np.ndarray, storage: dict, domain
 def run_probe(config, workdir: pathlib.Path) -> dict:
   """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes workdir/probe/."""
   probe = config.probe
-  schedule = schedule_from_config(probe)
+  schedule = schedule_from_config(config)
   run = train.restore_trained(config, workdir, None if probe.checkpoint_step < 0 else probe.checkpoint_step)
   domains = tuple(config.data.domains)
   source = run.heldout_source
@@ -97,7 +97,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
                                 fit_fraction=probe.ridge_fit_fraction, ridge_alpha=probe.ridge_alpha)
   dissociation = {kind: scd.scd_report(scores, contribution, domains, probe.top_k, eligible)
                   for kind, scores in storage.items()}
-  chosen = select.select_layers(contribution, domains, top_k=probe.top_k, rule=probe.lambda_rule,
+  chosen = select.select_layers(contribution, domains, top_k=probe.top_k, rule=schedule.lambda_rule,
                                 total=probe.lambda_total, temperature=probe.softmax_temperature,
                                 eligible=eligible)
   results = {'step': run.step, 'fog_a': table, 'clips_per_domain': counts, 'contribution': contribution,
@@ -123,7 +123,7 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
   (out / 'scd.json').write_text(json.dumps({**settings, 'clips_per_domain': clips, 'lasp_t': probe.lasp_t,
                                             'probes': results['scd']}, indent=2))
   (out / 'selection.json').write_text(json.dumps(select.selection_json(
-      results['selection'], rule=probe.lambda_rule, lambda_total=probe.lambda_total,
+      results['selection'], rule=schedule.lambda_rule, lambda_total=probe.lambda_total,
       softmax_temperature=probe.softmax_temperature, **settings), indent=2))
   plot_fog_a(table, t_values, domains, out / 'fog_a_heatmap.png')
   plot_storage_vs_contribution(results['contribution'], results['storage'], domains,
