@@ -11,7 +11,6 @@ from flax import nnx
 from agrepa_jax import config_base, selection, sharding, train
 from agrepa_jax.data import cache, prepare
 from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
-from agrepa_jax import config_base
 from agrepa_jax.probe import REFERENCE_SCHEDULE, fog_a, lasp, probed_layers, scd, schedule_from_config, select
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
