@@ -11,6 +11,9 @@ from agrepa_jax import audio, sharding, train
 from agrepa_jax.model import count_params
 
 
+TEACHER_FRAMES_PER_SECOND = {'whisper': 50.0, 'beats': 100 / 16}  # encoder frames / BEATs patch columns
+
+
 def teacher_dims_from_config(config) -> tuple[int, ...]:
   dims = tuple(int(config.teachers[d].dim) for d in config.data.domains)
   if not all(dims):
@@ -33,8 +36,8 @@ def abstract_batch(config, teacher_dims, mesh):
       'teacher': {d: spec((b, dim), jnp.float32) for d, dim in zip(config.data.domains, teacher_dims)},
   }
   if config.repa.granularity == 'frame':
-    teacher_frames = round(config.data.clip_seconds * 50)
-    batch['teacher_frames'] = {d: spec((b, teacher_frames, dim), jnp.float32)
+    frames_of = lambda d: round(config.data.clip_seconds * TEACHER_FRAMES_PER_SECOND[config.teachers[d].name])
+    batch['teacher_frames'] = {d: spec((b, frames_of(d), dim), jnp.float32)
                                for d, dim in zip(config.data.domains, teacher_dims)}
   return batch
 

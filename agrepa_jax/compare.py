@@ -16,7 +16,10 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+import jax  # noqa: E402
+
 from agrepa_jax import metrics, train  # noqa: E402
+from agrepa_jax.data import cache  # noqa: E402
 
 PHASE_ONE = 'none'
 
@@ -50,11 +53,14 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
   """Runs (or resumes) the whole workflow in `workdir`; writes compare.csv and compare_curves.png."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
-  train.train_and_evaluate(variant_config(config, PHASE_ONE), workdirs[PHASE_ONE])
+  phase_one = variant_config(config, PHASE_ONE)
+  train.write_config(phase_one, workdirs[PHASE_ONE])
+  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE])
   selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
   if not selection_file.exists():
     from agrepa_jax.probe import report
-    report.run_probe(variant_config(config, PHASE_ONE), workdirs[PHASE_ONE])
+    report.run_probe(phase_one, workdirs[PHASE_ONE])
+    cache.sync_processes('probe-written')  # process 0 wrote selection.json; every process reads it
   for variant in config.compare.variants:
     if variant == PHASE_ONE:
       continue
@@ -67,7 +73,8 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
     for variant, variant_dir in workdirs.items():
       evaluate_variant(variant_config(config, variant, str(selection_file)), variant_dir, config.compare.eval_clips)
   rows = [comparison_row(variant, workdirs[variant]) for variant in config.compare.variants]
-  write_comparison(rows, workdir)
+  if jax.process_index() == 0:
+    write_comparison(rows, workdir)
   return rows
 
 

@@ -1,7 +1,7 @@
 """Defaults shared by every config; each config file overrides what differs.
 
 Reference-code quirks (DESIGN.md §9) are switches that default to the sound choice:
-model.frozen_token_projection, flow.loss_on_prompt.
+model.frozen_token_projection, flow.loss_on_prompt, repa.quirks (FoG-A schedule and raw λ).
 """
 import ml_collections
 

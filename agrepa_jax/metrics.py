@@ -13,10 +13,14 @@ from tensorboardX import SummaryWriter  # noqa: E402
 class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, after_step: int | None = None):
+    """With `after_step` (the step a run resumes from), rows logged past it before the run died are dropped."""
     self.enabled = jax.process_index() == 0
     self.path = workdir / 'metrics.jsonl'
     if self.enabled:
+      if after_step is not None:
+        kept = [row for row in read_metrics(self.path) if row['step'] <= after_step]
+        self.path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
       self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
 
   def write(self, step: int, scalars: dict):

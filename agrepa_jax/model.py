@@ -143,10 +143,12 @@ class TokenEncoder(nnx.Module):
     self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if cfg.num_codebooks > 1 else None
 
   def __call__(self, tokens, domain, num_frames):
-    projection = self.domain_projection[...][domain]  # (B, dt, dt)
-    if self.cfg.frozen_token_projection:
-      projection = jax.lax.stop_gradient(projection)
-    streams = [interpolate_linear(jnp.einsum('bnd,bde->bne', embed(tokens[:, k]), projection), num_frames)
+    # Every clip through every P_d, then the clip's own: cheap at the token rate, and it never
+    # materialises a (B, dt, dt) gather of the projections.
+    in_domain = jax.nn.one_hot(domain, self.cfg.num_domains, dtype=jnp.float32)
+    project = lambda x: jnp.einsum('bkne,bk->bne', jnp.einsum('bnd,kde->bkne', x, self.domain_projection[...]),
+                                   in_domain)
+    streams = [interpolate_linear(project(embed(tokens[:, k])), num_frames)
                for k, embed in enumerate(self.embeddings)]
     e = self.merge(jnp.concatenate(streams, -1)) if self.merge is not None else streams[0]
     return l2_normalise(e)
@@ -211,7 +213,7 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
     out = {'none': None, 'pooled': h.mean(1), 'frames': h}[hidden]
     return h, out
 
-  if REMAT_POLICIES.get(remat, 'missing') == 'missing':
+  if remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
   if remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])

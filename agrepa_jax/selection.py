@@ -84,7 +84,8 @@ class OnlineFogA:
     key = jax.random.fold_in(jax.random.key(probe.seed), step)
     table, _ = fog_a.fog_a_table(dit, self.batch, self.schedule.t_values, key, num_domains=len(self.domains),
                                  batch_size=probe.batch_size, chunk_size=probe.chunk_size, mesh=mesh,
-                                 prompt_fraction=probe.prompt_fraction, dropout=self.schedule.dropout)
+                                 prompt_fraction=probe.prompt_fraction, dropout=self.schedule.dropout,
+                                 noise_std=self.config.flow.noise_std)
     return select.layer_scores(table, self.schedule.t_values, probe.selection_t)
 
   def update(self, scores: np.ndarray, previous: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,8 @@ class OnlineFogA:
       scores = np.where(np.isfinite(scores), scores, previous)
     averaged = select.ema_update(previous, scores, self.config.repa.score_ema)
     probe = self.config.probe
-    chosen = select.select_layers(averaged, self.domains, top_k=probe.top_k, rule=self.schedule.lambda_rule,
+    silent = ~(np.nan_to_num(averaged) > 0).any(0)  # a domain whose blocks all score 0 selects nothing yet
+    chosen = select.select_layers(np.where(silent[None], np.nan, averaged), self.domains, top_k=probe.top_k, rule=self.schedule.lambda_rule,
                                   total=probe.lambda_total, temperature=probe.softmax_temperature,
                                   eligible=self.eligible)
     return dense_lambdas(chosen, self.config.model.num_layers, self.domains), averaged

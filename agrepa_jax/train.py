@@ -57,6 +57,8 @@ class StepConfig:
     bitc = tuple(config.bitc.weights[d] for d in config.data.domains) if config.bitc.enabled else None
     if config.repa.selection == 'none':
       hidden = 'none'
+    elif config.repa.granularity == 'frame' and not config.data.teacher_frames:
+      raise ValueError("repa.granularity='frame' needs teacher frame features: set data.teacher_frames=True")
     elif config.repa.granularity in ('utterance', 'frame'):
       hidden = {'utterance': 'pooled', 'frame': 'frames'}[config.repa.granularity]
     else:
@@ -65,6 +67,8 @@ class StepConfig:
 
 
 def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
+  if config.model.n_mels != audio.N_MELS:
+    raise ValueError(f'model.n_mels={config.model.n_mels}: the target representation has {audio.N_MELS} mel bands')
   cfg = ModelConfig.from_config({**config.model, 'num_domains': len(config.data.domains)})
   model = AgRepaModel(cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)))
   if cfg.frozen_token_projection:
@@ -115,11 +119,20 @@ def abstract_state(config, teacher_dims, tx):
 
 def sharded_init(config, teacher_dims, tx, mesh):
   """Initialises the train state directly into its shardings (no host-side full copy)."""
+  graphdef, shapes, shardings = sharded_shapes(config, teacher_dims, tx, mesh)
+  return graphdef, initialise(config, teacher_dims, tx, shardings), shardings
+
+
+def sharded_shapes(config, teacher_dims, tx, mesh):
+  """(graphdef, abstract train state, its shardings) on `mesh`."""
   graphdef, shapes = abstract_state(config, teacher_dims, tx)
-  shardings = state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+  return graphdef, shapes, state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+
+
+def initialise(config, teacher_dims, tx, shardings) -> TrainState:
   init = jax.jit(lambda seed: init_state(config, teacher_dims, tx, seed)[1], static_argnums=0,
                  out_shardings=shardings)
-  return graphdef, init(config.seed), shardings
+  return init(config.seed)
 
 
 def state_shardings(shapes: TrainState, mesh, min_size: int):
@@ -192,8 +205,8 @@ def jit_eval_step(graphdef, step_cfg, shardings, mesh):
                  out_shardings=sharding.replicated(mesh))
 
 
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+def checkpoint_manager(workdir: pathlib.Path, config, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
                                          enable_async_checkpointing=config.async_checkpointing)
   return ocp.CheckpointManager(workdir / 'checkpoints', options=options)
 
@@ -229,6 +242,13 @@ class StopRequest:
     self.requested = True
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop: every process then stops after the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
   def restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
@@ -246,24 +266,29 @@ def train_and_evaluate(config, workdir: pathlib.Path):
 
   tx, schedule = make_optimizer(config)
   step_cfg = StepConfig.from_config(config)
-  graphdef, state, shardings = sharded_init(config, teacher_dims, tx, mesh)
+  graphdef, shapes, shardings = sharded_shapes(config, teacher_dims, tx, mesh)
   train_step_fn = jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh)
   eval_step_fn = jit_eval_step(graphdef, step_cfg, shardings, mesh)
 
   data_iterator = iter(pipeline.training_dataset(train_source, config.batch_size, config.data.seed,
                                                  tuple(config.data.domain_weights)))
   eval_batches = pipeline.evaluation_batches(heldout_source, config.batch_size, config.eval_batches)
+  if config.eval_every and not eval_batches:
+    logging.warning('no held-out clips: held-out evaluation is off (data.heldout_fraction=%s)',
+                    config.data.heldout_fraction)
   manager = checkpoint_manager(workdir, config)
-  if manager.latest_step() is not None:
-    state = restore_checkpoint(manager, manager.latest_step(), abstract_with_shardings(state, shardings),
+  if manager.latest_step() is None:
+    state = initialise(config, teacher_dims, tx, shardings)
+  else:
+    state = restore_checkpoint(manager, manager.latest_step(), abstract_with_shardings(shapes, shardings),
                                data_iterator)
     logging.info('resumed from step %d', int(state.step))
     if not selection.measures_online(config):  # fixed λ follow the config, not the checkpoint
       state = state.replace(lambdas=jax.device_put(selection.lambdas_from_config(config), sharding.replicated(mesh)))
   online_fog_a = selection.OnlineFogA(config, heldout_source) if selection.measures_online(config) else None
-  writer = metrics.MetricWriter(workdir)
-  stop = StopRequest()
   start_step = int(state.step)
+  writer = metrics.MetricWriter(workdir, after_step=start_step)
+  stop = StopRequest()
   progress = tqdm.tqdm(total=config.num_steps, initial=start_step, desc='train', unit='step',
                        disable=jax.process_index() != 0, dynamic_ncols=True)
   eval_key = jax.random.key_data(jax.random.key(config.seed + 2))
@@ -280,7 +305,7 @@ def train_and_evaluate(config, workdir: pathlib.Path):
       progress.update(1)
       if online_fog_a and step % config.repa.probe_every == 0:
         state = reselect_layers(state, online_fog_a, graphdef, mesh)
-      evaluates = config.eval_every and (step % config.eval_every == 0 or step == config.num_steps)
+      evaluates = eval_batches and config.eval_every and (step % config.eval_every == 0 or step == config.num_steps)
       if evaluates or step % config.log_every == 0 or step == config.num_steps:
         scalars = jax.device_get(parts)
         now = time.perf_counter()
@@ -295,12 +320,15 @@ def train_and_evaluate(config, workdir: pathlib.Path):
         writer.write(step, scalars)
       if step % config.checkpoint_every == 0:
         save_checkpoint(manager, step, state, data_iterator)
-      if stop.requested or manager.reached_preemption(step):
+      if stop.agreed() or manager.reached_preemption(step):
         break
   finally:
     progress.close()
     stop.restore()
-    if manager.latest_step() != int(state.step):
+    if state.step.is_deleted():  # an error inside the donated step: no consistent state to save
+      logging.error('the train state was lost inside a step; the run resumes from step %s',
+                    manager.latest_step())
+    elif manager.latest_step() != int(state.step):
       save_checkpoint(manager, int(state.step), state, data_iterator, force=True)
     manager.wait_until_finished()
     manager.close()
@@ -344,9 +372,10 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   train_source, heldout_source, meta = prepare.prepare(config)
   teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)
   tx, _ = make_optimizer(config)
-  graphdef, shapes = abstract_state(config, teacher_dims, tx)
-  shardings = state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
-  manager = checkpoint_manager(workdir, config)
+  graphdef, shapes, shardings = sharded_shapes(config, teacher_dims, tx, mesh)
+  if not (workdir / 'checkpoints').is_dir():
+    raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}: train this workdir first')
+  manager = checkpoint_manager(workdir, config, create=False)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}: train this workdir first')

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/default.py}
-workdir=${2:-workdir/$(basename "${config%.py}")}
-shift $(( $# > 2 ? 2 : $# ))
+[ $# -gt 0 ] && shift
+workdir=workdir/$(basename "${config%.py}")
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then workdir=$1; shift; fi
 exec python -m agrepa_jax.main --config "$config" --workdir "$workdir" "$@"

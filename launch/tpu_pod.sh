@@ -7,7 +7,7 @@
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
 config=${1:?config file}; workdir=${2:?workdir}; shift 2
-repo=${REPO:-~/agrepa_jax}
-quoted=$(printf ' %q' "$@")
+repo=${REPO:-'~/agrepa_jax'}  # expanded on the workers, not here
+remote_args=$(printf ' %q' --config "$config" --workdir "$workdir" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $repo && python -m agrepa_jax.main --distributed --config $config --workdir $workdir$quoted"
+  "cd $repo && python -m agrepa_jax.main --distributed$remote_args"

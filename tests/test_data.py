@@ -192,9 +192,11 @@ def test_directory_clips_reads_librispeech_transcripts(tmp_path):
 def test_external_token_files(tmp_path):
   np.save(tmp_path / 'a.npy', np.array([1, 2, 3, 4]))
   np.save(tmp_path / 'b.npy', np.array([[5, 6], [7, 8]]))
-  tokens = cache.read_token_files(str(tmp_path), ['a'], 1, 2)
+  tokens = cache.read_token_files(str(tmp_path), ['a'], 1, 2, vocab_size=8)
   np.testing.assert_array_equal(tokens, [[[1, 3]]])
   with pytest.raises(ValueError, match='b.npy'):
-    cache.read_token_files(str(tmp_path), ['b'], 1, 2)
+    cache.read_token_files(str(tmp_path), ['b'], 1, 2, vocab_size=8)
+  with pytest.raises(ValueError, match=r'b.npy: token ids in \[5, 8\] are outside 0..7 \(model.vocab_size\)'):
+    cache.read_token_files(str(tmp_path), ['b'], 2, 2, vocab_size=8)
   with pytest.raises(FileNotFoundError, match='missing'):
-    cache.read_token_files(str(tmp_path), ['missing'], 1, 2)
+    cache.read_token_files(str(tmp_path), ['missing'], 1, 2, vocab_size=8)

@@ -128,8 +128,9 @@ def test_sharded_sampling_equals_single_device(backbone, conditioning):
 
 def test_prompt_lengths_from_seconds_or_fraction_leave_a_frame_to_generate():
   hop_seconds = 256 / 24000
-  num_samples = np.array([24000, 2400, 256])  # 94, 10 and 2 frames of audio
+  num_samples = np.array([24000, 2400, 257])  # 94, 10 and 2 frames whose centre holds audio (frame_mask)
   np.testing.assert_array_equal(sampler.prompt_lengths(num_samples, 0.5), [47, 9, 1])
   np.testing.assert_array_equal(sampler.prompt_lengths(num_samples, 3 * hop_seconds), [3, 3, 1])
   np.testing.assert_array_equal(sampler.prompt_lengths(num_samples, 0.5, prompt_fraction=0.25), [23, 2, 0])
+  np.testing.assert_array_equal(sampler.prompt_lengths(np.array([256]), 0.5), [0])  # one frame: nothing to copy
   np.testing.assert_array_equal(sampler.leading_frames_mask([2, 0], 3), [[True, True, False], [False] * 3])

@@ -161,3 +161,24 @@ def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
   after_one = leaf(state.params)
   np.testing.assert_allclose(leaf(state.ema_params), 0.5 * initial + 0.5 * after_one, rtol=1e-6, atol=1e-7)
   assert not np.allclose(leaf(state.inference_params()), after_one)
+
+
+def test_frozen_token_projection_quirk_keeps_the_identity(config):
+  batches = first_batches(config, 1)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  projections = {}
+  for frozen in (False, True):
+    config.model.frozen_token_projection = frozen
+    tx, schedule = train.make_optimizer(config)
+    graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+    step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
+    before = train.nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...]
+    before = np.asarray(before)
+    state, _ = step(state, sharding.global_batch(batches[0], mesh))
+    after = np.asarray(train.nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...])
+    projections[frozen] = (before, after)
+  before, after = projections[True]
+  np.testing.assert_array_equal(before, np.broadcast_to(np.eye(16), (2, 16, 16)))
+  np.testing.assert_array_equal(after, before)  # no gradient and no weight decay
+  before, after = projections[False]
+  assert not np.allclose(after, before)

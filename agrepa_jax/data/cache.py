@@ -68,23 +68,25 @@ def feature_mesh():
   return sharding.make_mesh({'data': -1, 'fsdp': 1}, jax.local_devices())
 
 
-def pad_batch(batch: np.ndarray, multiple: int) -> np.ndarray:
-  extra = -len(batch) % multiple
+def pad_batch(batch: np.ndarray, rows: int) -> np.ndarray:
+  """Zero rows appended up to `rows`."""
+  extra = rows - len(batch)
   return np.concatenate([batch, np.zeros((extra, *batch.shape[1:]), batch.dtype)]) if extra else batch
 
 
-def teacher_features(teacher: Teacher, waves: np.ndarray, num_samples: np.ndarray, mesh):
+def teacher_features(teacher: Teacher, waves: np.ndarray, num_samples: np.ndarray, mesh, batch_rows: int = 0):
   """Utterance means (N, C) over frames holding audio, frame features (N, F, C) and their mask.
 
   waves are 24 kHz; they are resampled to the teacher's rate on the host, then the batch is padded
-  to a multiple of the mesh size and sharded over it.
+  to `batch_rows` rows (so every batch has one shape and the teacher compiles once) rounded up to a
+  multiple of the mesh size, and sharded over the mesh.
   """
   rate = teacher.spec.sample_rate
   resampled = librosa.resample(waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1)
   teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
-  devices = mesh.devices.size
-  batch = jax.device_put(pad_batch(resampled.astype(np.float32), devices), sharding.batch_sharding(mesh))
-  frames, mask = teacher.features(batch, pad_batch(teacher_samples, devices))
+  rows = -(-max(batch_rows, len(waves)) // mesh.devices.size) * mesh.devices.size
+  batch = jax.device_put(pad_batch(resampled.astype(np.float32), rows), sharding.batch_sharding(mesh))
+  frames, mask = teacher.features(batch, pad_batch(teacher_samples, rows))
   frames, mask = np.asarray(frames, np.float32)[:len(waves)], np.asarray(mask)[:len(waves)]
   return masked_mean(frames, mask), frames, mask
 
@@ -102,7 +104,8 @@ def build_chunk(clips: list[Clip], settings: dict, domains: tuple[str, ...], tea
     rows = np.flatnonzero(domain == d)
     if len(rows) == 0:
       continue
-    utterance, frames, _ = teacher_features(teachers[name], waves[rows], num_samples[rows], mesh)
+    utterance, frames, _ = teacher_features(teachers[name], waves[rows], num_samples[rows], mesh,
+                                            settings['chunk_size'])
     out[f'rows_{name}'] = rows
     out[f'teacher_{name}'] = utterance
     out[f'token_features_{name}'] = np.stack([tokenizer.pool_to_rate(f, num_tokens) for f in frames])
@@ -219,8 +222,18 @@ def assemble(directory, num_chunks, settings, domains, teacher_dims) -> dict:
   return {'num_clips': cursor, 'num_tokens': num_tokens, 'num_frames': num_frames, 'skipped': skipped}
 
 
+def teacher_widths(directory: pathlib.Path, num_chunks: int, domains) -> dict | None:
+  """{domain: C_d} read off the chunks' utterance features, or None if some domain has no clip yet."""
+  widths = {}
+  for chunk in load_chunks(directory, num_chunks):
+    widths.update({d: int(chunk[f'teacher_{d}'].shape[1]) for d in domains if f'teacher_{d}' in chunk})
+    if len(widths) == len(domains):
+      return widths
+  return None
+
+
 def build_cache(clips: list[Clip], directory: pathlib.Path, settings: dict, domains: tuple[str, ...],
-                load_teachers, teacher_dims: dict | None = None) -> dict:
+                load_teachers) -> dict:
   """Builds (or finishes) the cache in `directory`; every process calls it. Returns the meta dict.
 
   settings: clip_seconds, heldout_fraction, token_rate, codebook_size, num_codebooks, seed,
@@ -242,8 +255,7 @@ def build_cache(clips: list[Clip], directory: pathlib.Path, settings: dict, doma
   sync_processes('data-chunks')
   num_chunks = -(-len(clips) // settings['chunk_size'])
   if jax.process_index() == 0:
-    if teacher_dims is None:
-      teacher_dims = {name: t.spec.dim for name, t in load_teachers().items()}
+    teacher_dims = teacher_widths(directory, num_chunks, domains) or {n: t.spec.dim for n, t in load_teachers().items()}
     assembled = assemble(directory, num_chunks, settings, domains, teacher_dims)
     if not sum(assembled['num_clips'].values()):
       raise ValueError(f'no decodable clips for the cache in {directory} ({len(assembled["skipped"])} skipped)')
@@ -256,10 +268,11 @@ def build_cache(clips: list[Clip], directory: pathlib.Path, settings: dict, doma
   return json.loads((directory / 'meta.json').read_text())
 
 
-def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, num_tokens: int) -> np.ndarray:
+def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, num_tokens: int,
+                     vocab_size: int) -> np.ndarray:
   """External tokens (e.g. S3 or an AudioSet tokenizer): `<token_dir>/<clip id>.npy`, (N,) or (K, N).
 
-  Each file is resampled by nearest neighbour to `num_tokens` per clip.
+  Each file is resampled by nearest neighbour to `num_tokens` per clip; ids must lie in 0..vocab_size-1.
   """
   out = np.zeros((len(clip_ids), num_codebooks, num_tokens), np.int32)
   for i, clip_id in enumerate(clip_ids):
@@ -269,6 +282,9 @@ def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, nu
     tokens = np.atleast_2d(np.load(path))
     if tokens.shape[0] != num_codebooks:
       raise ValueError(f'{path}: holds {tokens.shape[0]} codebooks, model.num_codebooks={num_codebooks}')
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+      raise ValueError(f'{path}: token ids in [{tokens.min()}, {tokens.max()}] are outside 0..{vocab_size - 1} '
+                       '(model.vocab_size)')
     index = np.minimum((np.arange(num_tokens) * tokens.shape[1]) // num_tokens, tokens.shape[1] - 1)
     out[i] = tokens[:, index]
   return out

@@ -13,7 +13,7 @@ class CachedSplit:
   """Random-access source over one split of the cache; records are dicts of numpy arrays."""
 
   def __init__(self, directory: pathlib.Path, domains: tuple[str, ...], teacher_frames: bool,
-               token_dir: str | None = None):
+               token_dir: str | None = None, vocab_size: int = 0):
     load = lambda name: np.load(directory / f'{name}.npy', mmap_mode='r')
     self.clips = json.loads((directory / 'clips.json').read_text())
     self.domains = domains
@@ -21,11 +21,12 @@ class CachedSplit:
                    'tokens': load('tokens')}
     if token_dir:
       tokens = self.arrays['tokens']
-      self.arrays['tokens'] = read_token_files(token_dir, [c['id'] for c in self.clips], *tokens.shape[1:])
+      self.arrays['tokens'] = read_token_files(token_dir, [c['id'] for c in self.clips], *tokens.shape[1:],
+                                               vocab_size)
     self.teacher = {d: load(f'teacher_{d}') for d in domains}
-    self.teacher_frames = {d: load(f'teacher_frames_{d}') for d in domains} if teacher_frames else None
     if teacher_frames and any(not (directory / f'teacher_frames_{d}.npy').exists() for d in domains):
       raise FileNotFoundError(f'{directory}: no teacher frame features; rebuild with data.teacher_frames=True')
+    self.teacher_frames = {d: load(f'teacher_frames_{d}') for d in domains} if teacher_frames else None
 
   def __len__(self):
     return len(self.clips)
@@ -43,8 +44,9 @@ class CachedSplit:
 
 
 def host_batch_size(global_batch_size: int) -> int:
-  if global_batch_size % jax.process_count():
-    raise ValueError(f'batch_size={global_batch_size} is not divisible by {jax.process_count()} processes')
+  if global_batch_size % jax.device_count():
+    raise ValueError(f'batch_size={global_batch_size} is not divisible by the {jax.device_count()} devices '
+                     'of the mesh')
   return global_batch_size // jax.process_count()
 
 

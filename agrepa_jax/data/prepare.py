@@ -11,7 +11,7 @@ from agrepa_jax.data.pipeline import CachedSplit
 def cache_settings(config) -> dict:
   data = config.data
   return {
-      'source': data.source, 'speech_dir': data.speech_dir, 'audio_dir': data.audio_dir,
+      'source': data.source, 'domains': list(data.domains), 'speech_dir': data.speech_dir, 'audio_dir': data.audio_dir,
       'num_speech': data.num_speech, 'num_audio': data.num_audio, 'clip_seconds': data.clip_seconds,
       'heldout_fraction': data.heldout_fraction, 'token_rate': data.token_rate,
       'codebook_size': config.model.vocab_size, 'num_codebooks': config.model.num_codebooks,
@@ -24,9 +24,14 @@ def list_clips(config) -> list[sources.Clip]:
   data = config.data
   cache_root = pathlib.Path(data.cache_dir).expanduser()
   if data.source == 'embedded':
-    return sources.embedded_clips(cache_root / f'embedded-{data.seed}-{data.num_speech}-{data.num_audio}-'
+    if jax.process_index() != 0:  # process 0 generates the corpus; the others read it
+      cache.sync_processes('embedded-corpus')
+    clips = sources.embedded_clips(cache_root / f'embedded-{data.seed}-{data.num_speech}-{data.num_audio}-'
                                   f'{data.clip_seconds}', data.num_speech, data.num_audio, data.seed,
                                   data.clip_seconds)
+    if jax.process_index() == 0:
+      cache.sync_processes('embedded-corpus')
+    return clips
   if data.source == 'directories':
     dirs = {'speech': data.speech_dir, 'audio': data.audio_dir}
     return [clip for domain in data.domains if dirs.get(domain)
@@ -74,7 +79,7 @@ def prepare(config) -> tuple[CachedSplit, CachedSplit, dict]:
   meta = build(config)
   meta['directory'] = str(directory)
   open_split = lambda split: CachedSplit(directory / split, tuple(config.data.domains), config.data.teacher_frames,
-                                         config.data.token_dir or None)
+                                         config.data.token_dir or None, config.model.vocab_size)
   return open_split('train'), open_split('heldout'), meta
 
 

@@ -201,9 +201,9 @@ def load_transcriber(checkpoint: str) -> tuple[wer.Transcriber | None, str]:
   """The JAX Whisper greedy transcriber, or None and the reason it is unavailable."""
   try:
     from agrepa_jax.teachers.whisper_decode import load_transcriber as load
-  except ImportError as e:
+    return load(checkpoint or None), ''
+  except (ImportError, OSError, ValueError) as e:
     return None, f'no Whisper transcriber ({e})'
-  return load(checkpoint or None), ''
 
 
 def transcribe(transcriber: wer.Transcriber, waves: np.ndarray, num_samples: np.ndarray,

@@ -66,7 +66,7 @@ def prompt_lengths(num_samples: np.ndarray, prompt_seconds: float, prompt_fracti
 
   At most the clip's audio frames minus one, so every clip keeps at least one frame to generate.
   """
-  valid = np.array([audio.num_frames(int(n)) for n in np.atleast_1d(num_samples)])
+  valid = -(-np.atleast_1d(np.asarray(num_samples, np.int64)) // audio.HOP_LENGTH)  # frames whose centre holds audio
   if prompt_fraction > 0:
     wanted = np.floor(prompt_fraction * valid)
   else:

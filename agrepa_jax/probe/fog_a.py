@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from agrepa_jax.model import DiT, run_blocks
 from agrepa_jax.probe import batch as probe_batch
@@ -129,7 +129,8 @@ def _clip_scores(state, batch, t, noise, dropout_key, *, graphdef, chunk_size, m
   )(state, block_inputs, time_emb, layer_keys, v, valid, jnp.asarray(first), jnp.asarray(second))
   scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
   scores = scores.at[np.concatenate([first, second])].set(jnp.concatenate([per_lane[:, 0], per_lane[:, 1]]))
-  return scores.at[-1].set(last)
+  # replicated, so that every host of a multi-host mesh can read the whole table
+  return jax.lax.with_sharding_constraint(scores.at[-1].set(last), NamedSharding(mesh, P()))
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
@@ -178,14 +179,14 @@ def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: in
 
 def fog_a_table(dit: DiT, batch: dict, t_values, key: jax.Array, *, num_domains: int, batch_size: int = 16,
                 chunk_size: int = 1, mesh: jax.sharding.Mesh | None = None, prompt_fraction: float = 0.15,
-                dropout: bool = False, progress: bool = False):
+                dropout: bool = False, progress: bool = False, noise_std: float = probe_batch.NOISE_STD):
   """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) clip counts.
 
   batch: the stacked probe set (`batch.stack_records`); it is run `batch_size` clips at a time.
   key: draws the fixed noise (per clip, see batch.py) and, with `dropout`, the training-mode dropout.
   """
   num_clips = len(batch['domain'])
-  noise = probe_batch.clip_noise(key, num_clips, batch['mel'].shape[1:])
+  noise = probe_batch.clip_noise(key, num_clips, batch['mel'].shape[1:], noise_std)
   starts = range(0, num_clips, batch_size)
   per_clip = np.zeros((dit.cfg.num_layers, len(t_values), num_clips), np.float32)
   jobs = [(b, j) for b in range(len(starts)) for j in range(len(t_values))]

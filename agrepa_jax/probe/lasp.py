@@ -23,7 +23,7 @@ from flax import nnx
 from sklearn.linear_model import Ridge
 
 from agrepa_jax.model import AgRepaModel, DiT
-from agrepa_jax.probe.batch import MODEL_KEYS, clip_noise, model_inputs
+from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inputs
 
 PROBE_KINDS = ('bitc', 'repa', 'ridge')
 
@@ -35,11 +35,11 @@ def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
 
 
 def pooled_hidden(dit: DiT, batch: dict, t: float, key: jax.Array, *, prompt_fraction: float = 0.15,
-                  batch_size: int = 16) -> np.ndarray:
+                  batch_size: int = 16, noise_std: float = NOISE_STD) -> np.ndarray:
   """(L, N, width) time-pooled hidden states of the probe set at one t (noise of the probe key `key`)."""
   graphdef, state = nnx.split(dit)
   num_clips = len(batch['domain'])
-  noise = clip_noise(key, num_clips, batch['mel'].shape[1:])
+  noise = clip_noise(key, num_clips, batch['mel'].shape[1:], noise_std)
   parts = []
   for start in range(0, num_clips, batch_size):
     rows = slice(start, start + batch_size)
@@ -101,10 +101,12 @@ def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_f
 
 def storage_scores(model: AgRepaModel, batch: dict, domains: tuple[str, ...], key: jax.Array, *,
                    t: float = 0.5, prompt_fraction: float = 0.15, batch_size: int = 16,
-                   fit_fraction: float = 0.5, ridge_alpha: float = 1.0) -> dict[str, np.ndarray]:
+                   fit_fraction: float = 0.5, ridge_alpha: float = 1.0,
+                   noise_std: float = NOISE_STD) -> dict[str, np.ndarray]:
   """{'bitc': (L, D) when width == token_dim, 'repa': (L, D), 'ridge': (L, D)} storage scores of the
   stacked probe set `batch`."""
-  pooled = pooled_hidden(model.backbone, batch, t, key, prompt_fraction=prompt_fraction, batch_size=batch_size)
+  pooled = pooled_hidden(model.backbone, batch, t, key, prompt_fraction=prompt_fraction, batch_size=batch_size,
+                         noise_std=noise_std)
   targets = [np.asarray(batch['teacher'][d], np.float32) for d in domains]
   clip_domains = np.asarray(batch['domain'])
   scores = {'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),

@@ -88,13 +88,14 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   table, counts = fog_a.fog_a_table(
       run.model.backbone, batch, schedule.t_values, key, num_domains=len(domains), batch_size=probe.batch_size,
       chunk_size=probe.chunk_size, mesh=run.mesh, prompt_fraction=probe.prompt_fraction,
-      dropout=schedule.dropout, progress=jax.process_index() == 0)
+      dropout=schedule.dropout, progress=jax.process_index() == 0, noise_std=config.flow.noise_std)
   eligible = probed_layers(table.shape[0], schedule)
   table[~eligible] = 0.0
   contribution = select.layer_scores(table, schedule.t_values, probe.selection_t)
   storage = lasp.storage_scores(run.model, batch, domains, key, t=probe.lasp_t,
                                 prompt_fraction=probe.prompt_fraction, batch_size=probe.batch_size,
-                                fit_fraction=probe.ridge_fit_fraction, ridge_alpha=probe.ridge_alpha)
+                                fit_fraction=probe.ridge_fit_fraction, ridge_alpha=probe.ridge_alpha,
+                                noise_std=config.flow.noise_std)
   dissociation = {kind: scd.scd_report(scores, contribution, domains, probe.top_k, eligible)
                   for kind, scores in storage.items()}
   chosen = select.select_layers(contribution, domains, top_k=probe.top_k, rule=schedule.lambda_rule,
