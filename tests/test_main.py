@@ -128,3 +128,23 @@ def test_features_mode_builds_a_cache_that_training_reads_without_recomputing(tm
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'data chunks' not in result.stderr  # nothing recomputed
   assert [r['step'] for r in metric_rows(tmp_path / 'run')] == [1, 2]
+
+  # the other modes on this short-trained embedded-default workdir
+  workdir = tmp_path / 'run'
+  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'probe',
+                    '--config.probe.num_clips=2', '--config.probe.t_values=(0.5,)', *small)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert {'fog_a.csv', 'lasp.csv', 'scd.json', 'selection.json', 'fog_a_heatmap.png'} <= {
+      p.name for p in (workdir / 'probe').iterdir()}
+  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'sample',
+                    '--config.sample.num_clips=2', '--config.sample.num_points=4', *small)
+  assert result.returncode == 0, result.stderr[-3000:]
+  samples = {p.name for p in (workdir / 'samples').iterdir()}
+  assert 'index.html' in samples and sum(name.endswith('_generated.wav') for name in samples) == 2
+  assert 'griffin-lim' in (workdir / 'samples' / 'index.html').read_text()
+  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'eval',
+                    '--config.eval.num_clips=3', '--config.sample.num_points=4', *small)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'eval.json').read_text())
+  assert {'mel_l1/all', 'wer/generated', 'wer/original'} <= set(report['metrics'])
+  assert any(k.startswith('fad/whisper-tiny.en/') for k in report['metrics'])
