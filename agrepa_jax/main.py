@@ -26,7 +26,7 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.distributed:
     jax.distributed.initialize()
-  config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser()
+  config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser().absolute()
   if FLAGS.mode == 'train' and config.workflow == 'compare':
     from agrepa_jax import compare
     train.write_config(config, workdir)

@@ -208,7 +208,8 @@ def jit_eval_step(graphdef, step_cfg, shardings, mesh):
 def checkpoint_manager(workdir: pathlib.Path, config, create: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=create,
                                          enable_async_checkpointing=config.async_checkpointing)
-  return ocp.CheckpointManager(workdir / 'checkpoints', options=options)
+  # orbax needs an absolute path
+  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(), options=options)
 
 
 def save_checkpoint(manager, step: int, state: TrainState, data_iterator, force=False):

@@ -69,10 +69,18 @@ def metric_rows(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
+def run_main_in(directory, *args, devices=1):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
+         'PYTHONPATH': REPO}
+  return subprocess.run([sys.executable, '-m', 'agrepa_jax.main', *args], cwd=directory, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 def test_train_writes_the_workdir_and_a_rerun_trains_further(tmp_path):
   workdir = tmp_path / 'run'
-  result = run_main('--config', tiny_config_file(tmp_path, 4), '--workdir', str(workdir))
+  # a relative --workdir, as in the README (orbax itself needs absolute paths)
+  result = run_main_in(tmp_path, '--config', tiny_config_file(tmp_path, 4), '--workdir', 'run')
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((workdir / 'config.json').read_text())
   assert config['num_steps'] == 4 and config['model']['width'] == 32
