@@ -380,8 +380,13 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}: train this workdir first')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_with_shardings(shapes, shardings))))['state']
   manager.close()
-  model = nnx.merge(graphdef, restored.inference_params(), restored.frozen)
+  # Only the model's variables: the optimiser state (2× the parameters for Adam) stays on disk.
+  wanted = {'params' if shapes.ema_params is None else 'ema_params', 'frozen'}
+  abstract = {k: abstract_with_shardings(getattr(shapes, k), getattr(shardings, k)) for k in wanted}
+  restored = ocp.PyTreeCheckpointer().restore(
+      manager.directory / str(step) / 'state',
+      args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=True))
+  model = nnx.merge(graphdef, restored[(wanted - {'frozen'}).pop()], restored['frozen'])
   return TrainedRun(model, int(step), mesh, train_source, heldout_source, meta)

@@ -182,3 +182,17 @@ def test_frozen_token_projection_quirk_keeps_the_identity(config):
   np.testing.assert_array_equal(after, before)  # no gradient and no weight decay
   before, after = projections[False]
   assert not np.allclose(after, before)
+
+
+@pytest.mark.parametrize('ema_decay', [0.0, 0.9])
+def test_restore_trained_gives_the_final_inference_parameters(config, tmp_path, ema_decay):
+  config.num_steps, config.eval_every, config.optim.ema_decay = 2, 0, ema_decay
+  state = train.train_and_evaluate(config, tmp_path / 'run')
+  run = train.restore_trained(config, tmp_path / 'run')
+  restored = train.nnx.state(run.model, train.nnx.Param)
+  expected = state.inference_params()
+  assert run.step == 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, expected)
+  with pytest.raises(FileNotFoundError, match='train this workdir first'):
+    train.restore_trained(config, tmp_path / 'empty')
+  assert not (tmp_path / 'empty' / 'checkpoints').exists()
