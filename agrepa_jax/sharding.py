@@ -4,7 +4,6 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
-BATCH_AXES = MESH_AXES
 # Leaves under these names carry a leading layer axis that the depth scan walks; it is not sharded.
 STACKED_SCOPES = ('blocks', 'per_domain')
 
@@ -62,7 +61,7 @@ def tree_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, P(MESH_AXES))  # the batch is split over every axis
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

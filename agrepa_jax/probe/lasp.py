@@ -25,8 +25,6 @@ from sklearn.linear_model import Ridge
 from agrepa_jax.model import AgRepaModel, DiT
 from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inputs
 
-PROBE_KINDS = ('bitc', 'repa', 'ridge')
-
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
 def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
