@@ -3,6 +3,7 @@
 The mel parameters are the Vocos "mel-24khz" ones (DESIGN.md §2); `log_mel` is a JAX function so it
 can run batched on an accelerator, and equals librosa's melspectrogram with the same settings.
 """
+
 import functools
 
 import jax
@@ -26,12 +27,12 @@ class AudioDecodeError(ValueError):
 
 
 def num_frames(num_samples: int, hop_length: int = HOP_LENGTH) -> int:
-  """Frames of a centred STFT of `num_samples` samples (a 10 s clip at 24 kHz gives 938)."""
+  """Frames of a centered STFT of `num_samples` samples (a 10 s clip at 24 kHz gives 938)."""
   return 1 + num_samples // hop_length
 
 
 def load_audio(path, sample_rate: int = SAMPLE_RATE, seconds: float | None = None) -> np.ndarray:
-  """Mono float32 waveform at `sample_rate`, peak-normalised, cropped or zero-padded to `seconds`."""
+  """Mono float32 waveform at `sample_rate`, peak-normalized, cropped or zero-padded to `seconds`."""
   try:
     wave, file_rate = sf.read(str(path), dtype='float32', always_2d=True)
   except Exception as e:  # soundfile raises several types for unreadable files
@@ -60,13 +61,14 @@ def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
 
 @functools.cache
 def mel_filterbank() -> np.ndarray:
-  """(n_fft // 2 + 1, n_mels) HTK-scale, unnormalised triangular filters over 0–12 kHz."""
-  return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=F_MAX,
-                             htk=True, norm=None).T.astype(np.float32)
+  """(n_fft // 2 + 1, n_mels) HTK-scale, unnormalized triangular filters over 0–12 kHz."""
+  return librosa.filters.mel(
+    sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=0.0, fmax=F_MAX, htk=True, norm=None
+  ).T.astype(np.float32)
 
 
 def stft_magnitude(wave: jax.Array, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH) -> jax.Array:
-  """|STFT| of (..., samples), centred with reflect padding and a periodic Hann window.
+  """|STFT| of (..., samples), centered with reflect padding and a periodic Hann window.
 
   Returns (..., frames, n_fft // 2 + 1).
   """
@@ -81,15 +83,15 @@ def stft_magnitude(wave: jax.Array, n_fft: int = N_FFT, hop_length: int = HOP_LE
 
 @jax.jit
 def log_mel(wave: jax.Array) -> jax.Array:
-  """Normalised log-mel (..., frames, 100) of 24 kHz audio (..., samples): the model's target x1."""
+  """Normalized log-mel (..., frames, 100) of 24 kHz audio (..., samples): the model's target x1."""
   mel = stft_magnitude(wave) @ jnp.asarray(mel_filterbank())
-  return normalise(jnp.log(jnp.maximum(mel, LOG_FLOOR)))
+  return normalize(jnp.log(jnp.maximum(mel, LOG_FLOOR)))
 
 
-def normalise(log_mel_values):
+def normalize(log_mel_values):
   return (log_mel_values - MEL_MEAN) / MEL_STD
 
 
-def denormalise(normalised):
-  """Inverse of `normalise`: back to the natural-log mel that the Vocos mel-24khz vocoder takes."""
-  return normalised * MEL_STD + MEL_MEAN
+def denormalize(normalized):
+  """Inverse of `normalize`: back to the natural-log mel that the Vocos mel-24khz vocoder takes."""
+  return normalized * MEL_STD + MEL_MEAN

@@ -1,4 +1,5 @@
 """Flow-matching, BiT-C and REPA/AG-REPA losses (DESIGN.md §3, §6) as pure functions of arrays."""
+
 import dataclasses
 
 import jax
@@ -23,7 +24,7 @@ def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 
 def frame_mask(num_samples: jax.Array, num_frames: int, hop_length: int) -> jax.Array:
-  """(B,) sample counts -> (B, T) bool: frames whose centre lies inside the clip's audio."""
+  """(B,) sample counts -> (B, T) bool: frames whose center lies inside the clip's audio."""
   return jnp.arange(num_frames)[None, :] * hop_length < num_samples[:, None]
 
 
@@ -46,8 +47,12 @@ def flow_matching_inputs(key, x1, valid_frames, cfg: FlowMatchingConfig):
   in_prompt = (jnp.arange(frames)[None, :] < prompt_len[:, None]) & keep_ref[:, None]
   ref_mel = jnp.where(in_prompt[..., None], x1, 0.0)
   token_keep = jax.random.bernoulli(k_tok, 1 - cfg.token_drop_prob, (batch,)).astype(x1.dtype)
-  loss_weights = jnp.ones((batch, frames), x1.dtype) if cfg.loss_on_prompt else (~in_prompt).astype(x1.dtype)
-  return dict(x_t=x_t, t=t, u=x1 - x0, ref_mel=ref_mel, token_keep=token_keep, loss_weights=loss_weights)
+  loss_weights = (
+    jnp.ones((batch, frames), x1.dtype) if cfg.loss_on_prompt else (~in_prompt).astype(x1.dtype)
+  )
+  return dict(
+    x_t=x_t, t=t, u=x1 - x0, ref_mel=ref_mel, token_keep=token_keep, loss_weights=loss_weights
+  )
 
 
 def flow_matching_loss(velocity, target, frame_weights):
@@ -84,7 +89,9 @@ def repa_loss(repa_heads, hidden, teacher, domain, lambdas, valid_frames=None):
     if hidden.ndim == 4:
       target = interpolate_linear(target, hidden.shape[2])
       weights = valid_frames.astype(prediction.dtype)
-      distance = (cosine_distance(prediction, target[None]) * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1)
+      distance = (cosine_distance(prediction, target[None]) * weights).sum(-1) / jnp.maximum(
+        weights.sum(-1), 1
+      )
     else:
       distance = cosine_distance(prediction, target[None])
     in_domain = (domain == d).astype(distance.dtype)

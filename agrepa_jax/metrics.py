@@ -1,4 +1,5 @@
 """Metric output for one run: metrics.jsonl, TensorBoard event files and PNG plots (process 0 only)."""
+
 import json
 import pathlib
 
@@ -45,8 +46,11 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(metrics_path: pathlib.Path, png_path: pathlib.Path,
-                     names=('loss', 'loss_fm', 'loss_repa', 'loss_bitc', 'eval_loss_fm')):
+def plot_loss_curves(
+  metrics_path: pathlib.Path,
+  png_path: pathlib.Path,
+  names=('loss', 'loss_fm', 'loss_repa', 'loss_bitc', 'eval_loss_fm'),
+):
   """One panel per loss present in metrics.jsonl, against step."""
   rows = read_metrics(metrics_path)
   present = [n for n in names if any(n in r for r in rows)]

@@ -4,6 +4,7 @@ Blocks are stacked along a leading layer axis and run with `jax.lax.scan`, so co
 in depth. Every block takes an ablation gate g_ℓ from the caller: g = 1 is the normal model and
 g_ℓ = 0 makes block ℓ exactly the identity, which is what FoG-A measures.
 """
+
 import dataclasses
 import math
 from typing import Literal
@@ -15,9 +16,9 @@ from flax import nnx
 
 HiddenOutput = Literal['none', 'pooled', 'frames']
 REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -35,7 +36,7 @@ class ModelConfig:
   num_domains: int = 2
   time_freq_dim: int = 256
   remat: str = 'none'  # a key of REMAT_POLICIES
-  frozen_token_projection: bool = False  # reference quirk: P_d identity-initialised, no gradient
+  frozen_token_projection: bool = False  # reference quirk: P_d identity-initialized, no gradient
   dtype: str = 'float32'  # activation dtype; parameters stay float32
 
   @classmethod
@@ -53,7 +54,7 @@ def sinusoidal_features(positions: jax.Array, dim: int, max_period: float = 1000
 
 
 def interpolate_linear(x: jax.Array, length: int) -> jax.Array:
-  """Linear resampling of (B, N, C) along N to `length` with half-pixel centres (align_corners off)."""
+  """Linear resampling of (B, N, C) along N to `length` with half-pixel centers (align_corners off)."""
   n = x.shape[1]
   source = jnp.clip((jnp.arange(length) + 0.5) * (n / length) - 0.5, 0.0, n - 1)
   lower = jnp.floor(source).astype(jnp.int32)
@@ -62,7 +63,7 @@ def interpolate_linear(x: jax.Array, length: int) -> jax.Array:
   return x[:, lower] * (1 - frac) + x[:, upper] * frac
 
 
-def l2_normalise(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
@@ -106,7 +107,8 @@ class DiTBlock(nnx.Module):
     cfg = self.cfg
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-        self.modulation(jax.nn.silu(time_emb))[:, None, :].astype(h.dtype), 6, axis=-1)
+      self.modulation(jax.nn.silu(time_emb))[:, None, :].astype(h.dtype), 6, axis=-1
+    )
 
     x = layer_norm(h) * (1 + scale1) + shift1
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
@@ -126,7 +128,7 @@ def _stacked_blocks(cfg, rngs):
 
 
 class TokenEncoder(nnx.Module):
-  """Tokens (B, K, N) -> per-frame conditioning e (B, T, token_dim), L2-normalised per frame.
+  """Tokens (B, K, N) -> per-frame conditioning e (B, T, token_dim), L2-normalized per frame.
 
   Each codebook has its own embedding; the projection P_d is chosen by the clip's domain d.
   """
@@ -134,24 +136,30 @@ class TokenEncoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     dt = cfg.token_dim
-    self.embeddings = nnx.List([nnx.Embed(cfg.vocab_size, dt, rngs=rngs)
-                                for _ in range(cfg.num_codebooks)])
+    self.embeddings = nnx.List(
+      [nnx.Embed(cfg.vocab_size, dt, rngs=rngs) for _ in range(cfg.num_codebooks)]
+    )
     proj_init = nnx.initializers.xavier_uniform()
     if cfg.frozen_token_projection:
       proj_init = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
-    self.domain_projection = nnx.Param(proj_init(rngs.params(), (cfg.num_domains, dt, dt), jnp.float32))
+    self.domain_projection = nnx.Param(
+      proj_init(rngs.params(), (cfg.num_domains, dt, dt), jnp.float32)
+    )
     self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if cfg.num_codebooks > 1 else None
 
   def __call__(self, tokens, domain, num_frames):
     # Every clip through every P_d, then the clip's own: cheap at the token rate, and it never
-    # materialises a (B, dt, dt) gather of the projections.
+    # materializes a (B, dt, dt) gather of the projections.
     in_domain = jax.nn.one_hot(domain, self.cfg.num_domains, dtype=jnp.float32)
-    project = lambda x: jnp.einsum('bkne,bk->bne', jnp.einsum('bnd,kde->bkne', x, self.domain_projection[...]),
-                                   in_domain)
-    streams = [interpolate_linear(project(embed(tokens[:, k])), num_frames)
-               for k, embed in enumerate(self.embeddings)]
+    project = lambda x: jnp.einsum(
+      'bkne,bk->bne', jnp.einsum('bnd,kde->bkne', x, self.domain_projection[...]), in_domain
+    )
+    streams = [
+      interpolate_linear(project(embed(tokens[:, k])), num_frames)
+      for k, embed in enumerate(self.embeddings)
+    ]
     e = self.merge(jnp.concatenate(streams, -1)) if self.merge is not None else streams[0]
-    return l2_normalise(e)
+    return l2_normalize(e)
 
 
 class DiT(nnx.Module):
@@ -164,12 +172,25 @@ class DiT(nnx.Module):
     self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs)
     self.time_mlp_in = _dense(cfg.time_freq_dim, d, rngs)
     self.time_mlp_out = _dense(d, d, rngs)
-    self.blocks = _stacked_blocks(cfg, nnx.Rngs(params=jax.random.split(rngs.params(), cfg.num_layers)))
+    self.blocks = _stacked_blocks(
+      cfg, nnx.Rngs(params=jax.random.split(rngs.params(), cfg.num_layers))
+    )
     self.output_norm = nnx.LayerNorm(d, rngs=rngs)
     self.output_projection = _dense(d, cfg.n_mels, rngs)
 
-  def __call__(self, x_t, t, tokens, ref_mel, domain, *, token_keep=None, gates=None,
-               dropout_key=None, hidden: HiddenOutput = 'none'):
+  def __call__(
+    self,
+    x_t,
+    t,
+    tokens,
+    ref_mel,
+    domain,
+    *,
+    token_keep=None,
+    gates=None,
+    dropout_key=None,
+    hidden: HiddenOutput = 'none',
+  ):
     """Returns (velocity (B, T, n_mels), extras).
 
     token_keep: (B,) 0/1, 0 drops a clip's tokens (classifier-free guidance); default keeps all.
@@ -180,7 +201,9 @@ class DiT(nnx.Module):
     cfg = self.cfg
     h, time_emb, e = self.embed_inputs(x_t, t, tokens, ref_mel, domain, token_keep)
     gates = jnp.ones((cfg.num_layers,), h.dtype) if gates is None else gates.astype(h.dtype)
-    h, per_layer = run_blocks(self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat)
+    h, per_layer = run_blocks(
+      self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat
+    )
     return self.output(h), {'token_embedding': e, 'hidden': per_layer}
 
   def layer_keys(self, dropout_key):
@@ -195,7 +218,9 @@ class DiT(nnx.Module):
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
     h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
-    time_emb = self.time_mlp_out(jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim))))
+    time_emb = self.time_mlp_out(
+      jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim)))
+    )
     return h, time_emb, e
 
   def output(self, h):
@@ -221,14 +246,16 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
 
 
 class RepaHeads(nnx.Module):
-  """Per (layer, domain) MLP width → width → GELU → C_d applied to L2-normalised hidden states."""
+  """Per (layer, domain) MLP width → width → GELU → C_d applied to L2-normalized hidden states."""
 
   def __init__(self, num_layers: int, width: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
     def stacked(n_out):
       @nnx.vmap(in_axes=0, out_axes=0)
       def make(rngs):
         return RepaMLP(width, n_out, rngs)
+
       return make(nnx.Rngs(params=jax.random.split(rngs.params(), num_layers)))
+
     self.per_domain = nnx.List([stacked(dim) for dim in teacher_dims])
 
   def __call__(self, domain_index: int, z):
@@ -243,7 +270,7 @@ class RepaMLP(nnx.Module):
     self.out = _dense(width, n_out, rngs)
 
   def __call__(self, z):
-    return self.out(jax.nn.gelu(self.hidden(l2_normalise(z)), approximate=False))
+    return self.out(jax.nn.gelu(self.hidden(l2_normalize(z)), approximate=False))
 
 
 class BitcHeads(nnx.Module):
@@ -251,8 +278,12 @@ class BitcHeads(nnx.Module):
 
   def __init__(self, token_dim: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
     self.norms = nnx.List([nnx.LayerNorm(token_dim, rngs=rngs) for _ in teacher_dims])
-    self.projections = nnx.List([nnx.Linear(token_dim, dim, kernel_init=nnx.initializers.orthogonal(),
-                                            rngs=rngs) for dim in teacher_dims])
+    self.projections = nnx.List(
+      [
+        nnx.Linear(token_dim, dim, kernel_init=nnx.initializers.orthogonal(), rngs=rngs)
+        for dim in teacher_dims
+      ]
+    )
 
   def __call__(self, domain_index: int, pooled_e):
     return self.projections[domain_index](self.norms[domain_index](pooled_e))

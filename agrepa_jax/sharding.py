@@ -1,7 +1,9 @@
 """The device mesh and the sharding rules: batch over (data, fsdp); parameters FSDP-style."""
-import numpy as np
+
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
 # Leaves under these names carry a leading layer axis that the depth scan walks; it is not sharded.
@@ -16,21 +18,27 @@ def mesh_shape(axis_sizes: dict, num_devices: int) -> tuple[int, ...]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'mesh: {num_devices} devices do not divide by {known} ({dict(zip(MESH_AXES, sizes))})')
+      raise ValueError(
+        f'mesh: {num_devices} devices do not divide by {known} ({dict(zip(MESH_AXES, sizes))})'
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f'mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, '
-                     f'{num_devices} are present')
+    raise ValueError(
+      f'mesh: axis sizes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, '
+      f'{num_devices} are present'
+    )
   return tuple(sizes)
 
 
 def make_mesh(axis_sizes: dict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(axis_sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, stacked: bool, min_size: int = 2 ** 14) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, stacked: bool, min_size: int = 2**14) -> P:
   """Shards the largest divisible axis (never a stacked layer axis) over `fsdp`; small leaves replicate."""
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
@@ -45,8 +53,8 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
 
 
-def tree_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
-  """NamedShardings for every array leaf of `tree` (parameters, optimiser state, ...).
+def tree_shardings(tree, mesh: Mesh, min_size: int = 2**14):
+  """NamedShardings for every array leaf of `tree` (parameters, optimizer state, ...).
 
   Leaves with fewer than `min_size` elements are replicated: sharding them saves little memory and
   costs a collective each.
@@ -71,4 +79,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch, mesh: Mesh):
   """Assembles this host's numpy batch into globally sharded arrays (leading axis = batch)."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

@@ -2,6 +2,7 @@
 
 python -m agrepa_jax.main --config configs/default.py --workdir workdir/default
 """
+
 from agrepa_jax import config_base
 
 

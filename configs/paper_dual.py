@@ -1,5 +1,6 @@
 """The paper's model with dual codebooks (two token streams, concatenated and projected) and the
 paper's FoG-A layer/λ preset for it. Otherwise as configs/paper_single.py."""
+
 from agrepa_jax import config_base
 
 

@@ -5,6 +5,7 @@ paper's FoG-A layer/λ preset for this model (DESIGN.md §7).
 Point data.speech_dir / data.audio_dir at LibriSpeech and AudioSet audio and teachers.*.checkpoint at
 the teacher checkpoints; --mode aot needs none of them.
 """
+
 from agrepa_jax import config_base
 
 

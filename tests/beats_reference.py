@@ -5,6 +5,7 @@ It keeps the official module names, so its state_dict has the official checkpoin
 relative position table appears under every layer, all being the first layer's module), and the
 official arithmetic: queries pre-divided by 32 and logits re-multiplied after subtracting their max.
 """
+
 import math
 
 import torch
@@ -14,14 +15,16 @@ from torch import nn
 ATTENTION_ALPHA = 32
 
 
-def relative_position_bucket(relative: torch.Tensor, num_buckets: int,
-                             max_distance: int) -> torch.Tensor:
+def relative_position_bucket(
+  relative: torch.Tensor, num_buckets: int, max_distance: int
+) -> torch.Tensor:
   half = num_buckets // 2
   buckets = (relative > 0).to(torch.long) * half
   distance = relative.abs()
   exact = half // 2
-  far = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
-                 * (half - exact)).to(torch.long)
+  far = exact + (
+    torch.log(distance.float() / exact) / math.log(max_distance / exact) * (half - exact)
+  ).to(torch.long)
   far = torch.min(far, torch.full_like(far, half - 1))
   return buckets + torch.where(distance < exact, distance, far)
 
@@ -32,8 +35,9 @@ class WeightNormConv1d(nn.Module):
   def __init__(self, dim: int, kernel_size: int, groups: int):
     super().__init__()
     self.groups = groups
-    self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel_size)
-                                 * math.sqrt(4 / (kernel_size * dim)))
+    self.weight_v = nn.Parameter(
+      torch.randn(dim, dim // groups, kernel_size) * math.sqrt(4 / (kernel_size * dim))
+    )
     self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
     self.bias = nn.Parameter(torch.zeros(dim))
 
@@ -50,11 +54,10 @@ class DropLastStep(nn.Module):
     self.drop = 1 if kernel_size % 2 == 0 else 0
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return x[:, :, :-self.drop] if self.drop else x
+    return x[:, :, : -self.drop] if self.drop else x
 
 
 class MultiheadAttention(nn.Module):
-
   def __init__(self, cfg: dict, relative_attention_bias: nn.Embedding):
     super().__init__()
     dim, self.heads = cfg['encoder_embed_dim'], cfg['encoder_attention_heads']
@@ -69,8 +72,9 @@ class MultiheadAttention(nn.Module):
 
   def compute_bias(self, length: int) -> torch.Tensor:
     positions = torch.arange(length)
-    buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets,
-                                       self.max_distance)
+    buckets = relative_position_bucket(
+      positions[None, :] - positions[:, None], self.num_buckets, self.max_distance
+    )
     return self.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
 
   def forward(self, x: torch.Tensor, position_bias: torch.Tensor | None):
@@ -94,11 +98,10 @@ class MultiheadAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-
   def __init__(self, cfg: dict, relative_attention_bias: nn.Embedding):
     super().__init__()
     dim = cfg['encoder_embed_dim']
-    self.alpha = (2 * cfg['encoder_layers'])**0.25 if cfg['deep_norm'] else 1.0
+    self.alpha = (2 * cfg['encoder_layers']) ** 0.25 if cfg['deep_norm'] else 1.0
     self.self_attn = MultiheadAttention(cfg, relative_attention_bias)
     self.self_attn_layer_norm = nn.LayerNorm(dim)
     self.fc1 = nn.Linear(dim, cfg['encoder_ffn_embed_dim'])
@@ -113,15 +116,18 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-
   def __init__(self, cfg: dict):
     super().__init__()
     dim = cfg['encoder_embed_dim']
-    self.pos_conv = nn.Sequential(WeightNormConv1d(dim, cfg['conv_pos'], cfg['conv_pos_groups']),
-                                  DropLastStep(cfg['conv_pos']), nn.GELU())
+    self.pos_conv = nn.Sequential(
+      WeightNormConv1d(dim, cfg['conv_pos'], cfg['conv_pos_groups']),
+      DropLastStep(cfg['conv_pos']),
+      nn.GELU(),
+    )
     shared_bias = nn.Embedding(cfg['num_buckets'], cfg['encoder_attention_heads'])
-    self.layers = nn.ModuleList(EncoderLayer(cfg, shared_bias)
-                                for _ in range(cfg['encoder_layers']))
+    self.layers = nn.ModuleList(
+      EncoderLayer(cfg, shared_bias) for _ in range(cfg['encoder_layers'])
+    )
     self.layer_norm = nn.LayerNorm(dim)
 
   def forward(self, x: torch.Tensor, tgt_layer: int | None = None) -> torch.Tensor:
@@ -137,20 +143,23 @@ class TransformerEncoder(nn.Module):
 
 
 class BEATs(nn.Module):
-
   def __init__(self, cfg: dict):
     super().__init__()
     patch, embed = cfg['input_patch_size'], cfg['embed_dim']
     self.patch_embedding = nn.Conv2d(1, embed, patch, stride=patch, bias=cfg['conv_bias'])
     self.layer_norm = nn.LayerNorm(embed)
-    self.post_extract_proj = (nn.Linear(embed, cfg['encoder_embed_dim'])
-                              if embed != cfg['encoder_embed_dim'] else None)
+    self.post_extract_proj = (
+      nn.Linear(embed, cfg['encoder_embed_dim']) if embed != cfg['encoder_embed_dim'] else None
+    )
     self.encoder = TransformerEncoder(cfg)
-    self.predictor = (nn.Linear(cfg['encoder_embed_dim'], cfg['predictor_class'])
-                      if cfg.get('finetuned_model') else None)
+    self.predictor = (
+      nn.Linear(cfg['encoder_embed_dim'], cfg['predictor_class'])
+      if cfg.get('finetuned_model')
+      else None
+    )
 
   def extract_features(self, fbank: torch.Tensor, tgt_layer: int | None = None) -> torch.Tensor:
-    """Normalised fbank (B, frames, 128) -> tokens (B, steps * freq patches, C)."""
+    """Normalized fbank (B, frames, 128) -> tokens (B, steps * freq patches, C)."""
     patches = self.patch_embedding(fbank.unsqueeze(1))  # (B, E, steps, freq patches)
     x = self.layer_norm(patches.flatten(2).transpose(1, 2))
     if self.post_extract_proj is not None:

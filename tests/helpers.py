@@ -1,4 +1,5 @@
 """Tiny configs and synthetic data caches, so train-level tests need no audio or teacher."""
+
 import json
 import pathlib
 
@@ -19,11 +20,16 @@ def tiny_config(cache_dir: pathlib.Path, **overrides):
   config.eval_batches = 2
   config.checkpoint_every = 3
   config.async_checkpointing = False
-  config.model.update(num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=16, time_freq_dim=16)
+  config.model.update(
+    num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=16, time_freq_dim=16
+  )
   config.optim.update(learning_rate=1e-3)
   config.data.update(cache_dir=str(cache_dir), clip_seconds=0.5, token_rate=10.0)
-  config.repa.update(selection='fixed', layers={'speech': [1, 3], 'audio': [2]},
-                     lambdas={'speech': [0.5, 0.2], 'audio': [0.4]})
+  config.repa.update(
+    selection='fixed',
+    layers={'speech': [1, 3], 'audio': [2]},
+    lambdas={'speech': [0.5, 0.2], 'audio': [0.4]},
+  )
   config.mesh.update(data=-1, fsdp=1, fsdp_min_size=256)
   for key, value in overrides.items():
     target = config
@@ -60,12 +66,21 @@ def write_fake_cache(config, num_clips: int = 40, seed: int = 0) -> pathlib.Path
       np.save(out / f'teacher_{name}.npy', utt)
       frames_feat = rng.standard_normal((n, 7, TEACHER_DIMS[name])).astype(np.float16)
       np.save(out / f'teacher_frames_{name}.npy', frames_feat)
-    clips = [{'id': f'{split}-{i}', 'path': '', 'domain': domains[domain[i]], 'text': 'a test clip'}
-             for i in range(n)]
+    clips = [
+      {'id': f'{split}-{i}', 'path': '', 'domain': domains[domain[i]], 'text': 'a test clip'}
+      for i in range(n)
+    ]
     (out / 'clips.json').write_text(json.dumps(clips))
-  meta = {'settings': settings, 'domains': list(domains), 'teacher_dims': TEACHER_DIMS,
-          'teachers': {d: 'fake' for d in domains}, 'num_clips': {'train': num_clips}, 'num_tokens': num_tokens,
-          'num_frames': frames, 'skipped': []}
+  meta = {
+    'settings': settings,
+    'domains': list(domains),
+    'teacher_dims': TEACHER_DIMS,
+    'teachers': {d: 'fake' for d in domains},
+    'num_clips': {'train': num_clips},
+    'num_tokens': num_tokens,
+    'num_frames': frames,
+    'skipped': [],
+  }
   (directory / 'meta.json').write_text(json.dumps(meta))
   (directory / 'COMPLETE').write_text('')
   return directory

@@ -20,11 +20,18 @@ SPEECH_TEXTS = ('Hello, world!', 'hello there world', 'good morning 42')
 
 # ----------------------------------------------------------------------------------------------- WER
 
-def test_normalisation_lowercases_strips_punctuation_and_spells_numbers():
-  assert wer.normalise_text("  Don't STOP—it's 7:05, Mr. O’Brien!\n") == 'dont stop its seven zero five mr obrien'
-  assert wer.normalise_text('Twenty-one 21 1,000 3rd') == 'twenty one twenty one one zero zero zero three rd'
-  assert wer.normalise_text('10 90 99 100') == 'ten ninety ninety nine one zero zero'
-  assert wer.normalise_text('...') == ''
+
+def test_normalization_lowercases_strips_punctuation_and_spells_numbers():
+  assert (
+    wer.normalize_text("  Don't STOP—it's 7:05, Mr. O’Brien!\n")
+    == 'dont stop its seven zero five mr obrien'
+  )
+  assert (
+    wer.normalize_text('Twenty-one 21 1,000 3rd')
+    == 'twenty one twenty one one zero zero zero three rd'
+  )
+  assert wer.normalize_text('10 90 99 100') == 'ten ninety ninety nine one zero zero'
+  assert wer.normalize_text('...') == ''
 
 
 def test_word_edits_count_substitutions_deletions_and_insertions():
@@ -41,7 +48,7 @@ def test_word_edits_count_substitutions_deletions_and_insertions():
 def test_corpus_wer_is_total_edits_over_total_reference_words():
   references = ['the cat sat', 'on the mat today', 'Good morning, 42!']
   hypotheses = ['the cat sat', 'on a mat', 'good morning forty two']
-  # 0 edits / 3 words; 'the' → 'a' and 'today' deleted, 2 / 4; 0 / 4 after normalisation: 2 / 11 overall
+  # 0 edits / 3 words; 'the' → 'a' and 'today' deleted, 2 / 4; 0 / 4 after normalization: 2 / 11 overall
   assert wer.corpus_wer(references, hypotheses) == pytest.approx(2 / 11)
   assert wer.corpus_edits(references, hypotheses) == wer.EditCounts(1, 1, 0, 11)
   with pytest.raises(ValueError, match='2 references but 1'):
@@ -50,10 +57,14 @@ def test_corpus_wer_is_total_edits_over_total_reference_words():
 
 # ------------------------------------------------------------------------------------------ helpers
 
+
 def test_select_clips_takes_domains_in_turn_or_the_listed_ids(tmp_path):
   domain = np.array([0, 0, 0, 0, 1, 1])
-  source = types.SimpleNamespace(clips=[{'id': f'c{i}'} for i in range(6)], domains=('speech', 'audio'),
-                                 indices_of_domain=lambda d: np.flatnonzero(domain == d))
+  source = types.SimpleNamespace(
+    clips=[{'id': f'c{i}'} for i in range(6)],
+    domains=('speech', 'audio'),
+    indices_of_domain=lambda d: np.flatnonzero(domain == d),
+  )
   np.testing.assert_array_equal(evaluate.select_clips(source, 5), [0, 4, 1, 5, 2])
   listing = tmp_path / 'ids.txt'
   listing.write_text('c5\n\nc1\n')
@@ -73,14 +84,16 @@ def test_mel_l1_scores_only_audio_frames_after_the_prompt():
 
 # ---------------------------------------------------------------------------- trained tiny workdir
 
+
 class FakeTeacher:
   """Deterministic 16 kHz 'embedding': per 20 ms frame its log energy, mean |x| and zero crossings."""
+
   spec = TeacherSpec(name='fake', dim=3, sample_rate=16000, frames_per_second=50.0)
 
   def features(self, waves, num_samples):
-    frames = waves[:, :waves.shape[1] // 320 * 320].reshape(len(waves), -1, 320)
+    frames = waves[:, : waves.shape[1] // 320 * 320].reshape(len(waves), -1, 320)
     crossings = (np.diff(np.sign(frames), axis=-1) != 0).mean(-1)
-    feats = np.stack([np.log(1e-4 + (frames ** 2).mean(-1)), np.abs(frames).mean(-1), crossings], -1)
+    feats = np.stack([np.log(1e-4 + (frames**2).mean(-1)), np.abs(frames).mean(-1), crossings], -1)
     mask = np.arange(frames.shape[1])[None, :] * 320 < num_samples[:, None]
     return feats.astype(np.float32), mask
 
@@ -88,10 +101,11 @@ class FakeTeacher:
 class FakeVocoder:
   """Fast stand-in for Griffin-Lim (whose NNLS mel inversion takes seconds per batch on a CPU):
   fixed noise shaped by each frame's mean mel energy, T·256 samples per clip."""
+
   name = 'fake vocoder'
 
-  def vocode(self, normalised_mel):
-    envelope = np.exp(audio.denormalise(np.asarray(normalised_mel))).mean(-1)
+  def vocode(self, normalized_mel):
+    envelope = np.exp(audio.denormalize(np.asarray(normalized_mel))).mean(-1)
     noise = np.random.default_rng(0).standard_normal(envelope.shape[1] * audio.HOP_LENGTH)
     return (np.repeat(envelope, audio.HOP_LENGTH, axis=1) * noise).astype(np.float32)
 
@@ -140,25 +154,48 @@ def write_fake_cache(config, root: pathlib.Path):
         clips.append({'id': clip_id, 'path': str(path), 'domain': domain, 'text': text})
     out = directory / split
     out.mkdir(parents=True)
-    np.save(out / 'mel.npy', np.asarray(audio.log_mel(jnp.asarray(np.stack(waves)))).astype(np.float16))
+    np.save(
+      out / 'mel.npy', np.asarray(audio.log_mel(jnp.asarray(np.stack(waves)))).astype(np.float16)
+    )
     np.save(out / 'num_samples.npy', np.array(lengths))
-    np.save(out / 'domain.npy', np.array([('speech', 'audio').index(c['domain']) for c in clips], np.int32))
-    np.save(out / 'tokens.npy', rng.integers(0, config.model.vocab_size, (len(clips), 1, num_tokens), np.int32))
+    np.save(
+      out / 'domain.npy',
+      np.array([('speech', 'audio').index(c['domain']) for c in clips], np.int32),
+    )
+    np.save(
+      out / 'tokens.npy',
+      rng.integers(0, config.model.vocab_size, (len(clips), 1, num_tokens), np.int32),
+    )
     for domain in ('speech', 'audio'):
-      np.save(out / f'teacher_{domain}.npy', rng.standard_normal((len(clips), 4)).astype(np.float32))
+      np.save(
+        out / f'teacher_{domain}.npy', rng.standard_normal((len(clips), 4)).astype(np.float32)
+      )
     (out / 'clips.json').write_text(json.dumps(clips))
-  meta = {'settings': settings, 'domains': ['speech', 'audio'], 'teacher_dims': {'speech': 4, 'audio': 4},
-          'num_clips': {s: 2 * n for s, n in counts.items()}, 'num_tokens': num_tokens, 'skipped': []}
+  meta = {
+    'settings': settings,
+    'domains': ['speech', 'audio'],
+    'teacher_dims': {'speech': 4, 'audio': 4},
+    'num_clips': {s: 2 * n for s, n in counts.items()},
+    'num_tokens': num_tokens,
+    'skipped': [],
+  }
   (directory / 'meta.json').write_text(json.dumps(meta))
   (directory / 'COMPLETE').write_text('')
 
 
 def tiny_config(root: pathlib.Path):
   config = config_base.base_config()
-  config.update(num_steps=2, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2,
-                async_checkpointing=False)
-  config.model.update(num_layers=2, width=32, num_heads=4, token_dim=16, vocab_size=16, time_freq_dim=16,
-                      dropout=0.0)
+  config.update(
+    num_steps=2,
+    batch_size=8,
+    log_every=1,
+    eval_every=0,
+    checkpoint_every=2,
+    async_checkpointing=False,
+  )
+  config.model.update(
+    num_layers=2, width=32, num_heads=4, token_dim=16, vocab_size=16, time_freq_dim=16, dropout=0.0
+  )
   config.optim.update(learning_rate=1e-3, schedule='constant')
   config.data.update(cache_dir=str(root / 'cache'), clip_seconds=CLIP_SECONDS)
   config.sample = generation_config.sample_config()
@@ -204,8 +241,13 @@ def test_run_sample_writes_wavs_spectrograms_and_a_listening_page(trained):
     assert (out / f'{clip_id}.png').read_bytes()[:4] == b'\x89PNG'
   assert 'hello there world' in page  # transcripts shown
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      ['index.html'] + [f'{i}{suffix}' for i in ids for suffix in
-                        ('.png', '_generated.wav', '_reference.wav', '_original.wav')])
+    ['index.html']
+    + [
+      f'{i}{suffix}'
+      for i in ids
+      for suffix in ('.png', '_generated.wav', '_reference.wav', '_original.wav')
+    ]
+  )
 
 
 @pytest.mark.slow
@@ -216,8 +258,11 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
   scores = report['metrics']
   assert report['step'] == 2 and report['counts'] == {'all': 6, 'speech': 3, 'audio': 3, 'wer': 3}
   assert report['embeddings'] == ['fake'] and report['vocoder'] == 'fake vocoder'
-  expected = {f'{metric}/{group}' for metric in ('mel_l1', 'fad/fake', 'fad_original/fake')
-              for group in ('all', 'speech', 'audio')}
+  expected = {
+    f'{metric}/{group}'
+    for metric in ('mel_l1', 'fad/fake', 'fad_original/fake')
+    for group in ('all', 'speech', 'audio')
+  }
   expected |= {'fad_inf/fake/all', 'wer/generated', 'wer/resynthesis', 'wer/original'}
   assert set(scores) == expected  # FAD∞ needs 4 clips per group: only 'all' has them
   assert all(np.isfinite(v) for v in scores.values())
@@ -226,8 +271,11 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
   assert scores['wer/generated'] == scores['wer/original'] == pytest.approx(5 / 9)
   assert [c[0] for c in fake_models.calls] == [(3, 8000)] * 3  # 16 kHz, one batch per audio kind
   np.testing.assert_array_equal(fake_models.calls[0][1], [8000, 6000, 8000])
-  assert [t['id'] for t in report['transcripts']] == ['heldout-speech-0', 'heldout-speech-1',
-                                                      'heldout-speech-2']
+  assert [t['id'] for t in report['transcripts']] == [
+    'heldout-speech-0',
+    'heldout-speech-1',
+    'heldout-speech-2',
+  ]
   assert len(report['fad_infinity']['fake/all']['points']) == 3
 
   row = metrics.read_metrics(workdir / 'metrics.jsonl')[-1]
@@ -236,10 +284,14 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
 
 
 @pytest.mark.slow
-def test_run_eval_is_deterministic_and_skips_wer_without_a_transcriber(trained, fake_models, monkeypatch):
+def test_run_eval_is_deterministic_and_skips_wer_without_a_transcriber(
+  trained, fake_models, monkeypatch
+):
   config, workdir = trained
   first = evaluate.run_eval(config, workdir)['metrics']
-  monkeypatch.setattr(evaluate, 'load_transcriber', lambda checkpoint: (None, 'no Whisper transcriber (test)'))
+  monkeypatch.setattr(
+    evaluate, 'load_transcriber', lambda checkpoint: (None, 'no Whisper transcriber (test)')
+  )
   report = evaluate.run_eval(config, workdir)
   assert report['wer_skipped'] == 'no Whisper transcriber (test)' and report['transcripts'] == []
   assert {k: v for k, v in first.items() if not k.startswith('wer/')} == report['metrics']

@@ -1,4 +1,5 @@
-"""FAD and FAD∞ against closed forms and against their expected behaviour on sampled Gaussians."""
+"""FAD and FAD∞ against closed forms and against their expected behavior on sampled Gaussians."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -15,7 +16,7 @@ def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
   rng = np.random.default_rng(0)
   mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
   var1, var2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
-  closed_form = np.sum((mu1 - mu2)**2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+  closed_form = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
   got = fad.frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2))
   assert got == pytest.approx(closed_form, rel=1e-10)
 
@@ -27,8 +28,12 @@ def test_frechet_distance_of_full_gaussians_matches_symmetric_form():
   mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
   root1 = scipy.linalg.sqrtm(cov1).real
   inner_eigenvalues = np.linalg.eigvalsh(root1 @ cov2 @ root1)
-  want = (np.sum((mu1 - mu2)**2) + np.trace(cov1) + np.trace(cov2)
-          - 2 * np.sum(np.sqrt(inner_eigenvalues)))
+  want = (
+    np.sum((mu1 - mu2) ** 2)
+    + np.trace(cov1)
+    + np.trace(cov2)
+    - 2 * np.sum(np.sqrt(inner_eigenvalues))
+  )
   assert fad.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(want, rel=1e-9)
 
 
@@ -101,8 +106,10 @@ def fad_infinity_of_fresh_sets(with_replacement: bool, num_sets: int = 8):
   rng = np.random.default_rng(6)
   real = rng.standard_normal((50000, 8))
   generated_sets = [rng.standard_normal((3000, 8)) for _ in range(num_sets)]
-  results = [fad.fad_infinity(real, generated, min_n=300, seed=i, with_replacement=with_replacement)
-             for i, generated in enumerate(generated_sets)]
+  results = [
+    fad.fad_infinity(real, generated, min_n=300, seed=i, with_replacement=with_replacement)
+    for i, generated in enumerate(generated_sets)
+  ]
   return results, [fad.fad(real, generated) for generated in generated_sets]
 
 
@@ -130,8 +137,10 @@ def test_fad_infinity_recovers_the_true_distance():
   real = rng.standard_normal((50000, 8))
   true_distance = 8 * 0.5**2 + 8 * (1 + 2 - 2 * np.sqrt(2.0))
   generated_sets = [rng.standard_normal((3000, 8)) * np.sqrt(2.0) + 0.5 for _ in range(8)]
-  values = [fad.fad_infinity(real, generated, min_n=300, seed=i).value
-            for i, generated in enumerate(generated_sets)]
+  values = [
+    fad.fad_infinity(real, generated, min_n=300, seed=i).value
+    for i, generated in enumerate(generated_sets)
+  ]
   assert np.mean(values) == pytest.approx(true_distance, abs=0.03)
 
 

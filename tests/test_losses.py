@@ -44,21 +44,27 @@ def test_flow_matching_inputs_follow_the_path_and_prompt_rules():
   np.testing.assert_allclose(out['ref_mel'][prompt], x1[prompt])
   assert 0.82 < kept.mean() < 0.97 and 0.82 < float(out['token_keep'].mean()) < 0.97
   np.testing.assert_array_equal(out['loss_weights'], ~prompt)
-  on_prompt = losses.flow_matching_inputs(jax.random.key(1), x1, valid,
-                                          losses.FlowMatchingConfig(loss_on_prompt=True))
+  on_prompt = losses.flow_matching_inputs(
+    jax.random.key(1), x1, valid, losses.FlowMatchingConfig(loss_on_prompt=True)
+  )
   np.testing.assert_array_equal(on_prompt['loss_weights'], 1.0)
 
 
 def test_frame_mask():
-  np.testing.assert_array_equal(losses.frame_mask(jnp.array([0, 256, 257]), 3, 256),
-                                [[False] * 3, [True, False, False], [True, True, False]])
+  np.testing.assert_array_equal(
+    losses.frame_mask(jnp.array([0, 256, 257]), 3, 256),
+    [[False] * 3, [True, False, False], [True, True, False]],
+  )
 
 
 def test_bitc_loss_matches_hand_computation():
   heads = BitcHeads(4, DIMS, nnx.Rngs(0))
   e = jax.random.normal(jax.random.key(0), (3, 5, 4))
   domain = jnp.array([0, 1, 0])
-  teacher = (jax.random.normal(jax.random.key(1), (3, 3)), jax.random.normal(jax.random.key(2), (3, 2)))
+  teacher = (
+    jax.random.normal(jax.random.key(1), (3, 3)),
+    jax.random.normal(jax.random.key(2), (3, 2)),
+  )
   weights = (0.5, 1.0)
   pooled = np.asarray(e).mean(1)
   expected = 0.0
@@ -66,9 +72,12 @@ def test_bitc_loss_matches_hand_computation():
     norm = nnx.LayerNorm(4, rngs=nnx.Rngs(0))  # fresh LayerNorm: scale 1, bias 0
     mu, sd = pooled[i].mean(), np.sqrt(pooled[i].var() + norm.epsilon)
     projected = ((pooled[i] - mu) / sd) @ np.asarray(heads.projections[d].kernel[...]) + np.asarray(
-        heads.projections[d].bias[...])
+      heads.projections[d].bias[...]
+    )
     expected += weights[d] * numpy_cos_distance(projected, np.asarray(teacher[d][i])) / 3
-  np.testing.assert_allclose(losses.bitc_loss(heads, e, teacher, domain, weights), expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.bitc_loss(heads, e, teacher, domain, weights), expected, rtol=1e-5
+  )
 
 
 def repa_case(frames=False):
@@ -76,7 +85,9 @@ def repa_case(frames=False):
   shape = (3, 2, 6, 4) if frames else (3, 2, 4)
   hidden = jax.random.normal(jax.random.key(0), shape)
   teacher_shape = lambda c: (2, 5, c) if frames else (2, c)
-  teacher = tuple(jax.random.normal(jax.random.key(i + 1), teacher_shape(c)) for i, c in enumerate(DIMS))
+  teacher = tuple(
+    jax.random.normal(jax.random.key(i + 1), teacher_shape(c)) for i, c in enumerate(DIMS)
+  )
   return heads, hidden, teacher, jnp.array([1, 0])
 
 
@@ -84,7 +95,9 @@ def head_output(heads, layer, domain, z):
   mlp = heads.per_domain[domain]
   take = lambda p: np.asarray(p[...])[layer]
   z = np.asarray(z) / np.linalg.norm(np.asarray(z), axis=-1, keepdims=True)
-  hidden = np.asarray(jax.nn.gelu(z @ take(mlp.hidden.kernel) + take(mlp.hidden.bias), approximate=False))
+  hidden = np.asarray(
+    jax.nn.gelu(z @ take(mlp.hidden.kernel) + take(mlp.hidden.bias), approximate=False)
+  )
   return hidden @ take(mlp.out.kernel) + take(mlp.out.bias)
 
 
@@ -95,8 +108,12 @@ def test_repa_loss_utterance_matches_hand_computation():
   for i, d in enumerate(np.asarray(domain).tolist()):
     for layer in range(3):
       prediction = head_output(heads, layer, d, hidden[layer, i])
-      expected += float(lambdas[layer, d]) * numpy_cos_distance(prediction, np.asarray(teacher[d][i])) / 2
-  np.testing.assert_allclose(losses.repa_loss(heads, hidden, teacher, domain, lambdas), expected, rtol=1e-5)
+      expected += (
+        float(lambdas[layer, d]) * numpy_cos_distance(prediction, np.asarray(teacher[d][i])) / 2
+      )
+  np.testing.assert_allclose(
+    losses.repa_loss(heads, hidden, teacher, domain, lambdas), expected, rtol=1e-5
+  )
 
 
 def test_repa_loss_frame_granularity_averages_valid_frames():
@@ -104,28 +121,38 @@ def test_repa_loss_frame_granularity_averages_valid_frames():
   lambdas = jnp.array([[0.0, 0.0], [1.0, 0.4], [0.0, 0.0]])
   valid = jnp.array([[True] * 6, [True] * 3 + [False] * 3])
   from agrepa_jax.model import interpolate_linear
+
   expected = 0.0
   for i, d in enumerate(np.asarray(domain).tolist()):
     target = np.asarray(interpolate_linear(teacher[d], 6))[i]
     prediction = head_output(heads, 1, d, hidden[1, i])
     per_frame = numpy_cos_distance(prediction, target)
     expected += float(lambdas[1, d]) * per_frame[np.asarray(valid[i])].mean() / 2
-  np.testing.assert_allclose(losses.repa_loss(heads, hidden, teacher, domain, lambdas, valid), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.repa_loss(heads, hidden, teacher, domain, lambdas, valid), expected, rtol=1e-5
+  )
 
 
 def test_one_hot_lambda_equals_single_layer_repa():
   heads, hidden, teacher, domain = repa_case()
   one_hot = jnp.zeros((3, 2)).at[2, :].set(1.0)
-  single = np.mean([numpy_cos_distance(head_output(heads, 2, d, hidden[2, i]), np.asarray(teacher[d][i]))
-                    for i, d in enumerate(np.asarray(domain).tolist())])
-  np.testing.assert_allclose(losses.repa_loss(heads, hidden, teacher, domain, one_hot), single, rtol=1e-5)
+  single = np.mean(
+    [
+      numpy_cos_distance(head_output(heads, 2, d, hidden[2, i]), np.asarray(teacher[d][i]))
+      for i, d in enumerate(np.asarray(domain).tolist())
+    ]
+  )
+  np.testing.assert_allclose(
+    losses.repa_loss(heads, hidden, teacher, domain, one_hot), single, rtol=1e-5
+  )
 
 
 def test_changing_lambda_does_not_recompile():
   heads, hidden, teacher, domain = repa_case()
   graphdef, state = nnx.split(heads)
-  fn = jax.jit(lambda s, lam: losses.repa_loss(nnx.merge(graphdef, s), hidden, teacher, domain, lam))
+  fn = jax.jit(
+    lambda s, lam: losses.repa_loss(nnx.merge(graphdef, s), hidden, teacher, domain, lam)
+  )
   values = [float(fn(state, lam)) for lam in (jnp.eye(3, 2), jnp.ones((3, 2)), jnp.zeros((3, 2)))]
   assert fn._cache_size() == 1
   assert values[2] == 0.0 and values[1] > values[0] > 0

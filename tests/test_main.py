@@ -1,4 +1,5 @@
 """The command line, run as a user runs it."""
+
 import json
 import os
 import subprocess
@@ -10,27 +11,49 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, devices=1, timeout=900):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu'}
-  return subprocess.run([sys.executable, '-m', 'agrepa_jax.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+  }
+  return subprocess.run(
+    [sys.executable, '-m', 'agrepa_jax.main', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_unknown_config_key_fails_with_a_message_that_names_it(tmp_path):
-  result = run_main('--config', 'configs/default.py', '--workdir', str(tmp_path), '--config.model.widht=64')
+  result = run_main(
+    '--config', 'configs/default.py', '--workdir', str(tmp_path), '--config.model.widht=64'
+  )
   assert result.returncode != 0
   assert 'widht' in result.stderr
 
 
 def test_mesh_that_does_not_fit_the_devices_names_the_axes(tmp_path):
-  result = run_main('--config', 'configs/paper_single.py', '--workdir', str(tmp_path), '--mode', 'aot',
-                    '--config.mesh.fsdp=3', devices=8)
+  result = run_main(
+    '--config',
+    'configs/paper_single.py',
+    '--workdir',
+    str(tmp_path),
+    '--mode',
+    'aot',
+    '--config.mesh.fsdp=3',
+    devices=8,
+  )
   assert result.returncode != 0
   assert 'mesh' in result.stderr and 'fsdp' in result.stderr
 
 
 @pytest.mark.slow
 def test_aot_compiles_the_paper_model_on_8_devices_without_allocating_it(tmp_path):
-  result = run_main('--config', 'configs/paper_single.py', '--workdir', str(tmp_path), '--mode', 'aot', devices=8)
+  result = run_main(
+    '--config', 'configs/paper_single.py', '--workdir', str(tmp_path), '--mode', 'aot', devices=8
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / 'aot.json').read_text())
   assert abs(report['params_backbone'] - 461e6) / 461e6 < 0.03
@@ -43,7 +66,7 @@ def test_aot_compiles_the_paper_model_on_8_devices_without_allocating_it(tmp_pat
   assert report['temp_bytes'] > 0
 
 
-TINY_CONFIG = '''
+TINY_CONFIG = """
 from tests.helpers import tiny_config
 
 
@@ -53,15 +76,19 @@ def get_config():
   config.checkpoint_every = {checkpoint_every}
   config.async_checkpointing = True
   return config
-'''
+"""
 
 
 def tiny_config_file(tmp_path, num_steps, checkpoint_every=3):
   from tests.helpers import tiny_config, write_fake_cache
+
   write_fake_cache(tiny_config(tmp_path / 'cache'))
   path = tmp_path / f'tiny_{num_steps}.py'
-  path.write_text(TINY_CONFIG.format(cache_dir=str(tmp_path / 'cache'), num_steps=num_steps,
-                                     checkpoint_every=checkpoint_every))
+  path.write_text(
+    TINY_CONFIG.format(
+      cache_dir=str(tmp_path / 'cache'), num_steps=num_steps, checkpoint_every=checkpoint_every
+    )
+  )
   return str(path)
 
 
@@ -70,10 +97,20 @@ def metric_rows(workdir):
 
 
 def run_main_in(directory, *args, devices=1):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'JAX_PLATFORMS': 'cpu',
-         'PYTHONPATH': REPO}
-  return subprocess.run([sys.executable, '-m', 'agrepa_jax.main', *args], cwd=directory, env=env,
-                        capture_output=True, text=True, timeout=900)
+  env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'PYTHONPATH': REPO,
+  }
+  return subprocess.run(
+    [sys.executable, '-m', 'agrepa_jax.main', *args],
+    cwd=directory,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 @pytest.mark.slow
@@ -87,7 +124,10 @@ def test_train_writes_the_workdir_and_a_rerun_trains_further(tmp_path):
   assert [r['step'] for r in metric_rows(workdir)] == [2, 3, 4]  # log every 2, evaluate every 3
   assert (workdir / 'loss_curves.png').stat().st_size > 1000
   assert any(p.name.startswith('events.out.tfevents') for p in (workdir / 'tensorboard').iterdir())
-  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [3, 4]
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [
+    3,
+    4,
+  ]
 
   result = run_main('--config', tiny_config_file(tmp_path, 6), '--workdir', str(workdir))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -99,14 +139,34 @@ def test_train_writes_the_workdir_and_a_rerun_trains_further(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
   import signal
   import time
+
   workdir = tmp_path / 'run'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu'}
-  no_scheduled_checkpoints = tiny_config_file(tmp_path, 100000, checkpoint_every=10 ** 6)
-  process = subprocess.Popen([sys.executable, '-m', 'agrepa_jax.main', '--config', no_scheduled_checkpoints,
-                              '--workdir', str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'JAX_PLATFORMS': 'cpu',
+  }
+  no_scheduled_checkpoints = tiny_config_file(tmp_path, 100000, checkpoint_every=10**6)
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'agrepa_jax.main',
+      '--config',
+      no_scheduled_checkpoints,
+      '--workdir',
+      str(workdir),
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 600
-  while time.time() < deadline and not ((workdir / 'metrics.jsonl').exists() and len(metric_rows(workdir)) >= 2):
+  while time.time() < deadline and not (
+    (workdir / 'metrics.jsonl').exists() and len(metric_rows(workdir)) >= 2
+  ):
     time.sleep(0.5)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
@@ -115,43 +175,98 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(steps) == 1 and steps[0] >= 2  # the one checkpoint is the one saved at the stop
   stopped_at = steps[0]
-  result = run_main('--config', tiny_config_file(tmp_path, stopped_at + 2), '--workdir', str(workdir))
+  result = run_main(
+    '--config', tiny_config_file(tmp_path, stopped_at + 2), '--workdir', str(workdir)
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resumed from step {stopped_at}' in result.stderr
 
 
 @pytest.mark.slow
 def test_features_mode_builds_a_cache_that_training_reads_without_recomputing(tmp_path):
-  small = ['--config.data.cache_dir=' + str(tmp_path / 'cache'), '--config.data.num_speech=6',
-           '--config.data.num_audio=6', '--config.data.clip_seconds=1.8', '--config.data.chunk_size=4',
-           '--config.data.heldout_fraction=0.25', '--config.model.vocab_size=8', '--config.batch_size=4',
-           '--config.eval_every=0']
-  result = run_main('--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'), '--mode', 'features', *small)
+  small = [
+    '--config.data.cache_dir=' + str(tmp_path / 'cache'),
+    '--config.data.num_speech=6',
+    '--config.data.num_audio=6',
+    '--config.data.clip_seconds=1.8',
+    '--config.data.chunk_size=4',
+    '--config.data.heldout_fraction=0.25',
+    '--config.model.vocab_size=8',
+    '--config.batch_size=4',
+    '--config.eval_every=0',
+  ]
+  result = run_main(
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(tmp_path / 'run'),
+    '--mode',
+    'features',
+    *small,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / 'run' / 'features.json').read_text())
-  assert sum(report['num_clips'].values()) == 12 and report['teacher_dims'] == {'speech': 384, 'audio': 384}
+  assert sum(report['num_clips'].values()) == 12 and report['teacher_dims'] == {
+    'speech': 384,
+    'audio': 384,
+  }
   assert report['this_run']['computed'] == 3 and report['this_run']['clips'] == 12
-  result = run_main('--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'), '--config.num_steps=2',
-                    '--config.log_every=1', *small)
+  result = run_main(
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(tmp_path / 'run'),
+    '--config.num_steps=2',
+    '--config.log_every=1',
+    *small,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'data chunks' not in result.stderr  # nothing recomputed
   assert [r['step'] for r in metric_rows(tmp_path / 'run')] == [1, 2]
 
   # the other modes on this short-trained embedded-default workdir
   workdir = tmp_path / 'run'
-  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'probe',
-                    '--config.probe.num_clips=2', '--config.probe.t_values=(0.5,)', *small)
+  result = run_main(
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(workdir),
+    '--mode',
+    'probe',
+    '--config.probe.num_clips=2',
+    '--config.probe.t_values=(0.5,)',
+    *small,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert {'fog_a.csv', 'lasp.csv', 'scd.json', 'selection.json', 'fog_a_heatmap.png'} <= {
-      p.name for p in (workdir / 'probe').iterdir()}
-  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'sample',
-                    '--config.sample.num_clips=2', '--config.sample.num_points=4', *small)
+    p.name for p in (workdir / 'probe').iterdir()
+  }
+  result = run_main(
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(workdir),
+    '--mode',
+    'sample',
+    '--config.sample.num_clips=2',
+    '--config.sample.num_points=4',
+    *small,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   samples = {p.name for p in (workdir / 'samples').iterdir()}
   assert 'index.html' in samples and sum(name.endswith('_generated.wav') for name in samples) == 2
   assert 'griffin-lim' in (workdir / 'samples' / 'index.html').read_text()
-  result = run_main('--config', 'configs/default.py', '--workdir', str(workdir), '--mode', 'eval',
-                    '--config.eval.num_clips=3', '--config.sample.num_points=4', *small)
+  result = run_main(
+    '--config',
+    'configs/default.py',
+    '--workdir',
+    str(workdir),
+    '--mode',
+    'eval',
+    '--config.eval.num_clips=3',
+    '--config.sample.num_points=4',
+    *small,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / 'eval.json').read_text())
   assert {'mel_l1/all', 'wer/generated', 'wer/original'} <= set(report['metrics'])

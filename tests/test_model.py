@@ -6,12 +6,20 @@ from flax import nnx
 
 from agrepa_jax.model import AgRepaModel, DiTBlock, ModelConfig, interpolate_linear, run_blocks
 
-CFG = ModelConfig(num_layers=3, width=32, num_heads=4, token_dim=16, vocab_size=11, n_mels=8,
-                  time_freq_dim=16, dropout=0.2)
+CFG = ModelConfig(
+  num_layers=3,
+  width=32,
+  num_heads=4,
+  token_dim=16,
+  vocab_size=11,
+  n_mels=8,
+  time_freq_dim=16,
+  dropout=0.2,
+)
 
 
-def randomise(module, seed=0, scale=0.1):
-  """Replaces every parameter with noise, so zero-initialised layers do not hide bugs."""
+def randomize(module, seed=0, scale=0.1):
+  """Replaces every parameter with noise, so zero-initialized layers do not hide bugs."""
   graphdef, state = nnx.split(module)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -21,20 +29,22 @@ def randomise(module, seed=0, scale=0.1):
 
 def inputs(cfg=CFG, batch=2, frames=12, seed=0):
   k = jax.random.split(jax.random.key(seed), 4)
-  return dict(x_t=jax.random.normal(k[0], (batch, frames, cfg.n_mels)),
-              t=jax.random.uniform(k[1], (batch,)),
-              tokens=jax.random.randint(k[2], (batch, cfg.num_codebooks, 5), 0, cfg.vocab_size),
-              ref_mel=jax.random.normal(k[3], (batch, frames, cfg.n_mels)),
-              domain=jnp.array([0, 1][:batch]))
+  return dict(
+    x_t=jax.random.normal(k[0], (batch, frames, cfg.n_mels)),
+    t=jax.random.uniform(k[1], (batch,)),
+    tokens=jax.random.randint(k[2], (batch, cfg.num_codebooks, 5), 0, cfg.vocab_size),
+    ref_mel=jax.random.normal(k[3], (batch, frames, cfg.n_mels)),
+    domain=jnp.array([0, 1][:batch]),
+  )
 
 
 @pytest.fixture(scope='module')
 def model():
-  return randomise(AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).backbone)
+  return randomize(AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).backbone)
 
 
 def test_block_with_zero_gate_is_exactly_identity():
-  block = randomise(DiTBlock(CFG, nnx.Rngs(1)))
+  block = randomize(DiTBlock(CFG, nnx.Rngs(1)))
   h = jax.random.normal(jax.random.key(2), (2, 12, CFG.width))
   time_emb = jax.random.normal(jax.random.key(3), (2, CFG.width))
   out = block(h, time_emb, jnp.float32(0.0), dropout_key=jax.random.key(4))
@@ -52,7 +62,9 @@ def test_all_ones_gates_equal_ungated_model_and_an_unrolled_loop(model):
   graphdef, state = nnx.split(model.blocks)
   h = jax.random.normal(jax.random.key(5), (2, 12, CFG.width))
   time_emb = jax.random.normal(jax.random.key(6), (2, CFG.width))
-  scanned, pooled = run_blocks(model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'pooled', 'none')
+  scanned, pooled = run_blocks(
+    model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'pooled', 'none'
+  )
   looped = h
   for layer in range(CFG.num_layers):
     looped = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(looped, time_emb, 1.0)
@@ -133,8 +145,10 @@ def test_dual_codebook_and_hidden_shapes():
   assert net.repa_heads(1, extras['hidden'].mean(2)).shape == (cfg.num_layers, 2, 5)
 
 
-def test_zero_initialised_layers_make_fresh_blocks_identity():
+def test_zero_initialized_layers_make_fresh_blocks_identity():
   net = AgRepaModel(CFG, (6, 5), nnx.Rngs(0)).backbone
   h = jax.random.normal(jax.random.key(2), (2, 12, CFG.width))
-  out, _ = run_blocks(net.blocks, h, jnp.ones((2, CFG.width)), jnp.ones(CFG.num_layers), None, 'none', 'none')
+  out, _ = run_blocks(
+    net.blocks, h, jnp.ones((2, CFG.width)), jnp.ones(CFG.num_layers), None, 'none', 'none'
+  )
   np.testing.assert_array_equal(out, h)

@@ -11,19 +11,35 @@ from flax import nnx
 from agrepa_jax import config_base, selection, sharding, train
 from agrepa_jax.data import cache, prepare
 from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
-from agrepa_jax.probe import REFERENCE_SCHEDULE, fog_a, lasp, probed_layers, scd, schedule_from_config, select
+from agrepa_jax.probe import (
+  REFERENCE_SCHEDULE,
+  fog_a,
+  lasp,
+  probed_layers,
+  scd,
+  schedule_from_config,
+  select,
+)
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
 
-CFG = ModelConfig(num_layers=5, width=32, num_heads=4, token_dim=16, vocab_size=11, n_mels=8,
-                  time_freq_dim=16, dropout=0.2)
+CFG = ModelConfig(
+  num_layers=5,
+  width=32,
+  num_heads=4,
+  token_dim=16,
+  vocab_size=11,
+  n_mels=8,
+  time_freq_dim=16,
+  dropout=0.2,
+)
 FRAMES = 12
 
 
 def make_dit(cfg=CFG, seed=0, scale=0.3):
-  """A DiT with every parameter drawn from N(0, scale²), so zero-initialised layers hide nothing.
+  """A DiT with every parameter drawn from N(0, scale²), so zero-initialized layers hide nothing.
 
-  Drawn in one jitted call: initialising eagerly costs a compilation per parameter shape.
+  Drawn in one jitted call: initializing eagerly costs a compilation per parameter shape.
   """
   graphdef, shapes = nnx.split(nnx.eval_shape(lambda: DiT(cfg, nnx.Rngs(0))))
   leaves, treedef = jax.tree.flatten(shapes)
@@ -38,24 +54,33 @@ def make_dit(cfg=CFG, seed=0, scale=0.3):
 
 def make_batch(cfg=CFG, size=4, seed=1):
   k = jax.random.split(jax.random.key(seed), 2)
-  return {'mel': jax.random.normal(k[0], (size, FRAMES, cfg.n_mels)),
-          'tokens': jax.random.randint(k[1], (size, cfg.num_codebooks, 5), 0, cfg.vocab_size),
-          'domain': jnp.arange(size) % 2,
-          'num_samples': jnp.array([3000, 2000, 1000, 256 * FRAMES, 700, 2500][:size])}
+  return {
+    'mel': jax.random.normal(k[0], (size, FRAMES, cfg.n_mels)),
+    'tokens': jax.random.randint(k[1], (size, cfg.num_codebooks, 5), 0, cfg.vocab_size),
+    'domain': jnp.arange(size) % 2,
+    'num_samples': jnp.array([3000, 2000, 1000, 256 * FRAMES, 700, 2500][:size]),
+  }
 
 
 def looped_scores(dit, batch, t, noise, dropout_key):
   """Δ (L, B) from L+1 separate model calls, one gate mask each: FoG-A by its definition."""
   graphdef, state = nnx.split(dit)
   inputs = probe_batch.model_inputs(batch, t, noise, 0.15)
-  forward = jax.jit(lambda state, gates: nnx.merge(graphdef, state)(**inputs, gates=gates,
-                                                                      dropout_key=dropout_key)[0])
+  forward = jax.jit(
+    lambda state, gates: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=dropout_key)[
+      0
+    ]
+  )
   num_layers = dit.cfg.num_layers
   clean = np.asarray(forward(state, jnp.ones(num_layers)))
   valid = np.asarray(probe_batch.valid_frames(batch['num_samples'], FRAMES))[..., None]
   rms = lambda x: np.sqrt((np.square(x) * valid).sum((1, 2)))
-  return np.stack([rms(np.asarray(forward(state, 1.0 - jnp.eye(num_layers)[layer])) - clean) / rms(clean)
-                   for layer in range(num_layers)])
+  return np.stack(
+    [
+      rms(np.asarray(forward(state, 1.0 - jnp.eye(num_layers)[layer])) - clean) / rms(clean)
+      for layer in range(num_layers)
+    ]
+  )
 
 
 @pytest.mark.parametrize('num_layers', [1, 2, 3, 4, 5, 8])
@@ -64,7 +89,9 @@ def test_ablation_lanes_cover_every_continuation_in_full_lanes(num_layers):
   assert len(first) == num_layers // 2
   assert set(first) | set(second) == set(range(num_layers - 1))  # ablation L-1 needs no block
   for a, b in zip(first, second):
-    steps = list(range(a + 1, num_layers)) + list(range(b + 1, num_layers))  # blocks each ablation still runs
+    steps = list(range(a + 1, num_layers)) + list(
+      range(b + 1, num_layers)
+    )  # blocks each ablation still runs
     switch = num_layers - 1 - a
     scheduled = [a + 1 + s if s < switch else s for s in range(num_layers)]
     assert scheduled == steps
@@ -81,13 +108,17 @@ def test_probe_inputs_follow_the_documented_rules():
   batch = make_batch()
   noise = probe_batch.clip_noise(jax.random.key(0), 4, (FRAMES, CFG.n_mels))
   # noise of a clip depends on its position only, not on the batch it is drawn with
-  np.testing.assert_array_equal(noise[:2], probe_batch.clip_noise(jax.random.key(0), 2, (FRAMES, CFG.n_mels)))
+  np.testing.assert_array_equal(
+    noise[:2], probe_batch.clip_noise(jax.random.key(0), 2, (FRAMES, CFG.n_mels))
+  )
   inputs = probe_batch.model_inputs(batch, 0.25, noise, 0.3)
   np.testing.assert_allclose(inputs['x_t'], 0.75 * noise + 0.25 * batch['mel'], rtol=1e-6)
   # valid frames 12, 8, 4, 12 -> prompts of floor(0.3 * valid) = 3, 2, 1, 3 leading frames of x1
   prompt = np.arange(FRAMES)[None, :] < np.array([3, 2, 1, 3])[:, None]
   np.testing.assert_array_equal(inputs['ref_mel'], np.where(prompt[..., None], batch['mel'], 0.0))
-  short = probe_batch.model_inputs(batch, 0.25, noise, 0.15)  # floor(0.15 * 4) = 0 -> at least one frame
+  short = probe_batch.model_inputs(
+    batch, 0.25, noise, 0.15
+  )  # floor(0.15 * 4) = 0 -> at least one frame
   np.testing.assert_array_equal(np.asarray((short['ref_mel'] != 0).any(-1)).sum(1), [1, 1, 1, 1])
   no_prompt = probe_batch.model_inputs(batch, 0.25, noise, 0.0)
   np.testing.assert_array_equal(no_prompt['ref_mel'], 0.0)
@@ -104,8 +135,9 @@ def test_block_that_is_identity_by_its_weights_scores_zero_at_every_t():
       param[...] = param[...].at[k].set(0.0)
   batch = make_batch()
   t_values = (0.1, 0.5, 0.9)
-  table, counts = fog_a.fog_a_table(dit, batch, t_values, jax.random.key(0), num_domains=3, batch_size=2,
-                                    chunk_size=1)
+  table, counts = fog_a.fog_a_table(
+    dit, batch, t_values, jax.random.key(0), num_domains=3, batch_size=2, chunk_size=1
+  )
   assert table.shape == (CFG.num_layers, 3, 3)
   np.testing.assert_array_equal(counts, [2, 2, 0])
   assert np.isnan(table[..., 2]).all()  # a domain without clips
@@ -136,7 +168,9 @@ def test_sharding_lanes_and_chunk_size_do_not_change_scores():
   eight = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   for chunk_size, mesh in [(1, None), (2, None), (1, eight)]:
     scores = fog_a.clip_scores(dit, batch, 0.3, noise, chunk_size=chunk_size, mesh=mesh)
-    np.testing.assert_allclose(scores, reference, rtol=2e-5, atol=1e-6, err_msg=f'chunk {chunk_size}')
+    np.testing.assert_allclose(
+      scores, reference, rtol=2e-5, atol=1e-6, err_msg=f'chunk {chunk_size}'
+    )
 
 
 def test_domain_means_and_nan_for_absent_domains():
@@ -148,16 +182,22 @@ def test_domain_means_and_nan_for_absent_domains():
 def test_top_k_and_lambda_rules_on_a_hand_table():
   scores = np.array([[0.30, 0.1], [0.05, np.nan], [0.20, 0.4], [0.10, 0.4], [0.25, 0.2]])
   np.testing.assert_array_equal(select.top_k_layers(scores[:, 0], 3), [0, 4, 2])
-  np.testing.assert_array_equal(select.top_k_layers(scores[:, 1], 3), [2, 3, 4])  # NaN out, ties shallow first
+  np.testing.assert_array_equal(
+    select.top_k_layers(scores[:, 1], 3), [2, 3, 4]
+  )  # NaN out, ties shallow first
   odd = probed_layers(5, REFERENCE_SCHEDULE)
   np.testing.assert_array_equal(odd, [True, False, True, False, True])
   np.testing.assert_array_equal(select.top_k_layers(scores[:, 1], 3, odd), [2, 4, 0])
 
   raw = select.select_layers(scores, ('speech', 'audio'), top_k=2)
   assert raw == {'speech': {1: 0.30, 5: 0.25}, 'audio': {3: 0.4, 4: 0.4}}
-  normalized = select.select_layers(scores, ('speech', 'audio'), top_k=2, rule='normalized', total=1.1)
+  normalized = select.select_layers(
+    scores, ('speech', 'audio'), top_k=2, rule='normalized', total=1.1
+  )
   np.testing.assert_allclose(list(normalized['speech'].values()), [0.6, 0.5])
-  softmax = select.select_layers(scores, ('speech',), top_k=2, rule='softmax', total=2.0, temperature=0.05)
+  softmax = select.select_layers(
+    scores, ('speech',), top_k=2, rule='softmax', total=2.0, temperature=0.05
+  )
   e = np.exp(1.0)  # exp((0.30 - 0.25) / 0.05)
   np.testing.assert_allclose(list(softmax['speech'].values()), [2 * e / (e + 1), 2 / (e + 1)])
   lambdas = selection.dense_lambdas(raw, 5, ('speech', 'audio'))
@@ -173,7 +213,9 @@ def test_layer_scores_and_ema():
   np.testing.assert_allclose(select.layer_scores(table, (0.1, 0.5, 0.9), 0.5), table[:, 1])
   with pytest.raises(ValueError, match='selection_t'):
     select.layer_scores(table, (0.1, 0.5), 0.8)
-  np.testing.assert_allclose(select.ema_update(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25])
+  np.testing.assert_allclose(
+    select.ema_update(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25]
+  )
   np.testing.assert_allclose(select.ema_update(None, np.array([0.5]), 0.9), [0.5])
 
 
@@ -188,8 +230,13 @@ def test_spearman_and_top_k_overlap_known_cases():
   partial = scd.dissociation(rising, np.array([0.9, 0.5, 0.1, 0.2, 0.6, 0.3]), k=3)
   assert partial['top_k_overlap'] == pytest.approx(1 / 3)
   assert partial['spearman'] == pytest.approx(1 - 6 * (25 + 4 + 4 + 4 + 0 + 9) / (6 * 35))
-  report = scd.scd_report(np.stack([rising, rising], 1), np.stack([rising, rising[::-1]], 1),
-                          ('speech', 'audio'), k=2, eligible=np.array([True, False] * 3))
+  report = scd.scd_report(
+    np.stack([rising, rising], 1),
+    np.stack([rising, rising[::-1]], 1),
+    ('speech', 'audio'),
+    k=2,
+    eligible=np.array([True, False] * 3),
+  )
   assert report['speech']['contribution_top'] == [5, 3]  # 1-based model layers, odd only
   assert report['audio']['spearman'] == pytest.approx(-1.0)
 
@@ -199,7 +246,10 @@ def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
   features = rng.normal(size=(2, 40, 6))
   mixing = rng.normal(size=(6, 3))
   unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
-  targets = [unit[1] @ mixing, rng.normal(size=(40, 2))]  # layer 2 stores domain 0's teacher linearly
+  targets = [
+    unit[1] @ mixing,
+    rng.normal(size=(40, 2)),
+  ]  # layer 2 stores domain 0's teacher linearly
   domains = np.zeros(40, np.int64)
   scores = lasp.ridge_scores(features, targets, domains, fit_fraction=0.5, alpha=1e-6)
   assert scores[1, 0] > 0.999 and scores[0, 0] < 0.6
@@ -211,7 +261,9 @@ def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
   clip_domains = np.array([0, 1, 0, 1])
   got = lasp.repa_head_scores(heads, pooled, head_targets, clip_domains)
   prediction = np.asarray(heads(1, jnp.asarray(pooled[:, 1::2])))
-  np.testing.assert_allclose(got[:, 1], lasp.mean_cosine(prediction, head_targets[1][1::2][None]), rtol=1e-5)
+  np.testing.assert_allclose(
+    got[:, 1], lasp.mean_cosine(prediction, head_targets[1][1::2][None]), rtol=1e-5
+  )
 
   bitc = BitcHeads(CFG.width, (6, 5), nnx.Rngs(1))
   got = lasp.bitc_head_scores(bitc, pooled, head_targets, clip_domains)
@@ -219,7 +271,9 @@ def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
   mean, var = unit.mean(-1, keepdims=True), unit.var(-1, keepdims=True)
   projected = (unit - mean) / np.sqrt(var + 1e-6) @ np.asarray(bitc.projections[0].kernel[...])
   projected += np.asarray(bitc.projections[0].bias[...])
-  np.testing.assert_allclose(got[:, 0], lasp.mean_cosine(projected, head_targets[0][0::2][None]), rtol=1e-4)
+  np.testing.assert_allclose(
+    got[:, 0], lasp.mean_cosine(projected, head_targets[0][0::2][None]), rtol=1e-4
+  )
 
 
 def test_reference_schedule_from_config():
@@ -230,12 +284,18 @@ def test_reference_schedule_from_config():
   config.repa.quirks = True
   assert schedule_from_config(config) == REFERENCE_SCHEDULE
   assert REFERENCE_SCHEDULE.t_values == (0.8,) and REFERENCE_SCHEDULE.num_clips == 2
-  assert REFERENCE_SCHEDULE.dropout and REFERENCE_SCHEDULE.odd_layers_only and REFERENCE_SCHEDULE.lambda_rule == 'raw'
+  assert (
+    REFERENCE_SCHEDULE.dropout
+    and REFERENCE_SCHEDULE.odd_layers_only
+    and REFERENCE_SCHEDULE.lambda_rule == 'raw'
+  )
 
 
 def tiny_run_config(tmp_path):
   config = config_base.base_config()
-  config.model.update(num_layers=3, width=32, num_heads=4, token_dim=32, vocab_size=11, time_freq_dim=16)
+  config.model.update(
+    num_layers=3, width=32, num_heads=4, token_dim=32, vocab_size=11, time_freq_dim=16
+  )
   config.data.cache_dir = str(tmp_path / 'cache')
   config.async_checkpointing = False
   config.batch_size = 8
@@ -245,7 +305,9 @@ def tiny_run_config(tmp_path):
 
 def write_fake_cache(config, num_frames=16, clips_per_split=8):
   """A complete data cache with random mels, tokens and teacher targets, where `prepare` looks for it."""
-  directory = pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(prepare.cache_settings(config))}'
+  directory = (
+    pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(prepare.cache_settings(config))}'
+  )
   rng = np.random.default_rng(0)
   dims = {'speech': 6, 'audio': 5}
   for split in cache.SPLITS:
@@ -257,9 +319,15 @@ def write_fake_cache(config, num_frames=16, clips_per_split=8):
     np.save(out / 'domain.npy', domain)
     np.save(out / 'tokens.npy', rng.integers(0, 11, (clips_per_split, 1, 5)).astype(np.int32))
     for name, dim in dims.items():
-      np.save(out / f'teacher_{name}.npy', rng.normal(size=(clips_per_split, dim)).astype(np.float32))
-    (out / 'clips.json').write_text(json.dumps([{'id': f'{split}{i}'} for i in range(clips_per_split)]))
-  (directory / 'meta.json').write_text(json.dumps({'teacher_dims': dims, 'num_clips': {}, 'domains': list(dims)}))
+      np.save(
+        out / f'teacher_{name}.npy', rng.normal(size=(clips_per_split, dim)).astype(np.float32)
+      )
+    (out / 'clips.json').write_text(
+      json.dumps([{'id': f'{split}{i}'} for i in range(clips_per_split)])
+    )
+  (directory / 'meta.json').write_text(
+    json.dumps({'teacher_dims': dims, 'num_clips': {}, 'domains': list(dims)})
+  )
   (directory / 'COMPLETE').write_text('')
   return dims
 
@@ -271,9 +339,13 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   tx, _ = train.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
   _, state, _ = train.sharded_init(config, (dims['speech'], dims['audio']), tx, mesh)
-  noisy = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), state.params)
+  noisy = jax.tree.map(
+    lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), state.params
+  )
   manager = train.checkpoint_manager(tmp_path / 'run', config)
-  manager.save(5, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state.replace(params=noisy))))
+  manager.save(
+    5, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state.replace(params=noisy)))
+  )
   manager.wait_until_finished()
   manager.close()
 
@@ -286,13 +358,21 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   assert all(float(r['score']) > 0 for r in fog)
   lasp_rows = read('lasp.csv')
   assert list(lasp_rows[0]) == ['domain', 'layer', 'probe', 'score']
-  assert len(lasp_rows) == 2 * 3 * 3 and {r['probe'] for r in lasp_rows} == {'bitc', 'repa', 'ridge'}
+  assert len(lasp_rows) == 2 * 3 * 3 and {r['probe'] for r in lasp_rows} == {
+    'bitc',
+    'repa',
+    'ridge',
+  }
   report = json.loads((out / 'scd.json').read_text())
   assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
   assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}
   chosen = select.read_selection(out / 'selection.json')
   assert json.loads((out / 'selection.json').read_text())['rule'] == 'normalized'
   assert chosen == results['selection'] and all(len(layers) == 2 for layers in chosen.values())
-  assert all(sum(layers.values()) == pytest.approx(0.5) for layers in chosen.values())  # probe.lambda_total
+  assert all(
+    sum(layers.values()) == pytest.approx(0.5) for layers in chosen.values()
+  )  # probe.lambda_total
   assert selection.dense_lambdas(chosen, 3, ('speech', 'audio')).shape == (3, 2)
-  assert (out / 'fog_a_heatmap.png').stat().st_size > 0 and (out / 'storage_vs_contribution.png').exists()
+  assert (out / 'fog_a_heatmap.png').stat().st_size > 0 and (
+    out / 'storage_vs_contribution.png'
+  ).exists()

@@ -1,4 +1,5 @@
 """Tests for the embedded corpus: eSpeak NG speech and synthetic sound events."""
+
 import json
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def audio_dir(tmp_path_factory) -> Path:
 
 
 # Sentences and voices.
+
 
 def test_spread_combinations_are_distinct_and_cover_small_products():
   combinations = synth.spread_combinations((('a', 'b'), ('x', 'y', 'z')), 6)
@@ -121,6 +123,7 @@ def test_breath_noise_follows_its_seed():
 
 # Speech clips.
 
+
 def test_speech_manifest_and_transcripts(speech_dir):
   entries = synth.read_manifest(speech_dir)
   assert [entry['id'] for entry in entries] == [f'speech_{i:05d}' for i in range(NUM_SPEECH)]
@@ -143,7 +146,7 @@ def test_speech_clips_fit_and_sound_like_speech(speech_dir):
     wave, _ = sf.read(entry['path'])
     assert entry['seconds'] == wave.size / SAMPLE_RATE
     assert 0.5 < entry['seconds'] <= MAX_SPEECH_SECONDS
-    assert np.sqrt(np.mean(wave ** 2)) > 0.03
+    assert np.sqrt(np.mean(wave**2)) > 0.03
     frequency, power = power_spectrum(wave)
     speech_band = (frequency > 100) & (frequency < 4000)
     assert power[speech_band].sum() / power.sum() > 0.8
@@ -159,6 +162,7 @@ def test_speech_is_deterministic_per_seed(speech_dir, tmp_path):
 
 
 # Sound events.
+
 
 @pytest.mark.parametrize('name', sorted(synth.SOUND_EVENT_CLASSES))
 def test_every_event_class_is_bounded_and_audible(name):
@@ -186,8 +190,8 @@ def test_chirp_sweeps_at_least_an_octave():
   for seed in range(5):
     chirp = synth.chirp_event(np.random.default_rng(seed), SAMPLE_RATE)
     tenth = chirp.size // 10
-    start = dominant_frequency(chirp[tenth:2 * tenth])
-    end = dominant_frequency(chirp[-2 * tenth:-tenth])
+    start = dominant_frequency(chirp[tenth : 2 * tenth])
+    end = dominant_frequency(chirp[-2 * tenth : -tenth])
     assert max(start, end) / min(start, end) > 1.5
 
 
@@ -195,7 +199,9 @@ def test_siren_frequency_swings_and_thump_is_low():
   for seed in range(5):
     siren = synth.siren_event(np.random.default_rng(seed), SAMPLE_RATE)
     window = SAMPLE_RATE // 20
-    peaks = [dominant_frequency(siren[i:i + window]) for i in range(0, siren.size - window, window)]
+    peaks = [
+      dominant_frequency(siren[i : i + window]) for i in range(0, siren.size - window, window)
+    ]
     assert max(peaks) / min(peaks) > 1.2
     thump = synth.thump_event(np.random.default_rng(seed), SAMPLE_RATE)
     frequency, power = power_spectrum(thump)
@@ -246,12 +252,14 @@ def test_sound_events_are_deterministic_per_seed(audio_dir, tmp_path):
 
 # The whole corpus.
 
+
 def test_corpus_is_built_once_and_rebuilt_when_arguments_or_files_change(tmp_path, monkeypatch):
   root = tmp_path / 'corpus'
   entries = synth.build_embedded_corpus(root, 2, 3, seed=4, seconds=2.0, progress=False)
   assert [entry['domain'] for entry in entries] == ['speech'] * 2 + ['audio'] * 3
   assert json.loads((root / synth.STAMP_NAME).read_text()) == dict(
-      num_speech=2, num_audio=3, seed=4, sample_rate=SAMPLE_RATE, seconds=2.0)
+    num_speech=2, num_audio=3, seed=4, sample_rate=SAMPLE_RATE, seconds=2.0
+  )
 
   def must_not_run(*args, **kwargs):
     raise AssertionError('a complete corpus was generated again')

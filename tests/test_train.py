@@ -22,11 +22,13 @@ def first_batches(config, n):
 
 
 def run_steps(config, mesh_axes, batches, lambdas):
-  """Initialises on a mesh and runs the given batches; returns per-step losses and final params."""
-  mesh = sharding.make_mesh(mesh_axes, jax.devices()[:int(np.prod(list(mesh_axes.values())))])
+  """Initializes on a mesh and runs the given batches; returns per-step losses and final params."""
+  mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
   tx, schedule = train.make_optimizer(config)
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(
+    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
+  )
   history = []
   state = state.replace(lambdas=jnp.asarray(lambdas))
   for batch in batches:
@@ -44,6 +46,7 @@ def config(tmp_path):
 
 def test_train_step_on_8_devices_matches_one_device(config):
   from agrepa_jax import selection
+
   batches = first_batches(config, 3)
   lambdas = selection.lambdas_from_config(config)
   single, _, _ = run_steps(config, {'data': 1, 'fsdp': 1}, batches, lambdas)
@@ -59,11 +62,17 @@ def test_train_step_on_8_devices_matches_one_device(config):
 
 def test_new_lambda_values_do_not_recompile_and_change_the_repa_loss(config):
   batches = first_batches(config, 1) * 3
-  lambdas = [np.eye(3, 2, dtype=np.float32), np.full((3, 2), 0.3, np.float32), np.zeros((3, 2), np.float32)]
+  lambdas = [
+    np.eye(3, 2, dtype=np.float32),
+    np.full((3, 2), 0.3, np.float32),
+    np.zeros((3, 2), np.float32),
+  ]
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   tx, schedule = train.make_optimizer(config)
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(
+    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
+  )
   repa = []
   for batch, lam in zip(batches, lambdas):
     state, parts = step(state.replace(lambdas=jnp.asarray(lam)), sharding.global_batch(batch, mesh))
@@ -76,13 +85,17 @@ def test_frame_granularity_trains(config):
   config.repa.granularity = 'frame'
   config.data.teacher_frames = True
   write_fake_cache(config)
-  history, _, _ = run_steps(config, {'data': 2, 'fsdp': 1}, first_batches(config, 2),
-                            np.full((3, 2), 0.5, np.float32))
+  history, _, _ = run_steps(
+    config, {'data': 2, 'fsdp': 1}, first_batches(config, 2), np.full((3, 2), 0.5, np.float32)
+  )
   assert all(np.isfinite(h['loss']) and h['loss_repa'] > 0 for h in history)
 
 
 def read_losses(workdir):
-  return {row['step']: row['loss'] for row in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())}
+  return {
+    row['step']: row['loss']
+    for row in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+  }
 
 
 def test_resume_from_checkpoint_reproduces_the_next_losses_exactly(config, tmp_path):
@@ -104,8 +117,17 @@ def test_resume_from_checkpoint_reproduces_the_next_losses_exactly(config, tmp_p
   for name in ('loss_curves.png', 'tensorboard'):
     assert (resumed / name).exists()
   row = json.loads((resumed / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert {'step', 'loss', 'loss_fm', 'loss_repa', 'loss_bitc', 'grad_norm', 'lr', 'steps_per_sec',
-          'eval_loss_fm'} <= set(row)
+  assert {
+    'step',
+    'loss',
+    'loss_fm',
+    'loss_repa',
+    'loss_bitc',
+    'grad_norm',
+    'lr',
+    'steps_per_sec',
+    'eval_loss_fm',
+  } <= set(row)
 
 
 def test_training_reduces_the_flow_matching_loss(config, tmp_path):
@@ -139,9 +161,11 @@ def test_online_fog_a_reselects_layers_without_recompiling(config, tmp_path):
   assert calls[0]._cache_size() == 1
   lambdas, scores = np.asarray(state.lambdas), np.asarray(state.scores)
   assert ((lambdas > 0).sum(0) == 2).all()  # top-2 layers per domain
-  for d in range(2):  # λ ∝ the moving-average FoG-A score, normalised to probe.lambda_total
+  for d in range(2):  # λ ∝ the moving-average FoG-A score, normalized to probe.lambda_total
     chosen = lambdas[:, d] > 0
-    np.testing.assert_allclose(lambdas[chosen, d], 0.5 * scores[chosen, d] / scores[chosen, d].sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+      lambdas[chosen, d], 0.5 * scores[chosen, d] / scores[chosen, d].sum(), rtol=1e-5
+    )
     assert scores[chosen, d].min() >= scores[~chosen, d].max()
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   logged = {k for row in rows for k in row if k.startswith('lambda/')}
@@ -154,12 +178,16 @@ def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   tx, schedule = train.make_optimizer(config)
   graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
+  step = train.jit_train_step(
+    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
+  )
   leaf = lambda tree: np.asarray(tree['backbone']['output_projection']['kernel'][...])
   initial = leaf(state.params)
   state, _ = step(state, sharding.global_batch(batches[0], mesh))
   after_one = leaf(state.params)
-  np.testing.assert_allclose(leaf(state.ema_params), 0.5 * initial + 0.5 * after_one, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    leaf(state.ema_params), 0.5 * initial + 0.5 * after_one, rtol=1e-6, atol=1e-7
+  )
   assert not np.allclose(leaf(state.inference_params()), after_one)
 
 
@@ -171,11 +199,19 @@ def test_frozen_token_projection_quirk_keeps_the_identity(config):
     config.model.frozen_token_projection = frozen
     tx, schedule = train.make_optimizer(config)
     graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
-    step = train.jit_train_step(graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh)
-    before = train.nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...]
+    step = train.jit_train_step(
+      graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
+    )
+    before = train.nnx.merge(
+      graphdef, state.params, state.frozen
+    ).backbone.token_encoder.domain_projection[...]
     before = np.asarray(before)
     state, _ = step(state, sharding.global_batch(batches[0], mesh))
-    after = np.asarray(train.nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...])
+    after = np.asarray(
+      train.nnx.merge(
+        graphdef, state.params, state.frozen
+      ).backbone.token_encoder.domain_projection[...]
+    )
     projections[frozen] = (before, after)
   before, after = projections[True]
   np.testing.assert_array_equal(before, np.broadcast_to(np.eye(16), (2, 16, 16)))
@@ -192,7 +228,9 @@ def test_restore_trained_gives_the_final_inference_parameters(config, tmp_path, 
   restored = train.nnx.state(run.model, train.nnx.Param)
   expected = state.inference_params()
   assert run.step == 2
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, expected
+  )
   with pytest.raises(FileNotFoundError, match='train this workdir first'):
     train.restore_trained(config, tmp_path / 'empty')
   assert not (tmp_path / 'empty' / 'checkpoints').exists()

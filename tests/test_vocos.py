@@ -1,5 +1,6 @@
 """The JAX Vocos against a PyTorch reference through an official-layout checkpoint, its ISTFT, the
 Griffin-Lim fallback and the loader's errors."""
+
 import pathlib
 import sys
 
@@ -14,26 +15,40 @@ from agrepa_jax.generation import vocos
 torch = pytest.importorskip('torch')
 from tests import vocos_reference  # noqa: E402  (needs torch)
 
-SMALL = dict(input_channels=100, dim=64, intermediate_dim=96, num_layers=3, n_fft=1024,
-             hop_length=256)
-MEL_24KHZ = dict(input_channels=100, dim=512, intermediate_dim=1536, num_layers=8, n_fft=1024,
-                 hop_length=256)
+SMALL = dict(
+  input_channels=100, dim=64, intermediate_dim=96, num_layers=3, n_fft=1024, hop_length=256
+)
+MEL_24KHZ = dict(
+  input_channels=100, dim=512, intermediate_dim=1536, num_layers=8, n_fft=1024, hop_length=256
+)
 
 
 def official_config(input_channels, dim, intermediate_dim, num_layers, n_fft, hop_length):
   """config.yaml contents in the layout of the published Vocos checkpoints."""
   return {
-      'feature_extractor': {
-          'class_path': 'vocos.feature_extractors.MelSpectrogramFeatures',
-          'init_args': {'sample_rate': 24000, 'n_fft': n_fft, 'hop_length': hop_length,
-                        'n_mels': input_channels, 'padding': 'center'}},
-      'backbone': {
-          'class_path': 'vocos.models.VocosBackbone',
-          'init_args': {'input_channels': input_channels, 'dim': dim,
-                        'intermediate_dim': intermediate_dim, 'num_layers': num_layers}},
-      'head': {
-          'class_path': 'vocos.heads.ISTFTHead',
-          'init_args': {'dim': dim, 'n_fft': n_fft, 'hop_length': hop_length, 'padding': 'same'}},
+    'feature_extractor': {
+      'class_path': 'vocos.feature_extractors.MelSpectrogramFeatures',
+      'init_args': {
+        'sample_rate': 24000,
+        'n_fft': n_fft,
+        'hop_length': hop_length,
+        'n_mels': input_channels,
+        'padding': 'center',
+      },
+    },
+    'backbone': {
+      'class_path': 'vocos.models.VocosBackbone',
+      'init_args': {
+        'input_channels': input_channels,
+        'dim': dim,
+        'intermediate_dim': intermediate_dim,
+        'num_layers': num_layers,
+      },
+    },
+    'head': {
+      'class_path': 'vocos.heads.ISTFTHead',
+      'init_args': {'dim': dim, 'n_fft': n_fft, 'hop_length': hop_length, 'padding': 'same'},
+    },
   }
 
 
@@ -66,16 +81,19 @@ def save_official_checkpoint(directory: pathlib.Path, model: vocos_reference.Voc
 
 
 def speech_like_mel(batch: int, seconds: float, seed: int) -> np.ndarray:
-  """Normalised log-mel (B, T, 100) of decaying harmonic tones in noise, as the model makes."""
+  """Normalized log-mel (B, T, 100) of decaying harmonic tones in noise, as the model makes."""
   rng = np.random.default_rng(seed)
   t = np.arange(int(seconds * audio.SAMPLE_RATE)) / audio.SAMPLE_RATE
-  waves = [sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6)) * np.exp(-t) +
-           0.05 * rng.standard_normal(t.size) for f0 in rng.uniform(100, 300, batch)]
+  waves = [
+    sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6)) * np.exp(-t)
+    + 0.05 * rng.standard_normal(t.size)
+    for f0 in rng.uniform(100, 300, batch)
+  ]
   return np.asarray(audio.log_mel(jnp.asarray(np.stack(waves), jnp.float32)))
 
 
-def reference_waveform(model, normalised_mel: np.ndarray) -> np.ndarray:
-  log_mel = np.asarray(audio.denormalise(normalised_mel), np.float32).swapaxes(1, 2)
+def reference_waveform(model, normalized_mel: np.ndarray) -> np.ndarray:
+  log_mel = np.asarray(audio.denormalize(normalized_mel), np.float32).swapaxes(1, 2)
   with torch.no_grad():
     return model(torch.from_numpy(log_mel)).numpy()
 
@@ -130,14 +148,14 @@ def test_loaded_small_vocos_matches_reference(small_checkpoint):
   directory, reference = small_checkpoint
   mel = speech_like_mel(batch=2, seconds=0.5, seed=3)
   want = reference_waveform(reference, mel)
-  log_mel = jnp.swapaxes(audio.denormalise(jnp.asarray(mel)), 1, 2)
+  log_mel = jnp.swapaxes(audio.denormalize(jnp.asarray(mel)), 1, 2)
   got = np.asarray(vocos.load_vocos(directory)(log_mel))
   assert got.shape == want.shape == (2, mel.shape[1] * 256)
   assert np.abs(want).max() > 0.1  # the comparison is not between two near-silent signals
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_vocoder_vocodes_normalised_mels_like_reference(small_checkpoint):
+def test_vocoder_vocodes_normalized_mels_like_reference(small_checkpoint):
   directory, reference = small_checkpoint
   vocoder = vocos.load_vocoder(str(directory))
   mel = speech_like_mel(batch=2, seconds=0.3, seed=4)
@@ -198,7 +216,7 @@ def test_loader_names_a_truncated_weights_file(tmp_path, small_checkpoint):
   directory, _ = small_checkpoint
   write_config(tmp_path, official_config(**SMALL))
   data = (directory / 'pytorch_model.bin').read_bytes()
-  (tmp_path / 'pytorch_model.bin').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'pytorch_model.bin').write_bytes(data[: len(data) // 2])
   with pytest.raises(vocos.CheckpointError, match='cannot read the torch state dict') as e:
     vocos.load_vocos(tmp_path)
   assert str(tmp_path / 'pytorch_model.bin') in str(e.value)

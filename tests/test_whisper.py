@@ -1,4 +1,5 @@
 """Whisper teacher: CTranslate2 reader, front end, encoder against CTranslate2, loaders, Teacher API."""
+
 import copy
 import dataclasses
 import importlib.util
@@ -12,8 +13,7 @@ import librosa
 import numpy as np
 import pytest
 
-from agrepa_jax.teachers import base, ct2, load_teacher, whisper
-from agrepa_jax.teachers import bundled_whisper_tiny_en
+from agrepa_jax.teachers import base, bundled_whisper_tiny_en, ct2, load_teacher, whisper
 
 TINY_EN = bundled_whisper_tiny_en()
 
@@ -31,8 +31,13 @@ def synthetic_utterance(seconds: float, seed: int = 0) -> np.ndarray:
 
 def write_ct2_file(path, spec_name: str, variables: dict, aliases: dict = (), version: int = 6):
   """Writes a CTranslate2 model.bin by the published layout (dtype ids: f32 0, i8 1, i16 2, f16 4)."""
-  type_ids = {np.dtype('float32'): 0, np.dtype('int8'): 1, np.dtype('int16'): 2,
-              np.dtype('int32'): 3, np.dtype('float16'): 4}
+  type_ids = {
+    np.dtype('float32'): 0,
+    np.dtype('int8'): 1,
+    np.dtype('int16'): 2,
+    np.dtype('int32'): 3,
+    np.dtype('float16'): 4,
+  }
 
   def string(text):
     return struct.pack('<H', len(text) + 1) + text.encode() + b'\0'
@@ -43,7 +48,9 @@ def write_ct2_file(path, spec_name: str, variables: dict, aliases: dict = (), ve
     out += string(name) + struct.pack('<B', value.ndim)
     out += b''.join(struct.pack('<I', d) for d in value.shape)
     out += struct.pack('<BI', type_ids[value.dtype], value.nbytes) + value.tobytes()
-  out += struct.pack('<I', len(aliases)) + b''.join(string(a) + string(t) for a, t in dict(aliases).items())
+  out += struct.pack('<I', len(aliases)) + b''.join(
+    string(a) + string(t) for a, t in dict(aliases).items()
+  )
   with open(path, 'wb') as f:
     f.write(out)
 
@@ -55,14 +62,23 @@ def tiny_encoder():
 
 # --- CTranslate2 reader ---------------------------------------------------------------------------
 
+
 def test_ct2_reader_parses_every_dtype_and_alias(tmp_path):
   weights = np.arange(6, dtype=np.float16).reshape(2, 3) / 4
-  write_ct2_file(tmp_path / 'model.bin', 'ToySpec',
-                 {'w': weights, 'heads': np.int16(6), 'flag': np.int8(-1),
-                  'bias': np.array([1.5, -2.25], np.float32)}, aliases={'w_alias': 'w'})
+  write_ct2_file(
+    tmp_path / 'model.bin',
+    'ToySpec',
+    {
+      'w': weights,
+      'heads': np.int16(6),
+      'flag': np.int8(-1),
+      'bias': np.array([1.5, -2.25], np.float32),
+    },
+    aliases={'w_alias': 'w'},
+  )
   model = ct2.read_ct2_model(tmp_path)
   assert (model.spec_name, model.spec_revision) == ('ToySpec', 1)
-  assert model['w'].dtype == np.float32 and model['w'].tolist() == [[0, .25, .5], [.75, 1, 1.25]]
+  assert model['w'].dtype == np.float32 and model['w'].tolist() == [[0, 0.25, 0.5], [0.75, 1, 1.25]]
   assert model['w_alias'] is model['w']
   assert model['heads'].dtype == np.int16 and int(model['heads']) == 6
   assert int(model['flag']) == -1
@@ -98,10 +114,17 @@ def test_ct2_reader_rejects_truncated_and_foreign_files(tmp_path):
 
 # --- Front end ------------------------------------------------------------------------------------
 
+
 def reference_log_mel(audio: np.ndarray, n_mels: int) -> np.ndarray:
   """Whisper's log_mel_spectrogram recomputed in float64 with librosa."""
-  spectrum = librosa.stft(audio.astype(np.float64), n_fft=400, hop_length=160, window='hann',
-                          center=True, pad_mode='reflect')
+  spectrum = librosa.stft(
+    audio.astype(np.float64),
+    n_fft=400,
+    hop_length=160,
+    window='hann',
+    center=True,
+    pad_mode='reflect',
+  )
   power = np.abs(spectrum[:, :-1]) ** 2
   filters = librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels, dtype=np.float64)
   log_mel = np.log10(np.maximum(filters @ power, 1e-10))
@@ -124,15 +147,17 @@ def test_log_mel_matches_librosa_reference(n_mels):
 
 # --- Encoder against CTranslate2 ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('mel_frames', [3000, 1000])
 def test_encoder_matches_ctranslate2(tiny_encoder, mel_frames):
   ctranslate2 = pytest.importorskip('ctranslate2')
   audio = synthetic_utterance(30.0)
-  audio[12 * 16000:] = 0.0  # 12 s of "speech" in the 30 s window, as Whisper usually sees it
+  audio[12 * 16000 :] = 0.0  # 12 s of "speech" in the 30 s window, as Whisper usually sees it
   log_mel = np.asarray(whisper.whisper_log_mel(audio[None], 80))[:, :, :mel_frames].copy()
   reference_model = ctranslate2.models.Whisper(TINY_EN, device='cpu', compute_type='float32')
-  reference = np.asarray(reference_model.encode(ctranslate2.StorageView.from_array(log_mel),
-                                                to_cpu=True))
+  reference = np.asarray(
+    reference_model.encode(ctranslate2.StorageView.from_array(log_mel), to_cpu=True)
+  )
   ours = np.asarray(tiny_encoder(log_mel))
   assert ours.shape == reference.shape == (1, mel_frames // 2, 384)
   error = np.abs(ours - reference)
@@ -143,6 +168,7 @@ def test_encoder_matches_ctranslate2(tiny_encoder, mel_frames):
 
 
 # --- Loader errors --------------------------------------------------------------------------------
+
 
 def test_loader_error_for_missing_path(tmp_path):
   with pytest.raises(whisper.WhisperCheckpointError, match='no such file.*CTranslate2'):
@@ -160,17 +186,20 @@ def test_loader_error_for_truncated_model_bin(tmp_path):
 def test_loader_error_for_another_model(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   write_ct2_file(tmp_path / 'model.bin', 'TransformerSpec', {'w': np.ones(3, np.float32)})
-  with pytest.raises(whisper.WhisperCheckpointError, match='TransformerSpec, expected a WhisperSpec'):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match='TransformerSpec, expected a WhisperSpec'
+  ):
     whisper.load_whisper_encoder(tmp_path)
 
 
-def test_loader_error_for_unrecognised_directory(tmp_path):
+def test_loader_error_for_unrecognized_directory(tmp_path):
   (tmp_path / 'weights.npz').write_bytes(b'')
-  with pytest.raises(whisper.WhisperCheckpointError, match='not a recognised Whisper checkpoint'):
+  with pytest.raises(whisper.WhisperCheckpointError, match='not a recognized Whisper checkpoint'):
     whisper.load_whisper_encoder(tmp_path)
 
 
 # --- Teacher --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def tiny_teacher(tiny_encoder):
@@ -192,7 +221,11 @@ def test_teacher_shapes_and_mask(tiny_teacher):
   assert frames.shape == (2, 50, 384) and frames.dtype == np.float32
   assert mask.sum(1).tolist() == [50, 25]
   # A clip of 8001 samples reaches one sample into frame 25.
-  assert whisper.encoder_frames_with_audio(np.array([8001, 319, 0]), 50).sum(1).tolist() == [26, 1, 0]
+  assert whisper.encoder_frames_with_audio(np.array([8001, 319, 0]), 50).sum(1).tolist() == [
+    26,
+    1,
+    0,
+  ]
 
 
 def test_teacher_features_equal_encoder_on_log_mel(tiny_encoder, tiny_teacher):
@@ -213,7 +246,7 @@ def test_teacher_pads_odd_lengths_and_reuses_compilation(tiny_teacher):
 
 def utterance_mean(teacher, clip: np.ndarray, padded_length: int) -> np.ndarray:
   audio = np.zeros((1, padded_length), np.float32)
-  audio[0, :clip.size] = clip
+  audio[0, : clip.size] = clip
   frames, mask = teacher.features(audio, np.array([clip.size]))
   assert mask.sum() == -(-clip.size // 320) and frames.shape[1] == -(-padded_length // 320)
   return base.masked_mean(frames, mask)[0]
@@ -233,8 +266,10 @@ def test_zero_padding_barely_moves_the_utterance_mean(tiny_encoder, tiny_teacher
   assert np.linalg.norm(alone - padded) < 0.01 * np.linalg.norm(alone)
   # Whisper itself does not mask attention: the same padding then moves the mean a lot (0.989).
   unmasked = whisper.WhisperTeacher(tiny_encoder, mask_padding=False)
-  assert cosine(utterance_mean(unmasked, clip, clip.size),
-                utterance_mean(unmasked, clip, 5 * 16000)) < 0.995
+  assert (
+    cosine(utterance_mean(unmasked, clip, clip.size), utterance_mean(unmasked, clip, 5 * 16000))
+    < 0.995
+  )
 
 
 def test_teacher_in_30s_window_is_whisper_on_padded_audio(tiny_encoder):
@@ -243,7 +278,7 @@ def test_teacher_in_30s_window_is_whisper_on_padded_audio(tiny_encoder):
   frames, mask = teacher.features(clip[None], np.array([clip.size]))
   assert frames.shape == (1, 1500, 384) and mask.sum() == 100
   window = np.zeros((1, 30 * 16000), np.float32)
-  window[0, :clip.size] = clip
+  window[0, : clip.size] = clip
   direct = np.asarray(tiny_encoder(whisper.whisper_log_mel(window, 80)))
   np.testing.assert_allclose(frames, direct, atol=1e-4)
   with pytest.raises(ValueError, match='exceed the Whisper window'):
@@ -261,6 +296,7 @@ def test_registry_beats_entry_needs_its_module_and_a_checkpoint():
 
 # --- Front end against transformers -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize('n_mels', [80, 128])
 def test_log_mel_matches_transformers_feature_extractor(n_mels):
   transformers = pytest.importorskip('transformers')
@@ -268,7 +304,7 @@ def test_log_mel_matches_transformers_feature_extractor(n_mels):
   extractor = transformers.WhisperFeatureExtractor(feature_size=n_mels)
   reference = extractor(clip, sampling_rate=16000, return_tensors='np')['input_features']
   window = np.zeros((1, 30 * 16000), np.float32)
-  window[0, :clip.size] = clip
+  window[0, : clip.size] = clip
   ours = np.asarray(whisper.whisper_log_mel(window, n_mels))
   assert ours.shape == reference.shape == (1, n_mels, 3000)
   # Measured: max 5.2e-6 for both filterbanks (values span about -0.7 to 1.3).
@@ -279,40 +315,66 @@ def test_log_mel_matches_transformers_feature_extractor(n_mels):
 
 # (Hugging Face name inside the encoder, openai-whisper name) for the parameters of block i.
 HF_OPENAI_BLOCK_NAMES = [
-    ('self_attn_layer_norm.weight', 'attn_ln.weight'), ('self_attn_layer_norm.bias', 'attn_ln.bias'),
-    ('self_attn.q_proj.weight', 'attn.query.weight'), ('self_attn.q_proj.bias', 'attn.query.bias'),
-    ('self_attn.k_proj.weight', 'attn.key.weight'),
-    ('self_attn.v_proj.weight', 'attn.value.weight'), ('self_attn.v_proj.bias', 'attn.value.bias'),
-    ('self_attn.out_proj.weight', 'attn.out.weight'), ('self_attn.out_proj.bias', 'attn.out.bias'),
-    ('final_layer_norm.weight', 'mlp_ln.weight'), ('final_layer_norm.bias', 'mlp_ln.bias'),
-    ('fc1.weight', 'mlp.0.weight'), ('fc1.bias', 'mlp.0.bias'),
-    ('fc2.weight', 'mlp.2.weight'), ('fc2.bias', 'mlp.2.bias')]
+  ('self_attn_layer_norm.weight', 'attn_ln.weight'),
+  ('self_attn_layer_norm.bias', 'attn_ln.bias'),
+  ('self_attn.q_proj.weight', 'attn.query.weight'),
+  ('self_attn.q_proj.bias', 'attn.query.bias'),
+  ('self_attn.k_proj.weight', 'attn.key.weight'),
+  ('self_attn.v_proj.weight', 'attn.value.weight'),
+  ('self_attn.v_proj.bias', 'attn.value.bias'),
+  ('self_attn.out_proj.weight', 'attn.out.weight'),
+  ('self_attn.out_proj.bias', 'attn.out.bias'),
+  ('final_layer_norm.weight', 'mlp_ln.weight'),
+  ('final_layer_norm.bias', 'mlp_ln.bias'),
+  ('fc1.weight', 'mlp.0.weight'),
+  ('fc1.bias', 'mlp.0.bias'),
+  ('fc2.weight', 'mlp.2.weight'),
+  ('fc2.bias', 'mlp.2.bias'),
+]
 HF_OPENAI_TOP_NAMES = [
-    ('conv1.weight', 'conv1.weight'), ('conv1.bias', 'conv1.bias'), ('conv2.weight', 'conv2.weight'),
-    ('conv2.bias', 'conv2.bias'), ('embed_positions.weight', 'positional_embedding'),
-    ('layer_norm.weight', 'ln_post.weight'), ('layer_norm.bias', 'ln_post.bias')]
+  ('conv1.weight', 'conv1.weight'),
+  ('conv1.bias', 'conv1.bias'),
+  ('conv2.weight', 'conv2.weight'),
+  ('conv2.bias', 'conv2.bias'),
+  ('embed_positions.weight', 'positional_embedding'),
+  ('layer_norm.weight', 'ln_post.weight'),
+  ('layer_norm.bias', 'ln_post.bias'),
+]
 
 
 def hf_openai_name_pairs(num_layers: int):
-  return HF_OPENAI_TOP_NAMES + [(f'layers.{i}.{hf}', f'blocks.{i}.{openai}')
-                                for i in range(num_layers) for hf, openai in HF_OPENAI_BLOCK_NAMES]
+  return HF_OPENAI_TOP_NAMES + [
+    (f'layers.{i}.{hf}', f'blocks.{i}.{openai}')
+    for i in range(num_layers)
+    for hf, openai in HF_OPENAI_BLOCK_NAMES
+  ]
 
 
 def hf_whisper_config(transformers, dims: whisper.WhisperDims):
   return transformers.WhisperConfig(
-      num_mel_bins=dims.n_mels, max_source_positions=dims.n_audio_ctx, d_model=dims.n_audio_state,
-      encoder_attention_heads=dims.n_audio_head, encoder_layers=dims.n_audio_layer,
-      encoder_ffn_dim=4 * dims.n_audio_state, vocab_size=dims.n_vocab,
-      max_target_positions=dims.n_text_ctx, decoder_attention_heads=dims.n_text_head,
-      decoder_layers=dims.n_text_layer, decoder_ffn_dim=4 * dims.n_audio_state,
-      activation_function='gelu')
+    num_mel_bins=dims.n_mels,
+    max_source_positions=dims.n_audio_ctx,
+    d_model=dims.n_audio_state,
+    encoder_attention_heads=dims.n_audio_head,
+    encoder_layers=dims.n_audio_layer,
+    encoder_ffn_dim=4 * dims.n_audio_state,
+    vocab_size=dims.n_vocab,
+    max_target_positions=dims.n_text_ctx,
+    decoder_attention_heads=dims.n_text_head,
+    decoder_layers=dims.n_text_layer,
+    decoder_ffn_dim=4 * dims.n_audio_state,
+    activation_function='gelu',
+  )
 
 
 def hf_encoder_output(hf_encoder, log_mel: np.ndarray) -> np.ndarray:
   import torch
+
   dtype = next(hf_encoder.parameters()).dtype
   with torch.no_grad():
-    return hf_encoder(torch.from_numpy(np.array(log_mel)).to(dtype)).last_hidden_state.float().numpy()
+    return (
+      hf_encoder(torch.from_numpy(np.array(log_mel)).to(dtype)).last_hidden_state.float().numpy()
+    )
 
 
 def relative_l2(a: np.ndarray, reference: np.ndarray) -> float:
@@ -324,13 +386,20 @@ def test_encoder_matches_transformers_with_tiny_en_weights(tiny_encoder):
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
   from transformers.models.whisper import modeling_whisper
+
   dims, openai_params = whisper.read_ct2_whisper(TINY_EN)
   # The reference runs in float64, so the comparison measures our float32 rounding alone.
-  hf_encoder = modeling_whisper.WhisperEncoder(hf_whisper_config(transformers, dims)).eval().double()
-  hf_encoder.load_state_dict({hf: torch.from_numpy(openai_params[openai].astype(np.float64))
-                              for hf, openai in hf_openai_name_pairs(dims.n_audio_layer)})
+  hf_encoder = (
+    modeling_whisper.WhisperEncoder(hf_whisper_config(transformers, dims)).eval().double()
+  )
+  hf_encoder.load_state_dict(
+    {
+      hf: torch.from_numpy(openai_params[openai].astype(np.float64))
+      for hf, openai in hf_openai_name_pairs(dims.n_audio_layer)
+    }
+  )
   audio = synthetic_utterance(30.0, seed=6)
-  audio[10 * 16000:] = 0.0
+  audio[10 * 16000 :] = 0.0
   log_mel = np.asarray(whisper.whisper_log_mel(audio[None], 80))
   reference = hf_encoder_output(hf_encoder, log_mel)
   ours = np.asarray(tiny_encoder(log_mel))
@@ -340,9 +409,18 @@ def test_encoder_matches_transformers_with_tiny_en_weights(tiny_encoder):
   assert np.abs(ours - reference).max() < 5e-5 * np.abs(reference).max()
 
 
-NARROW_LARGE_V3 = whisper.WhisperDims(n_mels=128, n_audio_ctx=200, n_audio_state=64, n_audio_head=4,
-                                      n_audio_layer=4, n_vocab=51866, n_text_ctx=32, n_text_state=64,
-                                      n_text_head=4, n_text_layer=2)
+NARROW_LARGE_V3 = whisper.WhisperDims(
+  n_mels=128,
+  n_audio_ctx=200,
+  n_audio_state=64,
+  n_audio_head=4,
+  n_audio_layer=4,
+  n_vocab=51866,
+  n_text_ctx=32,
+  n_text_state=64,
+  n_text_head=4,
+  n_text_layer=2,
+)
 
 
 @pytest.fixture(scope='module')
@@ -351,7 +429,9 @@ def narrow_checkpoints(tmp_path_factory):
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
   torch.manual_seed(0)
-  model = transformers.WhisperForConditionalGeneration(hf_whisper_config(transformers, NARROW_LARGE_V3))
+  model = transformers.WhisperForConditionalGeneration(
+    hf_whisper_config(transformers, NARROW_LARGE_V3)
+  )
   with torch.no_grad():  # break the zero-bias, unit-scale init so every parameter is exercised
     for parameter in model.model.encoder.parameters():
       parameter.add_(0.05 * torch.randn_like(parameter))
@@ -362,19 +442,24 @@ def narrow_checkpoints(tmp_path_factory):
   model.config.save_pretrained(root / 'hf_bin')
   torch.save(model.state_dict(), root / 'hf_bin' / 'pytorch_model.bin')
   encoder_state = model.model.encoder.state_dict()
-  openai_state = {f'encoder.{openai}': encoder_state[hf].half()
-                  for hf, openai in hf_openai_name_pairs(NARROW_LARGE_V3.n_audio_layer)}
+  openai_state = {
+    f'encoder.{openai}': encoder_state[hf].half()
+    for hf, openai in hf_openai_name_pairs(NARROW_LARGE_V3.n_audio_layer)
+  }
   openai_state['decoder.token_embedding.weight'] = torch.zeros(51866, 64, dtype=torch.float16)
-  torch.save({'dims': dataclasses.asdict(NARROW_LARGE_V3), 'model_state_dict': openai_state},
-             root / 'narrow.pt')
+  torch.save(
+    {'dims': dataclasses.asdict(NARROW_LARGE_V3), 'model_state_dict': openai_state},
+    root / 'narrow.pt',
+  )
   return root, model.model.encoder
 
 
 @pytest.mark.parametrize('checkpoint', ['hf_safetensors', 'hf_bin', 'narrow.pt'])
 def test_loaders_match_transformers_on_narrow_large_v3(narrow_checkpoints, checkpoint):
   root, hf_encoder = narrow_checkpoints
-  assert whisper.checkpoint_format(str(root / checkpoint)) == ('openai' if checkpoint.endswith('.pt')
-                                                              else 'hf')
+  assert whisper.checkpoint_format(str(root / checkpoint)) == (
+    'openai' if checkpoint.endswith('.pt') else 'hf'
+  )
   encoder = whisper.load_whisper_encoder(root / checkpoint)
   assert encoder.dims == NARROW_LARGE_V3
   audio = synthetic_utterance(4.0, seed=7)
@@ -400,10 +485,14 @@ def test_openai_loader_needs_torch(tmp_path, monkeypatch):
 def test_openai_loader_rejects_other_pickles(tmp_path):
   torch = pytest.importorskip('torch')
   torch.save({'state_dict': {}}, tmp_path / 'other.pt')
-  with pytest.raises(whisper.WhisperCheckpointError, match="other.pt: not an openai-whisper checkpoint"):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match='other.pt: not an openai-whisper checkpoint'
+  ):
     whisper.load_whisper_encoder(tmp_path / 'other.pt')
   (tmp_path / 'garbage.pt').write_bytes(b'\x00' * 100)
-  with pytest.raises(whisper.WhisperCheckpointError, match='garbage.pt: cannot be read as an openai'):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match='garbage.pt: cannot be read as an openai'
+  ):
     whisper.load_whisper_encoder(tmp_path / 'garbage.pt')
 
 
@@ -411,21 +500,28 @@ def test_hf_loader_rejects_other_models_and_truncated_weights(tmp_path, narrow_c
   root, _ = narrow_checkpoints
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'wav2vec2'}))
   (tmp_path / 'model.safetensors').write_bytes(b'')
-  with pytest.raises(whisper.WhisperCheckpointError, match="model_type 'wav2vec2', expected 'whisper'"):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match="model_type 'wav2vec2', expected 'whisper'"
+  ):
     whisper.load_whisper_encoder(tmp_path)
   shutil.copy(root / 'hf_safetensors' / 'config.json', tmp_path)
   data = (root / 'hf_safetensors' / 'model.safetensors').read_bytes()
-  (tmp_path / 'model.safetensors').write_bytes(data[:len(data) // 2])
-  with pytest.raises(whisper.WhisperCheckpointError, match='model.safetensors: cannot read safetensors'):
+  (tmp_path / 'model.safetensors').write_bytes(data[: len(data) // 2])
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match='model.safetensors: cannot read safetensors'
+  ):
     whisper.load_whisper_encoder(tmp_path)
 
 
 def test_loader_reports_missing_and_misshapen_parameters():
   dims, params = whisper.read_ct2_whisper(TINY_EN)
   incomplete = {name: value for name, value in params.items() if name != 'blocks.2.mlp.0.bias'}
-  with pytest.raises(whisper.WhisperCheckpointError, match=r"src: .*missing: \['blocks.2.mlp.0.bias'\]"):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match=r"src: .*missing: \['blocks.2.mlp.0.bias'\]"
+  ):
     whisper.encoder_from_openai_params(dims, incomplete, source='src')
   shorter_context = dataclasses.replace(dims, n_audio_ctx=1000)
-  with pytest.raises(whisper.WhisperCheckpointError,
-                     match=r"positional_embedding.*\(1500, 384\).*\(1000, 384\)"):
+  with pytest.raises(
+    whisper.WhisperCheckpointError, match=r'positional_embedding.*\(1500, 384\).*\(1000, 384\)'
+  ):
     whisper.encoder_from_openai_params(shorter_context, params, source='src')

@@ -1,4 +1,5 @@
 """Greedy Whisper decoding in JAX against CTranslate2's greedy `generate` on eSpeak speech."""
+
 import librosa
 import numpy as np
 import pytest
@@ -8,20 +9,28 @@ from agrepa_jax.teachers import bundled_whisper_tiny_en, whisper
 from agrepa_jax.teachers.whisper_decode import WhisperGreedyTranscriber, until_end_of_text
 
 TINY_EN = bundled_whisper_tiny_en()
-SENTENCES = ('The quick brown fox jumps over the lazy dog.',
-             'Please call Stella and ask her to bring these things with her from the store.',
-             'Seven green boxes were left by the river in the morning.',
-             'My sister reads a short story every night.')
+SENTENCES = (
+  'The quick brown fox jumps over the lazy dog.',
+  'Please call Stella and ask her to bring these things with her from the store.',
+  'Seven green boxes were left by the river in the morning.',
+  'My sister reads a short story every night.',
+)
 
 
 @pytest.fixture(scope='module')
 def utterances():
   with synth.EspeakProcess() as espeak:
-    waves = [librosa.resample(espeak.speak(text, 'en-us', 175, 50, 50).astype(np.float32) / 2**15,
-                              orig_sr=synth.ESPEAK_SAMPLE_RATE, target_sr=16000) for text in SENTENCES]
+    waves = [
+      librosa.resample(
+        espeak.speak(text, 'en-us', 175, 50, 50).astype(np.float32) / 2**15,
+        orig_sr=synth.ESPEAK_SAMPLE_RATE,
+        target_sr=16000,
+      )
+      for text in SENTENCES
+    ]
   batch = np.zeros((len(waves), max(w.size for w in waves)), np.float32)
   for row, wave in zip(batch, waves):
-    row[:wave.size] = wave
+    row[: wave.size] = wave
   return batch
 
 
@@ -33,11 +42,12 @@ def transcriber():
 def ctranslate2_greedy(audio: np.ndarray, prompt: list[int]) -> list[list[int]]:
   ctranslate2 = pytest.importorskip('ctranslate2')
   window = np.zeros((audio.shape[0], 30 * 16000), np.float32)
-  window[:, :audio.shape[1]] = audio
+  window[:, : audio.shape[1]] = audio
   log_mel = np.array(whisper.whisper_log_mel(window, 80))
   model = ctranslate2.models.Whisper(TINY_EN, device='cpu', compute_type='float32')
-  results = model.generate(ctranslate2.StorageView.from_array(log_mel), [prompt] * len(audio),
-                           beam_size=1)
+  results = model.generate(
+    ctranslate2.StorageView.from_array(log_mel), [prompt] * len(audio), beam_size=1
+  )
   return [result.sequences_ids[0] for result in results]
 
 
@@ -52,7 +62,9 @@ def test_greedy_tokens_equal_ctranslate2(transcriber, utterances):
   ours = transcriber.tokens(utterances, max_new_tokens=48)
   assert ours == reference
   assert ours[0] == [383, 2068, 7586, 21831, 4391, 625, 262, 16931, 299, 519, 13]
-  texts = transcriber.transcribe(utterances, np.array([utterances.shape[1]] * len(SENTENCES)), max_new_tokens=48)
+  texts = transcriber.transcribe(
+    utterances, np.array([utterances.shape[1]] * len(SENTENCES)), max_new_tokens=48
+  )
   assert texts[0] == ' The quick brown fox jump over the lazy nog.'
   assert texts[1].startswith(' Please call stellar and ask')
   # A shorter budget gives the first tokens of the same greedy path.

@@ -4,12 +4,12 @@ Written for these tests from the public model description (gemelo-ai/vocos); par
 follow the official state dict, so `state_dict()` has the keys of an official pytorch_model.bin.
 The overlap-add is a transposed convolution here, a different route from the JAX shifted sums.
 """
+
 import torch
 from torch import nn
 
 
 class ConvNeXtBlock(nn.Module):
-
   def __init__(self, dim: int, intermediate_dim: int, layer_scale: float):
     super().__init__()
     self.dwconv = nn.Conv1d(dim, dim, kernel_size=7, padding=3, groups=dim)
@@ -26,13 +26,13 @@ class ConvNeXtBlock(nn.Module):
 
 
 class Backbone(nn.Module):
-
   def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int):
     super().__init__()
     self.embed = nn.Conv1d(input_channels, dim, kernel_size=7, padding=3)
     self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.convnext = nn.ModuleList(
-        [ConvNeXtBlock(dim, intermediate_dim, 1 / num_layers) for _ in range(num_layers)])
+      [ConvNeXtBlock(dim, intermediate_dim, 1 / num_layers) for _ in range(num_layers)]
+    )
     self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
 
   def forward(self, mel):  # (B, mels, T) -> (B, T, dim)
@@ -43,7 +43,6 @@ class Backbone(nn.Module):
 
 
 class SameISTFT(nn.Module):
-
   def __init__(self, n_fft: int, hop_length: int):
     super().__init__()
     self.n_fft = n_fft
@@ -63,7 +62,6 @@ class SameISTFT(nn.Module):
 
 
 class ISTFTHead(nn.Module):
-
   def __init__(self, dim: int, n_fft: int, hop_length: int):
     super().__init__()
     self.out = nn.Linear(dim, n_fft + 2)
@@ -77,9 +75,15 @@ class ISTFTHead(nn.Module):
 
 
 class Vocos(nn.Module):
-
-  def __init__(self, input_channels=100, dim=512, intermediate_dim=1536, num_layers=8, n_fft=1024,
-               hop_length=256):
+  def __init__(
+    self,
+    input_channels=100,
+    dim=512,
+    intermediate_dim=1536,
+    num_layers=8,
+    n_fft=1024,
+    hop_length=256,
+  ):
     super().__init__()
     self.backbone = Backbone(input_channels, dim, intermediate_dim, num_layers)
     self.head = ISTFTHead(dim, n_fft, hop_length)

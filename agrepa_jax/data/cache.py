@@ -12,6 +12,7 @@ contents, so runs with the same data settings share it. It is built in two stage
    `meta.json` records the settings, teacher widths and the clips skipped because they could not be
    decoded; `COMPLETE` is written last.
 """
+
 import hashlib
 import json
 import logging
@@ -71,10 +72,14 @@ def feature_mesh():
 def pad_batch(batch: np.ndarray, rows: int) -> np.ndarray:
   """Zero rows appended up to `rows`."""
   extra = rows - len(batch)
-  return np.concatenate([batch, np.zeros((extra, *batch.shape[1:]), batch.dtype)]) if extra else batch
+  return (
+    np.concatenate([batch, np.zeros((extra, *batch.shape[1:]), batch.dtype)]) if extra else batch
+  )
 
 
-def teacher_features(teacher: Teacher, waves: np.ndarray, num_samples: np.ndarray, mesh, batch_rows: int = 0):
+def teacher_features(
+  teacher: Teacher, waves: np.ndarray, num_samples: np.ndarray, mesh, batch_rows: int = 0
+):
   """Utterance means (N, C) over frames holding audio, frame features (N, F, C) and their mask.
 
   waves are 24 kHz; they are resampled to the teacher's rate on the host, then the batch is padded
@@ -82,33 +87,50 @@ def teacher_features(teacher: Teacher, waves: np.ndarray, num_samples: np.ndarra
   multiple of the mesh size, and sharded over the mesh.
   """
   rate = teacher.spec.sample_rate
-  resampled = librosa.resample(waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1)
+  resampled = librosa.resample(
+    waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1
+  )
   teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
   rows = -(-max(batch_rows, len(waves)) // mesh.devices.size) * mesh.devices.size
-  batch = jax.device_put(pad_batch(resampled.astype(np.float32), rows), sharding.batch_sharding(mesh))
+  batch = jax.device_put(
+    pad_batch(resampled.astype(np.float32), rows), sharding.batch_sharding(mesh)
+  )
   frames, mask = teacher.features(batch, pad_batch(teacher_samples, rows))
-  frames, mask = np.asarray(frames, np.float32)[:len(waves)], np.asarray(mask)[:len(waves)]
+  frames, mask = np.asarray(frames, np.float32)[: len(waves)], np.asarray(mask)[: len(waves)]
   return masked_mean(frames, mask), frames, mask
 
 
-def build_chunk(clips: list[Clip], settings: dict, domains: tuple[str, ...], teachers: dict, mesh) -> dict:
+def build_chunk(
+  clips: list[Clip], settings: dict, domains: tuple[str, ...], teachers: dict, mesh
+) -> dict:
   """Everything the cache needs of one chunk of clips, as a dict of arrays."""
   clips, waves, num_samples, skipped = decode_clips(clips, settings['clip_seconds'])
   domain = np.array([domains.index(c.domain) for c in clips], np.int32)
-  mel = np.asarray(audio.log_mel(jnp.asarray(waves))) if len(waves) else np.zeros((0, 0, audio.N_MELS))
-  out = {'ids': np.array([c.id for c in clips]), 'paths': np.array([c.path for c in clips]),
-         'texts': np.array([c.text for c in clips]), 'domain': domain, 'num_samples': num_samples,
-         'mel': mel.astype(np.float16), 'skipped': np.array(json.dumps(skipped))}
+  mel = (
+    np.asarray(audio.log_mel(jnp.asarray(waves))) if len(waves) else np.zeros((0, 0, audio.N_MELS))
+  )
+  out = {
+    'ids': np.array([c.id for c in clips]),
+    'paths': np.array([c.path for c in clips]),
+    'texts': np.array([c.text for c in clips]),
+    'domain': domain,
+    'num_samples': num_samples,
+    'mel': mel.astype(np.float16),
+    'skipped': np.array(json.dumps(skipped)),
+  }
   num_tokens = max(1, round(settings['clip_seconds'] * settings['token_rate']))
   for d, name in enumerate(domains):
     rows = np.flatnonzero(domain == d)
     if len(rows) == 0:
       continue
-    utterance, frames, _ = teacher_features(teachers[name], waves[rows], num_samples[rows], mesh,
-                                            settings['chunk_size'])
+    utterance, frames, _ = teacher_features(
+      teachers[name], waves[rows], num_samples[rows], mesh, settings['chunk_size']
+    )
     out[f'rows_{name}'] = rows
     out[f'teacher_{name}'] = utterance
-    out[f'token_features_{name}'] = np.stack([tokenizer.pool_to_rate(f, num_tokens) for f in frames])
+    out[f'token_features_{name}'] = np.stack(
+      [tokenizer.pool_to_rate(f, num_tokens) for f in frames]
+    )
     if settings['teacher_frames']:
       out[f'teacher_frames_{name}'] = frames.astype(np.float16)
   return out
@@ -135,10 +157,16 @@ def build_chunks(clips, directory, settings, domains, load_teachers) -> dict:
     return stats
   teachers, mesh = load_teachers(), feature_mesh()
   start = time.perf_counter()
-  for i in tqdm.tqdm(missing, desc='data chunks (decode, mel, teachers)', unit='chunk',
-                     disable=jax.process_index() != 0):
-    chunk = clips[i * chunk_size:(i + 1) * chunk_size]
-    write_atomically(chunk_path(directory, i), build_chunk(chunk, settings, domains, teachers, mesh))
+  for i in tqdm.tqdm(
+    missing,
+    desc='data chunks (decode, mel, teachers)',
+    unit='chunk',
+    disable=jax.process_index() != 0,
+  ):
+    chunk = clips[i * chunk_size : (i + 1) * chunk_size]
+    write_atomically(
+      chunk_path(directory, i), build_chunk(chunk, settings, domains, teachers, mesh)
+    )
     stats['clips'] += len(chunk)
   stats['seconds'] = time.perf_counter() - start
   return stats
@@ -154,15 +182,21 @@ def fit_tokenizers(directory, num_chunks, settings, domains) -> dict:
   """Per-domain codebooks fitted on the training split's teacher frames pooled to the token rate."""
   features = {name: [] for name in domains}
   for chunk in load_chunks(directory, num_chunks):
-    train_rows = np.array([split_of(i, settings['heldout_fraction']) == 'train' for i in chunk['ids']], bool)
+    train_rows = np.array(
+      [split_of(i, settings['heldout_fraction']) == 'train' for i in chunk['ids']], bool
+    )
     for name in domains:
       if f'rows_{name}' in chunk:
         keep = train_rows[chunk[f'rows_{name}']]
         pooled = chunk[f'token_features_{name}'][keep]
         features[name].append(pooled.reshape(-1, pooled.shape[-1]))
-  return {name: tokenizer.fit_codebooks(np.concatenate(f), settings['codebook_size'], settings['num_codebooks'],
-                                        settings['seed'] + d)
-          for d, (name, f) in enumerate(features.items()) if f}
+  return {
+    name: tokenizer.fit_codebooks(
+      np.concatenate(f), settings['codebook_size'], settings['num_codebooks'], settings['seed'] + d
+    )
+    for d, (name, f) in enumerate(features.items())
+    if f
+  }
 
 
 def assemble(directory, num_chunks, settings, domains, teacher_dims) -> dict:
@@ -173,7 +207,9 @@ def assemble(directory, num_chunks, settings, domains, teacher_dims) -> dict:
   for chunk in load_chunks(directory, num_chunks):
     index += [split_of(i, settings['heldout_fraction']) for i in chunk['ids']]
     skipped += json.loads(str(chunk['skipped']))
-    frame_shapes.update({n: chunk[f'teacher_frames_{n}'].shape[1] for n in domains if f'teacher_frames_{n}' in chunk})
+    frame_shapes.update(
+      {n: chunk[f'teacher_frames_{n}'].shape[1] for n in domains if f'teacher_frames_{n}' in chunk}
+    )
   index = np.array(index)
   num_frames = audio.num_frames(round(settings['clip_seconds'] * audio.SAMPLE_RATE))
   outputs = {}
@@ -181,21 +217,35 @@ def assemble(directory, num_chunks, settings, domains, teacher_dims) -> dict:
     n = int((index == split).sum())
     out = directory / split
     out.mkdir(exist_ok=True)
-    arrays = {'mel': ((n, num_frames, audio.N_MELS), np.float16), 'num_samples': ((n,), np.int64),
-              'domain': ((n,), np.int32), 'tokens': ((n, settings['num_codebooks'], num_tokens), np.int32)}
+    arrays = {
+      'mel': ((n, num_frames, audio.N_MELS), np.float16),
+      'num_samples': ((n,), np.int64),
+      'domain': ((n,), np.int32),
+      'tokens': ((n, settings['num_codebooks'], num_tokens), np.int32),
+    }
     arrays.update({f'teacher_{d}': ((n, teacher_dims[d]), np.float32) for d in domains})
-    arrays.update({f'teacher_frames_{d}': ((n, frame_shapes[d], teacher_dims[d]), np.float16) for d in frame_shapes})
-    outputs[split] = {k: np.lib.format.open_memmap(out / f'{k}.npy', 'w+', dtype, shape)
-                      for k, (shape, dtype) in arrays.items()}
+    arrays.update(
+      {
+        f'teacher_frames_{d}': ((n, frame_shapes[d], teacher_dims[d]), np.float16)
+        for d in frame_shapes
+      }
+    )
+    outputs[split] = {
+      k: np.lib.format.open_memmap(out / f'{k}.npy', 'w+', dtype, shape)
+      for k, (shape, dtype) in arrays.items()
+    }
     outputs[split]['clips'] = []
   cursor = {split: 0 for split in SPLITS}
-  for chunk in tqdm.tqdm(load_chunks(directory, num_chunks), total=num_chunks, desc='assemble cache', unit='chunk'):
+  for chunk in tqdm.tqdm(
+    load_chunks(directory, num_chunks), total=num_chunks, desc='assemble cache', unit='chunk'
+  ):
     split = np.array([split_of(i, settings['heldout_fraction']) for i in chunk['ids']])
     tokens = np.zeros((len(split), settings['num_codebooks'], num_tokens), np.int32)
     for name in domains:
       if f'rows_{name}' in chunk:
         tokens[chunk[f'rows_{name}']] = np.moveaxis(
-            tokenizer.assign_tokens(chunk[f'token_features_{name}'], codebooks[name]), 0, 1)
+          tokenizer.assign_tokens(chunk[f'token_features_{name}'], codebooks[name]), 0, 1
+        )
     for name in SPLITS:
       rows = np.flatnonzero(split == name)
       target, start = outputs[name], cursor[name]
@@ -207,33 +257,54 @@ def assemble(directory, num_chunks, settings, domains, teacher_dims) -> dict:
       for d in domains:
         for kind in ('teacher', 'teacher_frames'):
           if f'{kind}_{d}' in target:
-            full = np.zeros((len(split), *target[f'{kind}_{d}'].shape[1:]), target[f'{kind}_{d}'].dtype)
+            full = np.zeros(
+              (len(split), *target[f'{kind}_{d}'].shape[1:]), target[f'{kind}_{d}'].dtype
+            )
             if f'rows_{d}' in chunk:
               full[chunk[f'rows_{d}']] = chunk[f'{kind}_{d}']
             target[f'{kind}_{d}'][span] = full[rows]
-      target['clips'] += [{'id': str(chunk['ids'][r]), 'path': str(chunk['paths'][r]), 'text': str(chunk['texts'][r]),
-                           'domain': domains[chunk['domain'][r]]} for r in rows]
+      target['clips'] += [
+        {
+          'id': str(chunk['ids'][r]),
+          'path': str(chunk['paths'][r]),
+          'text': str(chunk['texts'][r]),
+          'domain': domains[chunk['domain'][r]],
+        }
+        for r in rows
+      ]
       cursor[name] += len(rows)
   for name in SPLITS:
     clips = outputs[name].pop('clips')
     for array in outputs[name].values():
       array.flush()
     (directory / name / 'clips.json').write_text(json.dumps(clips, indent=0))
-  return {'num_clips': cursor, 'num_tokens': num_tokens, 'num_frames': num_frames, 'skipped': skipped}
+  return {
+    'num_clips': cursor,
+    'num_tokens': num_tokens,
+    'num_frames': num_frames,
+    'skipped': skipped,
+  }
 
 
 def teacher_widths(directory: pathlib.Path, num_chunks: int, domains) -> dict | None:
   """{domain: C_d} read off the chunks' utterance features, or None if some domain has no clip yet."""
   widths = {}
   for chunk in load_chunks(directory, num_chunks):
-    widths.update({d: int(chunk[f'teacher_{d}'].shape[1]) for d in domains if f'teacher_{d}' in chunk})
+    widths.update(
+      {d: int(chunk[f'teacher_{d}'].shape[1]) for d in domains if f'teacher_{d}' in chunk}
+    )
     if len(widths) == len(domains):
       return widths
   return None
 
 
-def build_cache(clips: list[Clip], directory: pathlib.Path, settings: dict, domains: tuple[str, ...],
-                load_teachers) -> dict:
+def build_cache(
+  clips: list[Clip],
+  directory: pathlib.Path,
+  settings: dict,
+  domains: tuple[str, ...],
+  load_teachers,
+) -> dict:
   """Builds (or finishes) the cache in `directory`; every process calls it. Returns the meta dict.
 
   settings: clip_seconds, heldout_fraction, token_rate, codebook_size, num_codebooks, seed,
@@ -250,29 +321,49 @@ def build_cache(clips: list[Clip], directory: pathlib.Path, settings: dict, doma
   directory.mkdir(parents=True, exist_ok=True)
   stats = build_chunks(clips, directory, settings, domains, load_teachers)
   if stats['computed']:
-    logging.info('data chunks: %d computed (%d clips in %.1f s, %.2f clips/s)', stats['computed'], stats['clips'],
-                 stats['seconds'], stats['clips'] / max(stats['seconds'], 1e-9))
+    logging.info(
+      'data chunks: %d computed (%d clips in %.1f s, %.2f clips/s)',
+      stats['computed'],
+      stats['clips'],
+      stats['seconds'],
+      stats['clips'] / max(stats['seconds'], 1e-9),
+    )
   sync_processes('data-chunks')
   num_chunks = -(-len(clips) // settings['chunk_size'])
   if jax.process_index() == 0:
-    teacher_dims = teacher_widths(directory, num_chunks, domains) or {n: t.spec.dim for n, t in load_teachers().items()}
+    teacher_dims = teacher_widths(directory, num_chunks, domains) or {
+      n: t.spec.dim for n, t in load_teachers().items()
+    }
     assembled = assemble(directory, num_chunks, settings, domains, teacher_dims)
     if not sum(assembled['num_clips'].values()):
-      raise ValueError(f'no decodable clips for the cache in {directory} ({len(assembled["skipped"])} skipped)')
-    meta = {'settings': settings, 'domains': list(domains), 'teacher_dims': teacher_dims,
-            'feature_stats': stats, **assembled}
+      raise ValueError(
+        f'no decodable clips for the cache in {directory} ({len(assembled["skipped"])} skipped)'
+      )
+    meta = {
+      'settings': settings,
+      'domains': list(domains),
+      'teacher_dims': teacher_dims,
+      'feature_stats': stats,
+      **assembled,
+    }
     (directory / 'meta.json').write_text(json.dumps(meta, indent=2, default=str))
     (directory / 'COMPLETE').write_text('')
-    logging.info('data cache ready in %s: %s clips, %d skipped', directory, meta['num_clips'], len(meta['skipped']))
+    logging.info(
+      'data cache ready in %s: %s clips, %d skipped',
+      directory,
+      meta['num_clips'],
+      len(meta['skipped']),
+    )
   sync_processes('data-cache')
   return json.loads((directory / 'meta.json').read_text())
 
 
-def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, num_tokens: int,
-                     vocab_size: int) -> np.ndarray:
+def read_token_files(
+  token_dir: str, clip_ids: list[str], num_codebooks: int, num_tokens: int, vocab_size: int
+) -> np.ndarray:
   """External tokens (e.g. S3 or an AudioSet tokenizer): `<token_dir>/<clip id>.npy`, (N,) or (K, N).
 
-  Each file is resampled by nearest neighbour to `num_tokens` per clip; ids must lie in 0..vocab_size-1.
+  Each file is resampled by nearest neighbor to `num_tokens` per clip; ids must lie in 0..vocab_size-1.
   """
   out = np.zeros((len(clip_ids), num_codebooks, num_tokens), np.int32)
   for i, clip_id in enumerate(clip_ids):
@@ -281,10 +372,14 @@ def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, nu
       raise FileNotFoundError(f'token file for clip {clip_id!r} not found: {path}')
     tokens = np.atleast_2d(np.load(path))
     if tokens.shape[0] != num_codebooks:
-      raise ValueError(f'{path}: holds {tokens.shape[0]} codebooks, model.num_codebooks={num_codebooks}')
+      raise ValueError(
+        f'{path}: holds {tokens.shape[0]} codebooks, model.num_codebooks={num_codebooks}'
+      )
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-      raise ValueError(f'{path}: token ids in [{tokens.min()}, {tokens.max()}] are outside 0..{vocab_size - 1} '
-                       '(model.vocab_size)')
+      raise ValueError(
+        f'{path}: token ids in [{tokens.min()}, {tokens.max()}] are outside 0..{vocab_size - 1} '
+        '(model.vocab_size)'
+      )
     index = np.minimum((np.arange(num_tokens) * tokens.shape[1]) // num_tokens, tokens.shape[1] - 1)
     out[i] = tokens[:, index]
   return out
@@ -293,4 +388,5 @@ def read_token_files(token_dir: str, clip_ids: list[str], num_codebooks: int, nu
 def sync_processes(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

@@ -1,4 +1,5 @@
 """Where clips come from: the generated embedded corpus, or directories of real audio."""
+
 import dataclasses
 import pathlib
 
@@ -13,12 +14,15 @@ class Clip:
   text: str = ''
 
 
-def embedded_clips(root: pathlib.Path, num_speech: int, num_audio: int, seed: int,
-                   seconds: float) -> list[Clip]:
+def embedded_clips(
+  root: pathlib.Path, num_speech: int, num_audio: int, seed: int, seconds: float
+) -> list[Clip]:
   """Generates (once) and lists the embedded corpus: eSpeak NG speech and synthetic sound events."""
   from agrepa_jax.data import synth
-  entries = synth.build_embedded_corpus(root, num_speech=num_speech, num_audio=num_audio, seed=seed,
-                                        seconds=seconds)
+
+  entries = synth.build_embedded_corpus(
+    root, num_speech=num_speech, num_audio=num_audio, seed=seed, seconds=seconds
+  )
   return [Clip(e['id'], str(e['path']), e['domain'], e.get('text', '')) for e in entries]
 
 
@@ -38,5 +42,9 @@ def directory_clips(directory: str, domain: str) -> list[Clip]:
   files = sorted(p for p in root.rglob('*') if p.suffix.lower() in AUDIO_SUFFIXES)
   if not files:
     raise FileNotFoundError(f'no audio files ({", ".join(AUDIO_SUFFIXES)}) under {root}')
-  return [Clip(f'{domain}/{p.relative_to(root).with_suffix("")}', str(p), domain,
-               transcripts.get(p.stem, '')) for p in files]
+  return [
+    Clip(
+      f'{domain}/{p.relative_to(root).with_suffix("")}', str(p), domain, transcripts.get(p.stem, '')
+    )
+    for p in files
+  ]

@@ -10,6 +10,7 @@ drives its own fresh eSpeak process (`python -m agrepa_jax.data.synth`), which i
 once and answers one utterance per request; the requests, including the seed of the breath noise
 that eSpeak would otherwise seed from the clock, are a function of the corpus seed alone.
 """
+
 import ctypes
 import json
 import math
@@ -17,8 +18,9 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 import librosa
 import numpy as np
@@ -38,7 +40,7 @@ _PARAM_PITCH = 3
 _PARAM_RANGE = 4
 
 # English accents shipped with espeak-ng-data (lang/gmw) and the voice variants (voices/!v) that use
-# the default formant synthesiser; the Klatt variants are left out because a second Klatt utterance
+# the default formant synthesizer; the Klatt variants are left out because a second Klatt utterance
 # in one process crashes this build.
 ACCENTS = ('en', 'en-us', 'en-gb-x-rp', 'en-gb-scotland', 'en-029', 'en-gb-x-gbclan')
 MALE_VARIANTS = ('m1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7')
@@ -48,48 +50,160 @@ PITCH_RANGE = (30, 70)
 INTONATION_RANGE = (30, 90)
 
 # Sentence templates: each slot is filled from a word list; see `english_sentences`.
-_NAMES = ('Anna', 'Ben', 'Clara', 'David', 'Elena', 'Felix', 'Grace', 'Hugo', 'Iris', 'Jonas',
-          'Kate', 'Leo', 'Maya', 'Nick', 'Olga', 'Paul')
-_NUMBER_WORDS = ('two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten', 'eleven',
-                 'twelve')
-_WHEN = ('today', 'yesterday', 'last week', 'this morning', 'at noon', 'on Monday', 'before lunch',
-         'after dinner')
-_OPENABLES = ('window', 'door', 'drawer', 'gate', 'cupboard', 'box', 'curtain', 'suitcase', 'oven',
-              'fridge')
+_NAMES = (
+  'Anna',
+  'Ben',
+  'Clara',
+  'David',
+  'Elena',
+  'Felix',
+  'Grace',
+  'Hugo',
+  'Iris',
+  'Jonas',
+  'Kate',
+  'Leo',
+  'Maya',
+  'Nick',
+  'Olga',
+  'Paul',
+)
+_NUMBER_WORDS = (
+  'two',
+  'three',
+  'four',
+  'five',
+  'six',
+  'seven',
+  'eight',
+  'nine',
+  'ten',
+  'eleven',
+  'twelve',
+)
+_WHEN = (
+  'today',
+  'yesterday',
+  'last week',
+  'this morning',
+  'at noon',
+  'on Monday',
+  'before lunch',
+  'after dinner',
+)
+_OPENABLES = (
+  'window',
+  'door',
+  'drawer',
+  'gate',
+  'cupboard',
+  'box',
+  'curtain',
+  'suitcase',
+  'oven',
+  'fridge',
+)
 _SENTENCE_TEMPLATES = (
-    ('The {} {} {} to the {}.', (
-        ('small', 'quiet', 'old', 'young', 'brown', 'grey', 'happy', 'tired', 'clever', 'lazy',
-         'hungry', 'little'),
-        ('dog', 'cat', 'horse', 'goat', 'rabbit', 'duck', 'fox', 'sheep', 'mouse', 'bird'),
-        ('walked', 'ran', 'hurried', 'wandered', 'raced', 'crept', 'strolled', 'trotted'),
-        ('river', 'market', 'garden', 'station', 'bridge', 'village', 'harbour', 'school',
-         'forest', 'library'))),
-    ('{} found {} {} {}.', (
-        _NAMES, _NUMBER_WORDS,
-        ('apples', 'coins', 'shells', 'books', 'stones', 'letters', 'cups', 'pencils', 'tickets',
-         'candles'),
-        _WHEN)),
-    ('Please {} the {} {}.', (
-        ('open', 'close', 'check', 'clean', 'fix', 'move'), _OPENABLES,
-        ('now', 'again', 'for me', 'quickly', 'tonight'))),
-    ('Is the {} {} {}?', (
-        _OPENABLES, ('ready', 'empty', 'broken', 'clean', 'warm', 'open', 'locked', 'full'),
-        ('yet', 'now', 'again', 'already', 'today'))),
-    ('{} likes {} with {}.', (
-        _NAMES, ('bread', 'rice', 'soup', 'toast', 'fish', 'pasta', 'eggs', 'salad'),
-        ('honey', 'butter', 'cheese', 'lemon', 'pepper', 'garlic', 'beans', 'milk'))),
-    ('The {} {} {}.', (
-        ('rain', 'wind', 'snow', 'fog', 'storm', 'frost'),
-        ('stopped', 'returned', 'began', 'ended', 'eased', 'grew worse'), _WHEN)),
-    ('The {} {} at {} o\'clock.', (
-        ('train', 'bus', 'ferry', 'plane', 'tram', 'coach'),
-        ('leaves', 'arrives', 'stops', 'returns'), _NUMBER_WORDS + ('one',))),
+  (
+    'The {} {} {} to the {}.',
+    (
+      (
+        'small',
+        'quiet',
+        'old',
+        'young',
+        'brown',
+        'grey',
+        'happy',
+        'tired',
+        'clever',
+        'lazy',
+        'hungry',
+        'little',
+      ),
+      ('dog', 'cat', 'horse', 'goat', 'rabbit', 'duck', 'fox', 'sheep', 'mouse', 'bird'),
+      ('walked', 'ran', 'hurried', 'wandered', 'raced', 'crept', 'strolled', 'trotted'),
+      (
+        'river',
+        'market',
+        'garden',
+        'station',
+        'bridge',
+        'village',
+        'harbour',
+        'school',
+        'forest',
+        'library',
+      ),
+    ),
+  ),
+  (
+    '{} found {} {} {}.',
+    (
+      _NAMES,
+      _NUMBER_WORDS,
+      (
+        'apples',
+        'coins',
+        'shells',
+        'books',
+        'stones',
+        'letters',
+        'cups',
+        'pencils',
+        'tickets',
+        'candles',
+      ),
+      _WHEN,
+    ),
+  ),
+  (
+    'Please {} the {} {}.',
+    (
+      ('open', 'close', 'check', 'clean', 'fix', 'move'),
+      _OPENABLES,
+      ('now', 'again', 'for me', 'quickly', 'tonight'),
+    ),
+  ),
+  (
+    'Is the {} {} {}?',
+    (
+      _OPENABLES,
+      ('ready', 'empty', 'broken', 'clean', 'warm', 'open', 'locked', 'full'),
+      ('yet', 'now', 'again', 'already', 'today'),
+    ),
+  ),
+  (
+    '{} likes {} with {}.',
+    (
+      _NAMES,
+      ('bread', 'rice', 'soup', 'toast', 'fish', 'pasta', 'eggs', 'salad'),
+      ('honey', 'butter', 'cheese', 'lemon', 'pepper', 'garlic', 'beans', 'milk'),
+    ),
+  ),
+  (
+    'The {} {} {}.',
+    (
+      ('rain', 'wind', 'snow', 'fog', 'storm', 'frost'),
+      ('stopped', 'returned', 'began', 'ended', 'eased', 'grew worse'),
+      _WHEN,
+    ),
+  ),
+  (
+    "The {} {} at {} o'clock.",
+    (
+      ('train', 'bus', 'ferry', 'plane', 'tram', 'coach'),
+      ('leaves', 'arrives', 'stops', 'returns'),
+      _NUMBER_WORDS + ('one',),
+    ),
+  ),
 )
 SENTENCES_PER_TEMPLATE = 60
 
 
-def spread_combinations(word_lists: tuple[tuple[str, ...], ...],
-                        count: int) -> list[tuple[str, ...]]:
+def spread_combinations(
+  word_lists: tuple[tuple[str, ...], ...], count: int
+) -> list[tuple[str, ...]]:
   """`count` distinct combinations of one word per list, spread evenly over the cross product.
 
   Combination k is the (k * stride)-th element of the product in mixed radix; a stride coprime to
@@ -124,8 +238,9 @@ def english_sentences() -> list[str]:
 
 def espeak_voice_names() -> list[str]:
   """Every accent+variant voice the speech clips draw from, e.g. 'en-us+f2'."""
-  return [f'{accent}+{variant}' for accent in ACCENTS
-          for variant in MALE_VARIANTS + FEMALE_VARIANTS]
+  return [
+    f'{accent}+{variant}' for accent in ACCENTS for variant in MALE_VARIANTS + FEMALE_VARIANTS
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +253,12 @@ _collected_chunks: list[bytes] = []
 def _collect_samples(samples, num_samples, _events) -> int:
   if samples and num_samples > 0:
     _collected_chunks.append(ctypes.string_at(samples, num_samples * 2))
-  return 0  # keep synthesising
+  return 0  # keep synthesizing
 
 
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                   ctypes.c_void_p)(_collect_samples)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+  ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)(_collect_samples)
 
 
 def _initialised_espeak() -> ctypes.CDLL:
@@ -151,18 +267,29 @@ def _initialised_espeak() -> ctypes.CDLL:
   if _espeak_library is not None:
     return _espeak_library
   import espeakng_loader
+
   library = ctypes.CDLL(espeakng_loader.get_library_path())
   library.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
   library.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
   library.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
   library.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-  library.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                   ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-  rate = library.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
-                                   espeakng_loader.get_data_path().encode(), 0)
+  library.espeak_Synth.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_size_t,
+    ctypes.c_uint,
+    ctypes.c_int,
+    ctypes.c_uint,
+    ctypes.c_uint,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+  ]
+  rate = library.espeak_Initialize(
+    _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+  )
   if rate != ESPEAK_SAMPLE_RATE:
-    raise RuntimeError(f'eSpeak NG initialisation returned {rate}, '
-                       f'expected {ESPEAK_SAMPLE_RATE} Hz')
+    raise RuntimeError(
+      f'eSpeak NG initialisation returned {rate}, expected {ESPEAK_SAMPLE_RATE} Hz'
+    )
   library.espeak_SetSynthCallback(_SYNTH_CALLBACK)
   _espeak_library = library
   return library
@@ -182,7 +309,7 @@ def _speak(request: dict) -> bytes:
   _collected_chunks.clear()
   status = library.espeak_Synth(text, len(text) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
   if status != 0:
-    raise RuntimeError(f'eSpeak NG could not synthesise {request["text"]!r} (status {status})')
+    raise RuntimeError(f'eSpeak NG could not synthesize {request["text"]!r} (status {status})')
   return b''.join(_collected_chunks)
 
 
@@ -204,10 +331,16 @@ class EspeakProcess:
 
   def __enter__(self) -> 'EspeakProcess':
     package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [package_root, os.environ.get('PYTHONPATH')])))
-    self._process = subprocess.Popen([sys.executable, '-m', 'agrepa_jax.data.synth'], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    env = dict(
+      os.environ,
+      PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')])),
+    )
+    self._process = subprocess.Popen(
+      [sys.executable, '-m', 'agrepa_jax.data.synth'],
+      env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+    )
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -215,11 +348,13 @@ class EspeakProcess:
     self._process.wait()
     self._process.stdout.close()
 
-  def speak(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-            noise_seed: int = 0) -> np.ndarray:
+  def speak(
+    self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, noise_seed: int = 0
+  ) -> np.ndarray:
     """int16 samples at 22050 Hz; `noise_seed` seeds the breath noise of the breathy variants."""
-    request = dict(text=text, voice=voice, rate=rate, pitch=pitch, range=pitch_range,
-                   noise_seed=noise_seed)
+    request = dict(
+      text=text, voice=voice, rate=rate, pitch=pitch, range=pitch_range, noise_seed=noise_seed
+    )
     self._process.stdin.write(json.dumps(request).encode() + b'\n')
     self._process.stdin.flush()
     header = self._process.stdout.read(8)
@@ -234,6 +369,7 @@ class EspeakProcess:
 
 # ---------------------------------------------------------------------------------------------
 # Shared file handling.
+
 
 def to_pcm16(wave: np.ndarray) -> np.ndarray:
   """float waveform in [-1, 1] to int16, clipping what lies outside."""
@@ -252,8 +388,9 @@ def read_manifest(out_dir: Path) -> list[dict]:
   return [dict(entry, path=str(out_dir / entry['path'])) for entry in map(json.loads, lines)]
 
 
-def _write_clips(out_dir: Path, clips: Iterator[dict], num_clips: int, description: str,
-                 progress: bool) -> list[dict]:
+def _write_clips(
+  out_dir: Path, clips: Iterator[dict], num_clips: int, description: str, progress: bool
+) -> list[dict]:
   entries = list(tqdm(clips, total=num_clips, desc=description, disable=not progress))
   write_manifest(out_dir, entries)
   return entries
@@ -261,6 +398,7 @@ def _write_clips(out_dir: Path, clips: Iterator[dict], num_clips: int, descripti
 
 # ---------------------------------------------------------------------------------------------
 # Speech.
+
 
 def _draw_voice(rng: np.random.Generator) -> tuple[str, int, int, int]:
   """(voice name, rate in words per minute, pitch 0-100, pitch range 0-100); genders balanced."""
@@ -280,8 +418,14 @@ def _sentence_stream(rng: np.random.Generator, sentences: list[str]) -> Iterator
       yield sentences[index]
 
 
-def _speech_clips(espeak: EspeakProcess, out_dir: Path, num_clips: int, seed: int,
-                  sample_rate: int, max_seconds: float) -> Iterator[dict]:
+def _speech_clips(
+  espeak: EspeakProcess,
+  out_dir: Path,
+  num_clips: int,
+  seed: int,
+  sample_rate: int,
+  max_seconds: float,
+) -> Iterator[dict]:
   rng = np.random.default_rng(seed)
   sentences = english_sentences()
   texts = _sentence_stream(rng, sentences)
@@ -292,8 +436,12 @@ def _speech_clips(espeak: EspeakProcess, out_dir: Path, num_clips: int, seed: in
     for _ in range(len(sentences)):
       text = next(texts)
       native = espeak.speak(text, voice, rate, pitch, pitch_range, noise_seed)
-      wave = librosa.resample(native.astype(np.float32) / 32768.0, orig_sr=ESPEAK_SAMPLE_RATE,
-                              target_sr=sample_rate, res_type='soxr_hq')
+      wave = librosa.resample(
+        native.astype(np.float32) / 32768.0,
+        orig_sr=ESPEAK_SAMPLE_RATE,
+        target_sr=sample_rate,
+        res_type='soxr_hq',
+      )
       if 0 < wave.size <= max_seconds * sample_rate:
         break
     else:
@@ -302,12 +450,27 @@ def _speech_clips(espeak: EspeakProcess, out_dir: Path, num_clips: int, seed: in
     path = out_dir / f'{clip_id}.wav'
     sf.write(path, to_pcm16(wave), sample_rate, subtype='PCM_16')
     (out_dir / f'{clip_id}.txt').write_text(text + '\n')
-    yield dict(id=clip_id, path=str(path), domain='speech', text=text, voice=voice, rate=rate,
-               pitch=pitch, seconds=wave.size / sample_rate)
+    yield dict(
+      id=clip_id,
+      path=str(path),
+      domain='speech',
+      text=text,
+      voice=voice,
+      rate=rate,
+      pitch=pitch,
+      seconds=wave.size / sample_rate,
+    )
 
 
-def synthesize_speech(out_dir: Path, num_clips: int, seed: int, sample_rate: int = 24000,
-                      max_seconds: float = 3.0, *, progress: bool = False) -> list[dict]:
+def synthesize_speech(
+  out_dir: Path,
+  num_clips: int,
+  seed: int,
+  sample_rate: int = 24000,
+  max_seconds: float = 3.0,
+  *,
+  progress: bool = False,
+) -> list[dict]:
   """Writes `num_clips` eSpeak NG utterances of at most `max_seconds` as <id>.wav + <id>.txt.
 
   Voices, rates, pitches and sentences are drawn from `seed`; returns the manifest entries
@@ -324,12 +487,14 @@ def synthesize_speech(out_dir: Path, num_clips: int, seed: int, sample_rate: int
 # ---------------------------------------------------------------------------------------------
 # Sound events: each generator returns one event's waveform with peak 1.
 
+
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
   return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
-def _num_samples(rng: np.random.Generator, sample_rate: int, min_seconds: float,
-                 max_seconds: float) -> int:
+def _num_samples(
+  rng: np.random.Generator, sample_rate: int, min_seconds: float, max_seconds: float
+) -> int:
   return int(rng.uniform(min_seconds, max_seconds) * sample_rate)
 
 
@@ -339,7 +504,7 @@ def _fade_edges(wave: np.ndarray, sample_rate: int, fade_seconds: float = 0.01) 
   ramp = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, fade))
   envelope = np.ones(wave.size)
   envelope[:fade] = ramp
-  envelope[wave.size - fade:] = ramp[::-1]
+  envelope[wave.size - fade :] = ramp[::-1]
   return wave * envelope
 
 
@@ -388,7 +553,7 @@ def click_train_event(rng: np.random.Generator, sample_rate: int) -> np.ndarray:
   click = np.sin(2 * np.pi * rng.uniform(1500.0, 5000.0) * time) * np.exp(-time / 0.001)
   wave = np.zeros(length)
   for start in range(0, length - click.size, period):
-    wave[start:start + click.size] += click
+    wave[start : start + click.size] += click
   return _peak_normalised(wave)
 
 
@@ -402,20 +567,20 @@ def harmonic_note_event(rng: np.random.Generator, sample_rate: int) -> np.ndarra
   wave = np.zeros(length)
   for harmonic in range(1, num_harmonics + 1):
     if harmonic * fundamental < sample_rate / 2:
-      wave += harmonic ** -rolloff * np.sin(2 * np.pi * harmonic * fundamental * time)
+      wave += harmonic**-rolloff * np.sin(2 * np.pi * harmonic * fundamental * time)
   attack = np.minimum(time / 0.01, 1.0)
   decay = np.exp(-time / rng.uniform(0.15, 0.5))
   return _peak_normalised(_fade_edges(wave * attack * decay, sample_rate))
 
 
 def siren_event(rng: np.random.Generator, sample_rate: int) -> np.ndarray:
-  """A sine whose frequency swings sinusoidally around a centre (frequency modulation)."""
+  """A sine whose frequency swings sinusoidally around a center (frequency modulation)."""
   length = _num_samples(rng, sample_rate, 0.8, 2.0)
-  centre = rng.uniform(500.0, 1500.0)
-  depth = rng.uniform(0.15, 0.4) * centre
+  center = rng.uniform(500.0, 1500.0)
+  depth = rng.uniform(0.15, 0.4) * center
   swing_rate = rng.uniform(0.5, 4.0)
   time = np.arange(length) / sample_rate
-  frequency = centre + depth * np.sin(2 * np.pi * swing_rate * time)
+  frequency = center + depth * np.sin(2 * np.pi * swing_rate * time)
   return _fade_edges(np.sin(_phase(frequency, sample_rate)), sample_rate)
 
 
@@ -445,14 +610,14 @@ def bell_event(rng: np.random.Generator, sample_rate: int) -> np.ndarray:
 
 
 SOUND_EVENT_CLASSES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
-    'tone': tone_event,
-    'chirp': chirp_event,
-    'noise_burst': noise_burst_event,
-    'click_train': click_train_event,
-    'harmonic_note': harmonic_note_event,
-    'siren': siren_event,
-    'thump': thump_event,
-    'bell': bell_event,
+  'tone': tone_event,
+  'chirp': chirp_event,
+  'noise_burst': noise_burst_event,
+  'click_train': click_train_event,
+  'harmonic_note': harmonic_note_event,
+  'siren': siren_event,
+  'thump': thump_event,
+  'bell': bell_event,
 }
 
 
@@ -463,8 +628,9 @@ def _background_noise(rng: np.random.Generator, length: int) -> np.ndarray:
   return 10 ** (rng.uniform(-55.0, -40.0) / 20) * rng.standard_normal(length)
 
 
-def mix_sound_events(rng: np.random.Generator, sample_rate: int,
-                     length: int) -> tuple[np.ndarray, list[str]]:
+def mix_sound_events(
+  rng: np.random.Generator, sample_rate: int, length: int
+) -> tuple[np.ndarray, list[str]]:
   """One clip of 1 to 3 events of distinct classes at random onsets and levels; (wave, labels)."""
   names = list(SOUND_EVENT_CLASSES)
   chosen = rng.choice(len(names), size=int(rng.integers(1, 4)), replace=False)
@@ -472,13 +638,14 @@ def mix_sound_events(rng: np.random.Generator, sample_rate: int,
   for class_index in chosen:
     event = SOUND_EVENT_CLASSES[names[class_index]](rng, sample_rate)[:length]
     onset = int(rng.integers(0, length - event.size + 1))
-    wave[onset:onset + event.size] += rng.uniform(0.1, 0.6) * event
+    wave[onset : onset + event.size] += rng.uniform(0.1, 0.6) * event
   wave /= max(1.0, np.abs(wave).max() / 0.99)
   return wave, sorted(names[i] for i in chosen)
 
 
-def _sound_event_clips(out_dir: Path, num_clips: int, seed: int, sample_rate: int,
-                       seconds: float) -> Iterator[dict]:
+def _sound_event_clips(
+  out_dir: Path, num_clips: int, seed: int, sample_rate: int, seconds: float
+) -> Iterator[dict]:
   rng = np.random.default_rng(seed)
   length = round(seconds * sample_rate)
   for index in range(num_clips):
@@ -486,12 +653,20 @@ def _sound_event_clips(out_dir: Path, num_clips: int, seed: int, sample_rate: in
     clip_id = f'audio_{index:05d}'
     path = out_dir / f'{clip_id}.wav'
     sf.write(path, to_pcm16(wave), sample_rate, subtype='PCM_16')
-    yield dict(id=clip_id, path=str(path), domain='audio', labels=labels,
-               seconds=length / sample_rate)
+    yield dict(
+      id=clip_id, path=str(path), domain='audio', labels=labels, seconds=length / sample_rate
+    )
 
 
-def synthesize_sound_events(out_dir: Path, num_clips: int, seed: int, sample_rate: int = 24000,
-                            seconds: float = 3.0, *, progress: bool = False) -> list[dict]:
+def synthesize_sound_events(
+  out_dir: Path,
+  num_clips: int,
+  seed: int,
+  sample_rate: int = 24000,
+  seconds: float = 3.0,
+  *,
+  progress: bool = False,
+) -> list[dict]:
   """Writes `num_clips` clips of mixed synthetic sound events as <id>.wav.
 
   Returns the manifest entries {'id', 'path', 'domain': 'audio', 'labels', 'seconds'}, also written
@@ -506,6 +681,7 @@ def synthesize_sound_events(out_dir: Path, num_clips: int, seed: int, sample_rat
 # ---------------------------------------------------------------------------------------------
 # The whole corpus.
 
+
 def _corpus_is_complete(root: Path, stamp: dict) -> bool:
   stamp_path = root / STAMP_NAME
   if not stamp_path.exists() or json.loads(stamp_path.read_text()) != stamp:
@@ -518,25 +694,35 @@ def _corpus_is_complete(root: Path, stamp: dict) -> bool:
   return True
 
 
-def build_embedded_corpus(root: Path, num_speech: int, num_audio: int, seed: int,
-                          sample_rate: int = 24000, seconds: float = 3.0, *,
-                          progress: bool = True) -> list[dict]:
+def build_embedded_corpus(
+  root: Path,
+  num_speech: int,
+  num_audio: int,
+  seed: int,
+  sample_rate: int = 24000,
+  seconds: float = 3.0,
+  *,
+  progress: bool = True,
+) -> list[dict]:
   """Speech clips in root/speech and sound-event clips in root/audio; returns all entries.
 
   A corpus.json stamp records the arguments; when it matches and every listed file exists, the
   existing corpus is returned without generating anything.
   """
   root = Path(root)
-  stamp = dict(num_speech=num_speech, num_audio=num_audio, seed=seed, sample_rate=sample_rate,
-               seconds=seconds)
+  stamp = dict(
+    num_speech=num_speech, num_audio=num_audio, seed=seed, sample_rate=sample_rate, seconds=seconds
+  )
   if _corpus_is_complete(root, stamp):
     return read_manifest(root / 'speech') + read_manifest(root / 'audio')
   root.mkdir(parents=True, exist_ok=True)
   (root / STAMP_NAME).unlink(missing_ok=True)  # an interrupted build must not look complete
-  speech = synthesize_speech(root / 'speech', num_speech, seed, sample_rate, seconds,
-                             progress=progress)
-  audio = synthesize_sound_events(root / 'audio', num_audio, seed, sample_rate, seconds,
-                                  progress=progress)
+  speech = synthesize_speech(
+    root / 'speech', num_speech, seed, sample_rate, seconds, progress=progress
+  )
+  audio = synthesize_sound_events(
+    root / 'audio', num_audio, seed, sample_rate, seconds, progress=progress
+  )
   (root / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + '\n')
   return speech + audio
 

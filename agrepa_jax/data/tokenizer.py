@@ -1,8 +1,9 @@
 """The built-in tokenizer: k-means units over teacher frame features at a fixed token rate.
 
-A second codebook, when asked for, quantises the residual of the first (residual k-means), so the
+A second codebook, when asked for, quantizes the residual of the first (residual k-means), so the
 dual-codebook model has two complementary streams as in the paper's dual setting.
 """
+
 import numpy as np
 from sklearn.cluster import KMeans
 
@@ -12,21 +13,30 @@ def pool_to_rate(frames: np.ndarray, num_tokens: int) -> np.ndarray:
   edges = np.linspace(0, frames.shape[0], num_tokens + 1).round().astype(int)
   edges[1:] = np.maximum(edges[1:], edges[:-1] + 1)
   edges = np.minimum(edges, frames.shape[0])
-  return np.stack([frames[a:max(b, a + 1)].mean(0) for a, b in zip(edges[:-1], edges[1:])])
+  return np.stack([frames[a : max(b, a + 1)].mean(0) for a, b in zip(edges[:-1], edges[1:])])
 
 
-def fit_codebooks(features: np.ndarray, codebook_size: int, num_codebooks: int, seed: int,
-                  max_fit_points: int = 200_000) -> list[np.ndarray]:
+def fit_codebooks(
+  features: np.ndarray,
+  codebook_size: int,
+  num_codebooks: int,
+  seed: int,
+  max_fit_points: int = 200_000,
+) -> list[np.ndarray]:
   """Residual k-means: a list of (codebook_size, C) centroid arrays fitted on (P, C) features."""
   rng = np.random.default_rng(seed)
   if len(features) > max_fit_points:
     features = features[rng.choice(len(features), max_fit_points, replace=False)]
   if len(features) < codebook_size:
-    raise ValueError(f'tokenizer: {len(features)} feature frames cannot fit {codebook_size} units; '
-                     'lower data.tokenizer.codebook_size or add clips')
+    raise ValueError(
+      f'tokenizer: {len(features)} feature frames cannot fit {codebook_size} units; '
+      'lower data.tokenizer.codebook_size or add clips'
+    )
   codebooks, residual = [], features.astype(np.float32)
   for k in range(num_codebooks):
-    kmeans = KMeans(n_clusters=codebook_size, n_init=1, max_iter=100, random_state=seed + k).fit(residual)
+    kmeans = KMeans(n_clusters=codebook_size, n_init=1, max_iter=100, random_state=seed + k).fit(
+      residual
+    )
     centroids = kmeans.cluster_centers_.astype(np.float32)
     codebooks.append(centroids)
     residual = residual - centroids[kmeans.labels_]
@@ -38,8 +48,11 @@ def assign_tokens(features: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarr
   flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
   rows, residual = [], flat
   for centroids in codebooks:
-    distances = (np.square(residual).sum(1, keepdims=True) - 2 * residual @ centroids.T
-                 + np.square(centroids).sum(1)[None])
+    distances = (
+      np.square(residual).sum(1, keepdims=True)
+      - 2 * residual @ centroids.T
+      + np.square(centroids).sum(1)[None]
+    )
     index = distances.argmin(1)
     rows.append(index.reshape(features.shape[:-1]).astype(np.int32))
     residual = residual - centroids[index]

@@ -13,10 +13,11 @@ Metric choices (run_eval):
   audio (decoded from their paths, when they can be). 'fad_inf' is FAD∞ against the resynthesis.
   FAD is computed over all clips and per domain; each value's clip count is in eval.json 'counts'.
 - WER: speech-domain clips with a transcript, transcribed at 16 kHz by the JAX Whisper greedy
-  decoder, for the generated, resynthesised and original audio.
-- mel L1: mean |generated − real| of normalised mels over the frames that hold audio and lie
+  decoder, for the generated, resynthesized and original audio.
+- mel L1: mean |generated − real| of normalized mels over the frames that hold audio and lie
   after the prompt (the prompt frames are copies).
 """
+
 import dataclasses
 import html
 import itertools
@@ -49,20 +50,24 @@ MIN_FAD_INF_CLIPS = 4  # FAD∞ fits subsets of sizes between n/2 (at least 2) a
 @dataclasses.dataclass
 class Generation:
   """Held-out clips and what the sampler made of them; arrays have one row per clip."""
-  clips: list[dict]          # id, path, domain, text
-  domain: np.ndarray         # (N,) domain indices
-  num_samples: np.ndarray    # (N,) samples of audio in each 24 kHz clip
+
+  clips: list[dict]  # id, path, domain, text
+  domain: np.ndarray  # (N,) domain indices
+  num_samples: np.ndarray  # (N,) samples of audio in each 24 kHz clip
   prompt_frames: np.ndarray  # (N,) reference-prompt length
-  real: np.ndarray           # (N, T, n_mels) normalised mels of the clips
-  generated: np.ndarray      # (N, T, n_mels) normalised generated mels
+  real: np.ndarray  # (N, T, n_mels) normalized mels of the clips
+  generated: np.ndarray  # (N, T, n_mels) normalized generated mels
 
 
 def select_clips(source, num_clips: int, clip_list: str = '') -> np.ndarray:
   """Held-out rows: the ids listed in `clip_list` (one per line), else the first `num_clips`
   taking the domains in turn, so that every domain is represented."""
   if clip_list:
-    ids = [line.strip() for line in pathlib.Path(clip_list).expanduser().read_text().splitlines()
-           if line.strip()]
+    ids = [
+      line.strip()
+      for line in pathlib.Path(clip_list).expanduser().read_text().splitlines()
+      if line.strip()
+    ]
     rows = {clip['id']: i for i, clip in enumerate(source.clips)}
     missing = [i for i in ids if i not in rows]
     if missing:
@@ -88,20 +93,40 @@ def generate(run: train.TrainedRun, rows: np.ndarray, sample_cfg, noise_std: flo
   records = [source[int(i)] for i in rows]
   stack = lambda key: np.stack([r[key] for r in records])
   real, num_samples, domain, tokens = (stack(k) for k in ('mel', 'num_samples', 'domain', 'tokens'))
-  prompt_frames = sampler.prompt_lengths(num_samples, sample_cfg.prompt_seconds, sample_cfg.prompt_fraction)
+  prompt_frames = sampler.prompt_lengths(
+    num_samples, sample_cfg.prompt_seconds, sample_cfg.prompt_fraction
+  )
   prompt_mask = sampler.leading_frames_mask(prompt_frames, real.shape[1])
   devices = run.mesh.size
-  batch_size = -(-sample_cfg.batch_size // devices) * devices  # the batch is sharded over all devices
+  batch_size = (
+    -(-sample_cfg.batch_size // devices) * devices
+  )  # the batch is sharded over all devices
   key = jax.random.key(sample_cfg.seed)
   generated = []
-  for b, s in enumerate(tqdm.tqdm(batch_slices(len(rows), batch_size), desc='sample', unit='batch')):
+  for b, s in enumerate(
+    tqdm.tqdm(batch_slices(len(rows), batch_size), desc='sample', unit='batch')
+  ):
     inputs = [pad_rows(x[s], batch_size) for x in (tokens, real, domain, prompt_mask)]
-    mels = sampler.sample(run.model.backbone, *inputs[:3], jax.random.fold_in(key, b), inputs[3],
-                          num_points=sample_cfg.num_points, sway=sample_cfg.sway,
-                          cfg_weight=sample_cfg.cfg_weight, noise_std=noise_std, mesh=run.mesh)
-    generated.append(np.asarray(mels)[:s.stop - s.start])
-  return Generation([source.clips[int(i)] for i in rows], domain, num_samples, prompt_frames, real,
-                    np.concatenate(generated))
+    mels = sampler.sample(
+      run.model.backbone,
+      *inputs[:3],
+      jax.random.fold_in(key, b),
+      inputs[3],
+      num_points=sample_cfg.num_points,
+      sway=sample_cfg.sway,
+      cfg_weight=sample_cfg.cfg_weight,
+      noise_std=noise_std,
+      mesh=run.mesh,
+    )
+    generated.append(np.asarray(mels)[: s.stop - s.start])
+  return Generation(
+    [source.clips[int(i)] for i in rows],
+    domain,
+    num_samples,
+    prompt_frames,
+    real,
+    np.concatenate(generated),
+  )
 
 
 def open_vocoder(checkpoint: str) -> vocos.Vocoder:
@@ -111,14 +136,24 @@ def open_vocoder(checkpoint: str) -> vocos.Vocoder:
 
 
 def zero_past(waves: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
-  return np.where(np.arange(waves.shape[1])[None, :] < num_samples[:, None], waves, 0.0).astype(np.float32)
+  return np.where(np.arange(waves.shape[1])[None, :] < num_samples[:, None], waves, 0.0).astype(
+    np.float32
+  )
 
 
-def vocode(vocoder: vocos.Vocoder, mels: np.ndarray, num_samples: np.ndarray, clip_samples: int,
-           batch_size: int, desc: str) -> np.ndarray:
-  """(N, clip_samples) 24 kHz audio of normalised mels, zero past each clip's num_samples."""
-  waves = [vocoder.vocode(mels[s]) for s in tqdm.tqdm(batch_slices(len(mels), batch_size), desc=desc,
-                                                      unit='batch')]
+def vocode(
+  vocoder: vocos.Vocoder,
+  mels: np.ndarray,
+  num_samples: np.ndarray,
+  clip_samples: int,
+  batch_size: int,
+  desc: str,
+) -> np.ndarray:
+  """(N, clip_samples) 24 kHz audio of normalized mels, zero past each clip's num_samples."""
+  waves = [
+    vocoder.vocode(mels[s])
+    for s in tqdm.tqdm(batch_slices(len(mels), batch_size), desc=desc, unit='batch')
+  ]
   return zero_past(audio.fit_length(np.concatenate(waves), clip_samples), num_samples)
 
 
@@ -131,8 +166,9 @@ def load_originals(clips: list[dict], clip_seconds: float) -> np.ndarray | None:
     return None
 
 
-def mel_l1(real: np.ndarray, generated: np.ndarray, num_samples: np.ndarray,
-           prompt_frames: np.ndarray) -> np.ndarray:
+def mel_l1(
+  real: np.ndarray, generated: np.ndarray, num_samples: np.ndarray, prompt_frames: np.ndarray
+) -> np.ndarray:
   """(N,) mean |generated − real| over each clip's audio frames after its prompt."""
   frame = np.arange(real.shape[1])[None, :]
   scored = (frame * audio.HOP_LENGTH < num_samples[:, None]) & (frame >= prompt_frames[:, None])
@@ -163,20 +199,28 @@ def embedding_teachers(config) -> dict[str, teachers.Teacher]:
   out = {}
   for (name, checkpoint), entry in entries.items():
     teacher = teachers.load_teacher(name, checkpoint or None)
-    out[teacher.spec.name if teacher.spec.name not in out else f'{teacher.spec.name}_{entry}'] = teacher
+    out[teacher.spec.name if teacher.spec.name not in out else f'{teacher.spec.name}_{entry}'] = (
+      teacher
+    )
   return out
 
 
-def utterance_embeddings(teacher: teachers.Teacher, waves: np.ndarray, num_samples: np.ndarray,
-                         batch_size: int) -> np.ndarray:
+def utterance_embeddings(
+  teacher: teachers.Teacher, waves: np.ndarray, num_samples: np.ndarray, batch_size: int
+) -> np.ndarray:
   """Utterance-mean teacher features of 24 kHz audio, computed as the training targets are."""
   mesh = cache.feature_mesh()
-  return np.concatenate([cache.teacher_features(teacher, waves[s], num_samples[s], mesh)[0]
-                         for s in batch_slices(len(waves), batch_size)])
+  return np.concatenate(
+    [
+      cache.teacher_features(teacher, waves[s], num_samples[s], mesh)[0]
+      for s in batch_slices(len(waves), batch_size)
+    ]
+  )
 
 
-def fad_scores(embeddings: dict[str, dict[str, np.ndarray]], groups: dict[str, np.ndarray],
-               fad_inf_points: int) -> tuple[dict, dict]:
+def fad_scores(
+  embeddings: dict[str, dict[str, np.ndarray]], groups: dict[str, np.ndarray], fad_inf_points: int
+) -> tuple[dict, dict]:
   """Scalar FAD metrics and the FAD∞ fits, per embedding model and clip group.
 
   embeddings: label -> {'generated', 'resynthesis'[, 'original']: (N, C)}.
@@ -201,16 +245,23 @@ def load_transcriber(checkpoint: str) -> tuple[wer.Transcriber | None, str]:
   """The JAX Whisper greedy transcriber, or None and the reason it is unavailable."""
   try:
     from agrepa_jax.teachers.whisper_decode import load_transcriber as load
+
     return load(checkpoint or None), ''
   except (ImportError, OSError, ValueError) as e:
     return None, f'no Whisper transcriber ({e})'
 
 
-def transcribe(transcriber: wer.Transcriber, waves: np.ndarray, num_samples: np.ndarray,
-               batch_size: int, desc: str) -> list[str]:
+def transcribe(
+  transcriber: wer.Transcriber,
+  waves: np.ndarray,
+  num_samples: np.ndarray,
+  batch_size: int,
+  desc: str,
+) -> list[str]:
   """Texts of 24 kHz clips, resampled to the transcriber's 16 kHz."""
-  resampled = librosa.resample(waves, orig_sr=audio.SAMPLE_RATE, target_sr=TRANSCRIBER_RATE,
-                               res_type='soxr_hq', axis=-1)
+  resampled = librosa.resample(
+    waves, orig_sr=audio.SAMPLE_RATE, target_sr=TRANSCRIBER_RATE, res_type='soxr_hq', axis=-1
+  )
   resampled_samples = np.ceil(num_samples * TRANSCRIBER_RATE / audio.SAMPLE_RATE).astype(np.int64)
   resampled = zero_past(resampled, resampled_samples)
   texts = []
@@ -219,8 +270,13 @@ def transcribe(transcriber: wer.Transcriber, waves: np.ndarray, num_samples: np.
   return texts
 
 
-def speech_wer(transcriber_checkpoint: str, clips: list[dict], waves: dict[str, np.ndarray],
-               num_samples: np.ndarray, batch_size: int) -> tuple[dict, list[dict], str]:
+def speech_wer(
+  transcriber_checkpoint: str,
+  clips: list[dict],
+  waves: dict[str, np.ndarray],
+  num_samples: np.ndarray,
+  batch_size: int,
+) -> tuple[dict, list[dict], str]:
   """Corpus WER of each audio kind on the speech clips that have a transcript, every such clip's
   transcripts, and '' — or no scores and the reason WER was skipped."""
   rows = [i for i, clip in enumerate(clips) if clip['domain'] == SPEECH_DOMAIN and clip.get('text')]
@@ -230,11 +286,15 @@ def speech_wer(transcriber_checkpoint: str, clips: list[dict], waves: dict[str, 
   if transcriber is None:
     return {}, [], skipped
   texts = [clips[i]['text'] for i in rows]
-  hypotheses = {kind: transcribe(transcriber, w[rows], num_samples[rows], batch_size, f'transcribe {kind}')
-                for kind, w in waves.items()}
+  hypotheses = {
+    kind: transcribe(transcriber, w[rows], num_samples[rows], batch_size, f'transcribe {kind}')
+    for kind, w in waves.items()
+  }
   scores = {f'wer/{kind}': wer.corpus_wer(texts, h) for kind, h in hypotheses.items()}
-  per_clip = [{'id': clips[row]['id'], 'text': text, **{kind: h[j] for kind, h in hypotheses.items()}}
-              for j, (row, text) in enumerate(zip(rows, texts))]
+  per_clip = [
+    {'id': clips[row]['id'], 'text': text, **{kind: h[j] for kind, h in hypotheses.items()}}
+    for j, (row, text) in enumerate(zip(rows, texts))
+  ]
   return scores, per_clip, ''
 
 
@@ -255,8 +315,10 @@ def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
   generation = generate(run, rows, config.sample, config.flow.noise_std)
   vocoder = open_vocoder(config.vocoder.checkpoint)
   clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
-  waves = {kind: vocode(vocoder, mels, generation.num_samples, clip_samples, batch_size, f'vocode {kind}')
-           for kind, mels in (('generated', generation.generated), (real_kind, generation.real))}
+  waves = {
+    kind: vocode(vocoder, mels, generation.num_samples, clip_samples, batch_size, f'vocode {kind}')
+    for kind, mels in (('generated', generation.generated), (real_kind, generation.real))
+  }
   original = load_originals(generation.clips, config.data.clip_seconds)
   if original is not None:
     waves['original'] = original
@@ -273,37 +335,49 @@ def run_eval(config, workdir: pathlib.Path) -> dict:
   run = restore(config, workdir, config.eval.step)
   batch_size = config.eval.batch_size
   generation, vocoder, waves = generate_and_vocode(
-      config, run, select_clips(run.heldout_source, config.eval.num_clips), batch_size, 'resynthesis')
+    config, run, select_clips(run.heldout_source, config.eval.num_clips), batch_size, 'resynthesis'
+  )
   num_samples = generation.num_samples
 
   groups = domain_groups(generation.domain, config.data.domains)
   per_clip_l1 = mel_l1(generation.real, generation.generated, num_samples, generation.prompt_frames)
   scores = {f'mel_l1/{group}': float(per_clip_l1[rows].mean()) for group, rows in groups.items()}
-  embeddings = {label: {kind: utterance_embeddings(teacher, w, num_samples, batch_size)
-                        for kind, w in waves.items()}
-                for label, teacher in embedding_teachers(config).items()}
+  embeddings = {
+    label: {
+      kind: utterance_embeddings(teacher, w, num_samples, batch_size) for kind, w in waves.items()
+    }
+    for label, teacher in embedding_teachers(config).items()
+  }
   fad_values, fad_inf_fits = fad_scores(embeddings, groups, config.eval.fad_inf_points)
   scores.update(fad_values)
 
-  wer_values, transcripts, wer_skipped = speech_wer(config.eval.whisper_checkpoint, generation.clips, waves,
-                                                    num_samples, batch_size)
+  wer_values, transcripts, wer_skipped = speech_wer(
+    config.eval.whisper_checkpoint, generation.clips, waves, num_samples, batch_size
+  )
   scores.update(wer_values)
   if wer_skipped:
     logging.warning('WER skipped: %s', wer_skipped)
 
   report = {
-      'step': run.step, 'vocoder': vocoder.name, 'sampler': sampler_settings(config),
-      'metrics': scores,
-      'counts': {group: len(rows) for group, rows in groups.items()} | {'wer': len(transcripts)},
-      'fad_real_reference': 'fad: real mels through the same vocoder; fad_original: original audio',
-      'embeddings': list(embeddings),
-      'fad_infinity': fad_inf_fits, 'wer_skipped': wer_skipped, 'transcripts': transcripts,
-      'clip_ids': [clip['id'] for clip in generation.clips],
+    'step': run.step,
+    'vocoder': vocoder.name,
+    'sampler': sampler_settings(config),
+    'metrics': scores,
+    'counts': {group: len(rows) for group, rows in groups.items()} | {'wer': len(transcripts)},
+    'fad_real_reference': 'fad: real mels through the same vocoder; fad_original: original audio',
+    'embeddings': list(embeddings),
+    'fad_infinity': fad_inf_fits,
+    'wer_skipped': wer_skipped,
+    'transcripts': transcripts,
+    'clip_ids': [clip['id'] for clip in generation.clips],
   }
   if jax.process_index() == 0:
     (workdir / 'eval.json').write_text(json.dumps(report, indent=2))
     writer = metrics.MetricWriter(workdir)
-    writer.write(run.step, {f'eval/{k}': v for k, v in scores.items()} | {'eval/num_clips': len(generation.clips)})
+    writer.write(
+      run.step,
+      {f'eval/{k}': v for k, v in scores.items()} | {'eval/num_clips': len(generation.clips)},
+    )
     writer.close()
   logging.info('eval at step %d: %s', run.step, json.dumps(scores))
   return report
@@ -314,9 +388,15 @@ def file_stem(clip_id: str) -> str:
   return re.sub(r'[^A-Za-z0-9._-]', '_', clip_id)
 
 
-def plot_mels(path: pathlib.Path, reference: np.ndarray, generated: np.ndarray, prompt_frames: int,
-              audio_frames: int, title: str):
-  """Reference and generated normalised mels side by side; lines mark the prompt's end and the audio's."""
+def plot_mels(
+  path: pathlib.Path,
+  reference: np.ndarray,
+  generated: np.ndarray,
+  prompt_frames: int,
+  audio_frames: int,
+  title: str,
+):
+  """Reference and generated normalized mels side by side; lines mark the prompt's end and the audio's."""
   fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
   for ax, mel, name in zip(axes, (reference, generated), ('reference', 'generated')):
     image = ax.imshow(mel.T, origin='lower', aspect='auto', vmin=-3, vmax=3, cmap='magma')
@@ -334,12 +414,17 @@ def plot_mels(path: pathlib.Path, reference: np.ndarray, generated: np.ndarray, 
 def index_html(rows: list[dict], step: int, vocoder_name: str, settings: dict) -> str:
   """The listening page: per clip its text, the audio players and the spectrogram image."""
   players = lambda row: ''.join(
-      f'<td><audio controls preload="none" src="{html.escape(row[kind])}"></audio></td>' if row.get(kind)
-      else '<td>—</td>' for kind in ('original', 'reference', 'generated'))
+    f'<td><audio controls preload="none" src="{html.escape(row[kind])}"></audio></td>'
+    if row.get(kind)
+    else '<td>—</td>'
+    for kind in ('original', 'reference', 'generated')
+  )
   body = '\n'.join(
-      f'<tr><td><b>{html.escape(r["id"])}</b><br>{html.escape(r["domain"])}<br>'
-      f'<i>{html.escape(r["text"])}</i><br>prompt {r["prompt_seconds"]:.2f} s</td>{players(r)}'
-      f'<td><img src="{html.escape(r["image"])}" width="600"></td></tr>' for r in rows)
+    f'<tr><td><b>{html.escape(r["id"])}</b><br>{html.escape(r["domain"])}<br>'
+    f'<i>{html.escape(r["text"])}</i><br>prompt {r["prompt_seconds"]:.2f} s</td>{players(r)}'
+    f'<td><img src="{html.escape(r["image"])}" width="600"></td></tr>'
+    for r in rows
+  )
   settings_text = ', '.join(f'{k} {v}' for k, v in settings.items())
   return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>agrepa_jax samples, step {step}</title>
@@ -361,7 +446,9 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   run = restore(config, workdir, config.sample.step)
   rows = select_clips(run.heldout_source, config.sample.num_clips, config.sample.clip_list)
-  generation, vocoder, waves = generate_and_vocode(config, run, rows, config.sample.batch_size, 'reference')
+  generation, vocoder, waves = generate_and_vocode(
+    config, run, rows, config.sample.batch_size, 'reference'
+  )
   num_samples = generation.num_samples
 
   out = workdir / SAMPLES_DIR
@@ -371,15 +458,32 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
   page_rows = []
   for i, clip in enumerate(tqdm.tqdm(generation.clips, desc='write samples', unit='clip')):
     stem = file_stem(clip['id'])
-    entry = {'id': clip['id'], 'domain': clip['domain'], 'text': clip.get('text', ''),
-             'prompt_seconds': generation.prompt_frames[i] * audio.HOP_LENGTH / audio.SAMPLE_RATE,
-             'image': f'{stem}.png'}
+    entry = {
+      'id': clip['id'],
+      'domain': clip['domain'],
+      'text': clip.get('text', ''),
+      'prompt_seconds': generation.prompt_frames[i] * audio.HOP_LENGTH / audio.SAMPLE_RATE,
+      'image': f'{stem}.png',
+    }
     for kind, w in waves.items():
       entry[kind] = f'{stem}_{kind}.wav'
-      sf.write(out / entry[kind], np.clip(w[i, :num_samples[i]], -1, 1), audio.SAMPLE_RATE, subtype='PCM_16')
-    plot_mels(out / entry['image'], generation.real[i], generation.generated[i], generation.prompt_frames[i],
-              math.ceil(num_samples[i] / audio.HOP_LENGTH), f'{clip["id"]} ({clip["domain"]})')
+      sf.write(
+        out / entry[kind],
+        np.clip(w[i, : num_samples[i]], -1, 1),
+        audio.SAMPLE_RATE,
+        subtype='PCM_16',
+      )
+    plot_mels(
+      out / entry['image'],
+      generation.real[i],
+      generation.generated[i],
+      generation.prompt_frames[i],
+      math.ceil(num_samples[i] / audio.HOP_LENGTH),
+      f'{clip["id"]} ({clip["domain"]})',
+    )
     page_rows.append(entry)
-  (out / 'index.html').write_text(index_html(page_rows, run.step, vocoder.name, sampler_settings(config)))
+  (out / 'index.html').write_text(
+    index_html(page_rows, run.step, vocoder.name, sampler_settings(config))
+  )
   logging.info('wrote %d samples to %s (vocoder: %s)', len(page_rows), out, vocoder.name)
   return out

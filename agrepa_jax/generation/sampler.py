@@ -5,8 +5,9 @@ time grid bent by sway sampling. Classifier-free guidance extrapolates away from
 velocity, whose pass drops the tokens but keeps the reference prompt. The integration loop is one
 jitted `lax.scan`; the frames of the reference prompt are copied into the output.
 """
+
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,9 @@ def sway_time_grid(num_points: int, sway: float) -> jax.Array:
   return t + sway * (jnp.cos(jnp.pi / 2 * t) - 1 + t)
 
 
-def euler_integrate(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array,
-                    time_grid: jax.Array) -> jax.Array:
+def euler_integrate(
+  velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, time_grid: jax.Array
+) -> jax.Array:
   """x(t_last) by explicit Euler steps x ← x + (t_{k+1} − t_k)·v(x, t_k) over `time_grid`."""
 
   def step(x, times):
@@ -48,8 +50,9 @@ def cfg_velocity(backbone: DiT, x_t, t, tokens, ref_mel, domain, weight) -> jax.
   twice = lambda x: jnp.repeat(x, 2, axis=0)
   batch = x_t.shape[0]
   token_keep = jnp.tile(jnp.array([1.0, 0.0], x_t.dtype), batch)
-  velocity, _ = backbone(twice(x_t), twice(t), twice(tokens), twice(ref_mel), twice(domain),
-                         token_keep=token_keep)
+  velocity, _ = backbone(
+    twice(x_t), twice(t), twice(tokens), twice(ref_mel), twice(domain), token_keep=token_keep
+  )
   velocity = velocity.reshape(batch, 2, *velocity.shape[1:])
   conditional, unconditional = velocity[:, 0], velocity[:, 1]
   return conditional + weight * (conditional - unconditional)
@@ -60,13 +63,17 @@ def leading_frames_mask(lengths, num_frames: int) -> np.ndarray:
   return np.arange(num_frames)[None, :] < np.asarray(lengths)[:, None]
 
 
-def prompt_lengths(num_samples: np.ndarray, prompt_seconds: float, prompt_fraction: float = 0.0) -> np.ndarray:
+def prompt_lengths(
+  num_samples: np.ndarray, prompt_seconds: float, prompt_fraction: float = 0.0
+) -> np.ndarray:
   """Reference-prompt length in frames of each clip: its first `prompt_seconds` of audio, or its
   first `prompt_fraction` of the frames holding audio when that is > 0.
 
   At most the clip's audio frames minus one, so every clip keeps at least one frame to generate.
   """
-  valid = -(-np.atleast_1d(np.asarray(num_samples, np.int64)) // audio.HOP_LENGTH)  # frames whose centre holds audio
+  valid = -(
+    -np.atleast_1d(np.asarray(num_samples, np.int64)) // audio.HOP_LENGTH
+  )  # frames whose center holds audio
   if prompt_fraction > 0:
     wanted = np.floor(prompt_fraction * valid)
   else:
@@ -75,8 +82,21 @@ def prompt_lengths(num_samples: np.ndarray, prompt_seconds: float, prompt_fracti
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'num_points', 'mesh'))
-def _integrate(state, tokens, ref_mel, domain, prompt_mask, key, sway, cfg_weight, noise_std, *,
-               graphdef, num_points, mesh):
+def _integrate(
+  state,
+  tokens,
+  ref_mel,
+  domain,
+  prompt_mask,
+  key,
+  sway,
+  cfg_weight,
+  noise_std,
+  *,
+  graphdef,
+  num_points,
+  mesh,
+):
   backbone = nnx.merge(graphdef, state)
   reference = jnp.where(prompt_mask[..., None], ref_mel, 0.0)
   x0 = noise_std * jax.random.normal(key, reference.shape, reference.dtype)
@@ -93,10 +113,21 @@ def _integrate(state, tokens, ref_mel, domain, prompt_mask, key, sway, cfg_weigh
   return out if mesh is None else jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
 
 
-def sample(backbone: DiT, tokens, ref_mel, domain, key, prompt_mask, *, num_points: int = 32,
-           sway: float = -1.0, cfg_weight: float = 3.0, noise_std: float = 0.5,
-           mesh: jax.sharding.Mesh | None = None) -> jax.Array:
-  """Generated normalised mels (B, T, n_mels), prompt frames equal to the reference.
+def sample(
+  backbone: DiT,
+  tokens,
+  ref_mel,
+  domain,
+  key,
+  prompt_mask,
+  *,
+  num_points: int = 32,
+  sway: float = -1.0,
+  cfg_weight: float = 3.0,
+  noise_std: float = 0.5,
+  mesh: jax.sharding.Mesh | None = None,
+) -> jax.Array:
+  """Generated normalized mels (B, T, n_mels), prompt frames equal to the reference.
 
   tokens: (B, K, N); ref_mel: (B, T, n_mels) reference mel (frames outside the prompt are ignored);
   domain: (B,); prompt_mask: (B, T) bool, the reference-prompt frames (see `leading_frames_mask`).
@@ -108,4 +139,6 @@ def sample(backbone: DiT, tokens, ref_mel, domain, key, prompt_mask, *, num_poin
   if mesh is not None:
     inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
   scalars = tuple(jnp.float32(x) for x in (sway, cfg_weight, noise_std))
-  return _integrate(state, *inputs, key, *scalars, graphdef=graphdef, num_points=num_points, mesh=mesh)
+  return _integrate(
+    state, *inputs, key, *scalars, graphdef=graphdef, num_points=num_points, mesh=mesh
+  )

@@ -3,9 +3,10 @@
 Vocos (Siuzdak, 2023; gemelo-ai/vocos) predicts STFT magnitude and phase per mel frame with a
 ConvNeXt backbone and inverts them with an ISTFT whose "same" padding makes T frames give exactly
 T·hop samples. The "mel-24khz" checkpoint takes the natural-log mel of DESIGN.md §2, so our
-normalised mels only need `denormalise` first. Without a checkpoint, `load_vocoder` falls back to
+normalized mels only need `denormalize` first. Without a checkpoint, `load_vocoder` falls back to
 Griffin-Lim.
 """
+
 import dataclasses
 import functools
 import pathlib
@@ -77,8 +78,9 @@ class ConvNeXtBlock(nnx.Module):
   """Depthwise conv (k7) -> LayerNorm -> Linear -> GELU -> Linear, scaled by gamma, plus input."""
 
   def __init__(self, dim: int, intermediate_dim: int, layer_scale: float, rngs: nnx.Rngs):
-    self.dwconv = nnx.Conv(dim, dim, kernel_size=(7,), padding=3, feature_group_count=dim,
-                           rngs=rngs)
+    self.dwconv = nnx.Conv(
+      dim, dim, kernel_size=(7,), padding=3, feature_group_count=dim, rngs=rngs
+    )
     self.norm = layer_norm(dim, rngs)
     self.pwconv1 = nnx.Linear(dim, intermediate_dim, rngs=rngs)
     self.pwconv2 = nnx.Linear(intermediate_dim, dim, rngs=rngs)
@@ -94,8 +96,17 @@ class ConvNeXtBlock(nnx.Module):
 class Vocos(nnx.Module):
   """ConvNeXt backbone + ISTFT head: natural-log mel (B, n_mels, T) -> audio (B, T·hop)."""
 
-  def __init__(self, *, input_channels: int = 100, dim: int = 512, intermediate_dim: int = 1536,
-               num_layers: int = 8, n_fft: int = 1024, hop_length: int = 256, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    input_channels: int = 100,
+    dim: int = 512,
+    intermediate_dim: int = 1536,
+    num_layers: int = 8,
+    n_fft: int = 1024,
+    hop_length: int = 256,
+    rngs: nnx.Rngs,
+  ):
     self.n_fft = n_fft
     self.hop_length = hop_length
     self.embed = nnx.Conv(input_channels, dim, kernel_size=(7,), padding=3, rngs=rngs)
@@ -141,16 +152,25 @@ def read_config(checkpoint_dir: pathlib.Path) -> dict:
   except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
     raise CheckpointError(f'{path}: not a Vocos config.yaml ({e!r})') from e
   if classes != ['MelSpectrogramFeatures', 'VocosBackbone', 'ISTFTHead']:
-    raise CheckpointError(f'{path}: expected a mel Vocos (MelSpectrogramFeatures, VocosBackbone, '
-                          f'ISTFTHead), found {classes}')
-  if (backbone_args.get('adanorm_num_embeddings') is not None
-      or head_args.get('padding', 'same') != 'same'):
-    raise CheckpointError(f'{path}: only the unconditional backbone with "same" ISTFT padding '
-                          'is supported')
-  return dict(input_channels=backbone_args['input_channels'], dim=backbone_args['dim'],
-              intermediate_dim=backbone_args['intermediate_dim'],
-              num_layers=backbone_args['num_layers'], n_fft=head_args['n_fft'],
-              hop_length=head_args['hop_length'])
+    raise CheckpointError(
+      f'{path}: expected a mel Vocos (MelSpectrogramFeatures, VocosBackbone, '
+      f'ISTFTHead), found {classes}'
+    )
+  if (
+    backbone_args.get('adanorm_num_embeddings') is not None
+    or head_args.get('padding', 'same') != 'same'
+  ):
+    raise CheckpointError(
+      f'{path}: only the unconditional backbone with "same" ISTFT padding is supported'
+    )
+  return dict(
+    input_channels=backbone_args['input_channels'],
+    dim=backbone_args['dim'],
+    intermediate_dim=backbone_args['intermediate_dim'],
+    num_layers=backbone_args['num_layers'],
+    n_fft=head_args['n_fft'],
+    hop_length=head_args['hop_length'],
+  )
 
 
 def read_torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -159,16 +179,17 @@ def read_torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f'reading {path} needs PyTorch: pip install torch==2.13.0 '
-                      '--index-url https://download.pytorch.org/whl/cpu') from e
+    raise ImportError(
+      f'reading {path} needs PyTorch: pip install torch==2.13.0 '
+      '--index-url https://download.pytorch.org/whl/cpu'
+    ) from e
   try:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises several types for truncated or foreign files
     raise CheckpointError(f'{path}: cannot read the torch state dict ({e})') from e
   if not isinstance(state_dict, dict):
     raise CheckpointError(f'{path}: holds a {type(state_dict).__name__}, not a state dict')
-  return {key: value.float().numpy() for key, value in state_dict.items()
-          if torch.is_tensor(value)}
+  return {key: value.float().numpy() for key, value in state_dict.items() if torch.is_tensor(value)}
 
 
 def conv_kernel(weight):
@@ -186,39 +207,54 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], num_layers: int) -> dict:
 
   The feature extractor's mel buffers and the head's window buffer are no parameters: dropped.
   """
+
   def block_param(name, convert=lambda w: w):
-    return np.stack([convert(state_dict[f'backbone.convnext.{i}.{name}'])
-                     for i in range(num_layers)])
+    return np.stack(
+      [convert(state_dict[f'backbone.convnext.{i}.{name}']) for i in range(num_layers)]
+    )
 
   def norm(prefix):
     return {'scale': state_dict[f'{prefix}.weight'], 'bias': state_dict[f'{prefix}.bias']}
 
   return {
-      'embed': {'kernel': conv_kernel(state_dict['backbone.embed.weight']),
-                'bias': state_dict['backbone.embed.bias']},
-      'norm': norm('backbone.norm'),
-      'convnext': {
-          'dwconv': {'kernel': block_param('dwconv.weight', conv_kernel),
-                     'bias': block_param('dwconv.bias')},
-          'norm': {'scale': block_param('norm.weight'), 'bias': block_param('norm.bias')},
-          'pwconv1': {'kernel': block_param('pwconv1.weight', linear_kernel),
-                      'bias': block_param('pwconv1.bias')},
-          'pwconv2': {'kernel': block_param('pwconv2.weight', linear_kernel),
-                      'bias': block_param('pwconv2.bias')},
-          'gamma': block_param('gamma'),
+    'embed': {
+      'kernel': conv_kernel(state_dict['backbone.embed.weight']),
+      'bias': state_dict['backbone.embed.bias'],
+    },
+    'norm': norm('backbone.norm'),
+    'convnext': {
+      'dwconv': {
+        'kernel': block_param('dwconv.weight', conv_kernel),
+        'bias': block_param('dwconv.bias'),
       },
-      'final_layer_norm': norm('backbone.final_layer_norm'),
-      'out': {'kernel': linear_kernel(state_dict['head.out.weight']),
-              'bias': state_dict['head.out.bias']},
+      'norm': {'scale': block_param('norm.weight'), 'bias': block_param('norm.bias')},
+      'pwconv1': {
+        'kernel': block_param('pwconv1.weight', linear_kernel),
+        'bias': block_param('pwconv1.bias'),
+      },
+      'pwconv2': {
+        'kernel': block_param('pwconv2.weight', linear_kernel),
+        'bias': block_param('pwconv2.bias'),
+      },
+      'gamma': block_param('gamma'),
+    },
+    'final_layer_norm': norm('backbone.final_layer_norm'),
+    'out': {
+      'kernel': linear_kernel(state_dict['head.out.weight']),
+      'bias': state_dict['head.out.bias'],
+    },
   }
 
 
 def shape_mismatches(params: dict, expected: dict) -> list[str]:
   """Parameters whose checkpoint shape differs from the shape the config implies."""
-  return [f'{jax.tree_util.keystr(path)}: checkpoint {np.shape(got)}, config {want.shape}'
-          for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
-                                       jax.tree_util.tree_leaves(expected))
-          if np.shape(got) != want.shape]
+  return [
+    f'{jax.tree_util.keystr(path)}: checkpoint {np.shape(got)}, config {want.shape}'
+    for (path, got), want in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(expected)
+    )
+    if np.shape(got) != want.shape
+  ]
 
 
 def load_vocos(checkpoint_dir: str | pathlib.Path) -> Vocos:
@@ -233,13 +269,15 @@ def load_vocos(checkpoint_dir: str | pathlib.Path) -> Vocos:
     params = torch_to_flax(state_dict, config['num_layers'])
   except KeyError as e:
     raise CheckpointError(
-        f'{weights_path}: lacks parameter {e} of the model in {CONFIG_FILE}') from e
+      f'{weights_path}: lacks parameter {e} of the model in {CONFIG_FILE}'
+    ) from e
   abstract = nnx.eval_shape(lambda: Vocos(**config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   mismatches = shape_mismatches(params, nnx.to_pure_dict(state))
   if mismatches:
-    raise CheckpointError(f'{weights_path}: shapes do not match {CONFIG_FILE}: '
-                          + '; '.join(mismatches))
+    raise CheckpointError(
+      f'{weights_path}: shapes do not match {CONFIG_FILE}: ' + '; '.join(mismatches)
+    )
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 
@@ -247,16 +285,17 @@ def load_vocos(checkpoint_dir: str | pathlib.Path) -> Vocos:
 class Vocoder(Protocol):
   name: str
 
-  def vocode(self, normalised_mel: np.ndarray) -> np.ndarray:
-    """Normalised log-mel (B, T, 100), as the flow model makes it -> (B, T·256) float32, 24 kHz."""
+  def vocode(self, normalized_mel: np.ndarray) -> np.ndarray:
+    """Normalized log-mel (B, T, 100), as the flow model makes it -> (B, T·256) float32, 24 kHz."""
     ...
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def vocode_with_vocos(graphdef: nnx.GraphDef, state: nnx.State,
-                      normalised_mel: jax.Array) -> jax.Array:
+def vocode_with_vocos(
+  graphdef: nnx.GraphDef, state: nnx.State, normalized_mel: jax.Array
+) -> jax.Array:
   model = nnx.merge(graphdef, state)
-  log_mel = audio.denormalise(normalised_mel.astype(jnp.float32))
+  log_mel = audio.denormalize(normalized_mel.astype(jnp.float32))
   return model(jnp.swapaxes(log_mel, 1, 2))
 
 
@@ -266,8 +305,8 @@ class VocosVocoder:
   graphdef: nnx.GraphDef
   state: nnx.State
 
-  def vocode(self, normalised_mel: np.ndarray) -> np.ndarray:
-    return np.asarray(vocode_with_vocos(self.graphdef, self.state, jnp.asarray(normalised_mel)))
+  def vocode(self, normalized_mel: np.ndarray) -> np.ndarray:
+    return np.asarray(vocode_with_vocos(self.graphdef, self.state, jnp.asarray(normalized_mel)))
 
 
 @functools.cache
@@ -281,16 +320,22 @@ class GriffinLimVocoder:
   name: str = GRIFFIN_LIM_NAME
   n_iter: int = 32
 
-  def vocode(self, normalised_mel: np.ndarray) -> np.ndarray:
-    mel = np.exp(audio.denormalise(np.asarray(normalised_mel, np.float64))).swapaxes(1, 2)
+  def vocode(self, normalized_mel: np.ndarray) -> np.ndarray:
+    mel = np.exp(audio.denormalize(np.asarray(normalized_mel, np.float64))).swapaxes(1, 2)
     # A clamped pseudo-inverse of the filterbank instead of librosa's non-negative least squares
     # (mel_to_stft), which took ~80% of the time; Griffin-Lim's own error dwarfs the difference.
     stft_magnitude = np.maximum(pseudo_inverse_filterbank() @ mel, 0.0)
     num_frames = mel.shape[-1]
-    wave = librosa.griffinlim(stft_magnitude, n_iter=self.n_iter, hop_length=audio.HOP_LENGTH,
-                              n_fft=audio.N_FFT, pad_mode='reflect',
-                              length=(num_frames - 1) * audio.HOP_LENGTH, random_state=0)
-    # A centred STFT of T frames spans (T - 1)·hop samples; pad to Vocos's T·hop samples.
+    wave = librosa.griffinlim(
+      stft_magnitude,
+      n_iter=self.n_iter,
+      hop_length=audio.HOP_LENGTH,
+      n_fft=audio.N_FFT,
+      pad_mode='reflect',
+      length=(num_frames - 1) * audio.HOP_LENGTH,
+      random_state=0,
+    )
+    # A centered STFT of T frames spans (T - 1)·hop samples; pad to Vocos's T·hop samples.
     return audio.fit_length(wave, num_frames * audio.HOP_LENGTH).astype(np.float32)
 
 
@@ -301,7 +346,9 @@ def load_vocoder(checkpoint_dir: str | None) -> Vocoder:
   model = load_vocos(checkpoint_dir)
   project_mels = (audio.N_MELS, audio.N_FFT, audio.HOP_LENGTH)
   if (model.embed.in_features, model.n_fft, model.hop_length) != project_mels:
-    raise CheckpointError(f'{checkpoint_dir}: Vocos does not take the project mels '
-                          f'({audio.N_MELS} bands, n_fft {audio.N_FFT}, hop {audio.HOP_LENGTH})')
+    raise CheckpointError(
+      f'{checkpoint_dir}: Vocos does not take the project mels '
+      f'({audio.N_MELS} bands, n_fft {audio.N_FFT}, hop {audio.HOP_LENGTH})'
+    )
   graphdef, state = nnx.split(model)
   return VocosVocoder(f'vocos ({checkpoint_dir})', graphdef, state)

@@ -1,6 +1,6 @@
-"""Word error rate: English text normalisation, word-level edit distance, corpus WER.
+"""Word error rate: English text normalization, word-level edit distance, corpus WER.
 
-Normalisation (applied to references and hypotheses alike) is deliberately small, not Whisper's
+Normalization (applied to references and hypotheses alike) is deliberately small, not Whisper's
 full EnglishTextNormalizer:
   1. lowercase; thousands separators inside numbers dropped ("1,000" -> "1000");
   2. apostrophes removed ("don't" -> "dont"), every other non-alphanumeric character is a space
@@ -9,19 +9,21 @@ full EnglishTextNormalizer:
      digit by digit ("2024" -> "two zero two four"), so a number written either way matches;
   4. whitespace collapsed.
 """
+
 import dataclasses
 import re
 from typing import Protocol
 
 import numpy as np
 
-ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
-        'fifteen sixteen seventeen eighteen nineteen').split()
+ONES = (
+  'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
+  'fifteen sixteen seventeen eighteen nineteen'
+).split()
 TENS = 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
 
 
 class Transcriber(Protocol):
-
   def transcribe(self, audio_16k: np.ndarray, num_samples: np.ndarray) -> list[str]:
     """Text of each clip of (B, N) float32 16 kHz audio, zero-padded past its num_samples (B,)."""
     ...
@@ -38,7 +40,7 @@ def spell_number(digits: str) -> str:
   return TENS[tens - 2] + ('' if ones == 0 else ' ' + ONES[ones])
 
 
-def normalise_text(text: str) -> str:
+def normalize_text(text: str) -> str:
   text = text.lower()
   text = re.sub(r'(?<=\d),(?=\d)', '', text)
   text = text.replace("'", '').replace('\u2019', '')
@@ -50,7 +52,7 @@ def normalise_text(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class EditCounts:
   substitutions: int
-  deletions: int   # reference words missing from the hypothesis
+  deletions: int  # reference words missing from the hypothesis
   insertions: int  # hypothesis words absent from the reference
   reference_words: int
 
@@ -59,7 +61,9 @@ class EditCounts:
     return self.substitutions + self.deletions + self.insertions
 
   def __add__(self, other: 'EditCounts') -> 'EditCounts':
-    return EditCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    return EditCounts(
+      *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+    )
 
 
 def word_edits(reference: list[str], hypothesis: list[str]) -> EditCounts:
@@ -73,8 +77,11 @@ def word_edits(reference: list[str], hypothesis: list[str]) -> EditCounts:
   cost[0, :] = np.arange(m + 1)
   for i in range(1, n + 1):
     for j in range(1, m + 1):
-      cost[i, j] = min(cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]),
-                       cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+      cost[i, j] = min(
+        cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]),
+        cost[i - 1, j] + 1,
+        cost[i, j - 1] + 1,
+      )
   substitutions = deletions = insertions = 0
   i, j = n, m
   while i or j:
@@ -91,12 +98,12 @@ def word_edits(reference: list[str], hypothesis: list[str]) -> EditCounts:
 
 
 def corpus_edits(references: list[str], hypotheses: list[str]) -> EditCounts:
-  """Summed edits of normalised texts, pair by pair."""
+  """Summed edits of normalized texts, pair by pair."""
   if len(references) != len(hypotheses):
     raise ValueError(f'{len(references)} references but {len(hypotheses)} hypotheses')
   total = EditCounts(0, 0, 0, 0)
   for reference, hypothesis in zip(references, hypotheses):
-    total += word_edits(normalise_text(reference).split(), normalise_text(hypothesis).split())
+    total += word_edits(normalize_text(reference).split(), normalize_text(hypothesis).split())
   return total
 
 

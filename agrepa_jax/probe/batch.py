@@ -9,6 +9,7 @@ Every probe draws the same quantities the same way, so FoG-A and LASP see identi
   uniformly from 1..⌊0.3 · valid frames⌋; 0 gives no prompt;
 - tokens are always kept (no classifier-free-guidance drop).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +18,17 @@ from agrepa_jax import audio, losses
 
 NOISE_STD = losses.FlowMatchingConfig.noise_std
 NOISE_STREAM, DROPOUT_STREAM = 0, 1
-MODEL_KEYS = ('mel', 'tokens', 'domain', 'num_samples')  # what `model_inputs` reads of a probe batch
+MODEL_KEYS = (
+  'mel',
+  'tokens',
+  'domain',
+  'num_samples',
+)  # what `model_inputs` reads of a probe batch
 
 
-def balanced_indices(clip_domains: np.ndarray, num_domains: int, num_clips: int, seed: int) -> np.ndarray:
+def balanced_indices(
+  clip_domains: np.ndarray, num_domains: int, num_clips: int, seed: int
+) -> np.ndarray:
   """Up to `num_clips` clip indices, an equal share per domain (the remainder goes to the first domains).
 
   A domain with fewer clips than its share gives all it has. Indices are sorted, and the choice is a
@@ -38,12 +46,20 @@ def balanced_indices(clip_domains: np.ndarray, num_domains: int, num_clips: int,
 def stack_records(records: list[dict], domains: tuple[str, ...]) -> dict:
   """Records of a CachedSplit -> one batch: mel (N, T, M), tokens, domain, num_samples, teacher {d: (N, C_d)}."""
   stack = lambda key, dtype: np.stack([np.asarray(r[key], dtype) for r in records])
-  return {'mel': stack('mel', np.float32), 'tokens': stack('tokens', np.int32),
-          'domain': stack('domain', np.int32), 'num_samples': stack('num_samples', np.int64),
-          'teacher': {d: np.stack([np.asarray(r['teacher'][d], np.float32) for r in records]) for d in domains}}
+  return {
+    'mel': stack('mel', np.float32),
+    'tokens': stack('tokens', np.int32),
+    'domain': stack('domain', np.int32),
+    'num_samples': stack('num_samples', np.int64),
+    'teacher': {
+      d: np.stack([np.asarray(r['teacher'][d], np.float32) for r in records]) for d in domains
+    },
+  }
 
 
-def clip_noise(key: jax.Array, num_clips: int, clip_shape: tuple[int, ...], std: float = NOISE_STD) -> jax.Array:
+def clip_noise(
+  key: jax.Array, num_clips: int, clip_shape: tuple[int, ...], std: float = NOISE_STD
+) -> jax.Array:
   """(num_clips, *clip_shape) fixed noise x0 of the probe key `key`."""
   noise_key = jax.random.fold_in(key, NOISE_STREAM)
   keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(jnp.arange(num_clips))
@@ -52,7 +68,9 @@ def clip_noise(key: jax.Array, num_clips: int, clip_shape: tuple[int, ...], std:
 
 def dropout_key(key: jax.Array, batch_index: int, t_index: int) -> jax.Array:
   """The training-mode dropout key of the probe key `key` for one batch at one t."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, DROPOUT_STREAM), batch_index), t_index)
+  return jax.random.fold_in(
+    jax.random.fold_in(jax.random.fold_in(key, DROPOUT_STREAM), batch_index), t_index
+  )
 
 
 def valid_frames(num_samples: jax.Array, num_frames: int) -> jax.Array:
@@ -69,5 +87,10 @@ def model_inputs(batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: f
   prompt = jnp.where(prompt_fraction > 0, jnp.maximum(prompt, 1), 0)
   in_prompt = jnp.arange(frames)[None, :] < prompt[:, None]
   t = jnp.full((size,), t, x1.dtype)
-  return dict(x_t=(1 - t[:, None, None]) * noise + t[:, None, None] * x1, t=t, tokens=batch['tokens'],
-              ref_mel=jnp.where(in_prompt[..., None], x1, 0.0), domain=batch['domain'])
+  return dict(
+    x_t=(1 - t[:, None, None]) * noise + t[:, None, None] * x1,
+    t=t,
+    tokens=batch['tokens'],
+    ref_mel=jnp.where(in_prompt[..., None], x1, 0.0),
+    domain=batch['domain'],
+  )

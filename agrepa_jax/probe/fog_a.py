@@ -16,6 +16,7 @@ gate settings:
 With dropout (the reference schedule's training mode), every gate setting of a batch uses the same key:
 block ℓ draws the same mask in the clean and the ablated runs, so the score isolates the ablation.
 """
+
 import functools
 
 import jax
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from agrepa_jax.model import DiT, run_blocks
 from agrepa_jax.probe import batch as probe_batch
@@ -34,7 +36,9 @@ def relative_rms(v_ablated: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Ar
   """(..., B, T, M) against (B, T, M) over the (B, T) valid frames -> (..., B) RMS(v_ablated − v) / RMS(v)."""
   weights = valid[..., None].astype(v.dtype)
   change = (jnp.square(v_ablated - v) * weights).sum((-2, -1))
-  return jnp.sqrt(change / jnp.maximum((jnp.square(v) * weights).sum((-2, -1)), jnp.finfo(v.dtype).tiny))
+  return jnp.sqrt(
+    change / jnp.maximum((jnp.square(v) * weights).sum((-2, -1)), jnp.finfo(v.dtype).tiny)
+  )
 
 
 def ablation_lanes(num_layers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,11 +66,13 @@ def lane_layout(num_lanes: int, num_devices: int, chunk_size: int) -> tuple[int,
 def clean_pass(dit: DiT, inputs: dict, dropout_key):
   """The clean velocity (B, T, M), every block's input (L, B, T, W), the time embedding, the layer keys."""
   cfg = dit.cfg
-  h0, time_emb, _ = dit.embed_inputs(inputs['x_t'], inputs['t'], inputs['tokens'], inputs['ref_mel'],
-                                     inputs['domain'])
+  h0, time_emb, _ = dit.embed_inputs(
+    inputs['x_t'], inputs['t'], inputs['tokens'], inputs['ref_mel'], inputs['domain']
+  )
   layer_keys = dit.layer_keys(dropout_key)
-  h, outputs = run_blocks(dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys,
-                          'frames', cfg.remat)
+  h, outputs = run_blocks(
+    dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys, 'frames', cfg.remat
+  )
   return dit.output(h), jnp.concatenate([h0[None], outputs[:-1]]), time_emb, layer_keys
 
 
@@ -91,17 +97,23 @@ def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second):
     return (jax.vmap(apply_block)(index, h), first_final), None
 
   start = block_inputs[first]
-  (second_final, first_final), _ = jax.lax.scan(step, (start, jnp.zeros_like(start)), jnp.arange(num_layers))
+  (second_final, first_final), _ = jax.lax.scan(
+    step, (start, jnp.zeros_like(start)), jnp.arange(num_layers)
+  )
   return first_final, second_final
 
 
-def _lane_scores(graphdef, state, block_inputs, time_emb, layer_keys, v, valid, first, second, *, chunk_size):
+def _lane_scores(
+  graphdef, state, block_inputs, time_emb, layer_keys, v, valid, first, second, *, chunk_size
+):
   """Per-device: Δ (lanes, 2, B) of this device's lanes, `chunk_size` lanes at a time."""
   dit = nnx.merge(graphdef, state)
 
   def chunk(lanes):
     finals = jnp.stack(run_lanes(dit.blocks, block_inputs, time_emb, layer_keys, *lanes), 1)
-    velocity = dit.output(finals.reshape(-1, *finals.shape[-2:])).reshape(*finals.shape[:3], *v.shape[-2:])
+    velocity = dit.output(finals.reshape(-1, *finals.shape[-2:])).reshape(
+      *finals.shape[:3], *v.shape[-2:]
+    )
     return relative_rms(velocity, v, valid)
 
   scores = jax.lax.map(chunk, (first.reshape(-1, chunk_size), second.reshape(-1, chunk_size)))
@@ -109,7 +121,9 @@ def _lane_scores(graphdef, state, block_inputs, time_emb, layer_keys, v, valid, 
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'chunk_size', 'mesh', 'prompt_fraction'))
-def _clip_scores(state, batch, t, noise, dropout_key, *, graphdef, chunk_size, mesh, prompt_fraction):
+def _clip_scores(
+  state, batch, t, noise, dropout_key, *, graphdef, chunk_size, mesh, prompt_fraction
+):
   dit = nnx.merge(graphdef, state)
   inputs = model_inputs(batch, t, noise, prompt_fraction)
   valid = valid_frames(batch['num_samples'], noise.shape[1])
@@ -120,15 +134,21 @@ def _clip_scores(state, batch, t, noise, dropout_key, *, graphdef, chunk_size, m
   if not len(first):
     return last[None]
   num_lanes, chunk_size = lane_layout(len(first), mesh.size, chunk_size)
-  padding = np.zeros(num_lanes - len(first), np.int64)  # copies of lane 0, their scores written twice
+  padding = np.zeros(
+    num_lanes - len(first), np.int64
+  )  # copies of lane 0, their scores written twice
   first, second = np.concatenate([first, first[padding]]), np.concatenate([second, second[padding]])
   lanes = P(tuple(mesh.axis_names))
   per_lane = jax.shard_map(
-      functools.partial(_lane_scores, graphdef, chunk_size=chunk_size), mesh=mesh,
-      in_specs=(P(), P(), P(), P(), P(), P(), lanes, lanes), out_specs=lanes,
+    functools.partial(_lane_scores, graphdef, chunk_size=chunk_size),
+    mesh=mesh,
+    in_specs=(P(), P(), P(), P(), P(), P(), lanes, lanes),
+    out_specs=lanes,
   )(state, block_inputs, time_emb, layer_keys, v, valid, jnp.asarray(first), jnp.asarray(second))
   scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
-  scores = scores.at[np.concatenate([first, second])].set(jnp.concatenate([per_lane[:, 0], per_lane[:, 1]]))
+  scores = scores.at[np.concatenate([first, second])].set(
+    jnp.concatenate([per_lane[:, 0], per_lane[:, 1]])
+  )
   # replicated, so that every host of a multi-host mesh can read the whole table
   return jax.lax.with_sharding_constraint(scores.at[-1].set(last), NamedSharding(mesh, P()))
 
@@ -137,17 +157,34 @@ def single_device_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((1,), ('lanes',), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
 
 
-def clip_scores(dit: DiT, batch: dict, t: float, noise: jax.Array, *, dropout_key: jax.Array | None = None,
-                prompt_fraction: float = 0.15, chunk_size: int = 1, mesh: jax.sharding.Mesh | None = None):
+def clip_scores(
+  dit: DiT,
+  batch: dict,
+  t: float,
+  noise: jax.Array,
+  *,
+  dropout_key: jax.Array | None = None,
+  prompt_fraction: float = 0.15,
+  chunk_size: int = 1,
+  mesh: jax.sharding.Mesh | None = None,
+):
   """Δ (L, B) of every block for every clip of `batch` at one t, prefix-shared and lane-sharded.
 
   batch: 'mel' x1 (B, T, M), 'tokens', 'domain', 'num_samples'; noise: x0 (B, T, M).
   mesh: the lanes are split over all its devices (default: one device).
   """
   graphdef, state = nnx.split(dit)
-  return _clip_scores(state, {k: batch[k] for k in MODEL_KEYS}, jnp.float32(t), noise, dropout_key,
-                      graphdef=graphdef, chunk_size=chunk_size, mesh=mesh or single_device_mesh(),
-                      prompt_fraction=prompt_fraction)
+  return _clip_scores(
+    state,
+    {k: batch[k] for k in MODEL_KEYS},
+    jnp.float32(t),
+    noise,
+    dropout_key,
+    graphdef=graphdef,
+    chunk_size=chunk_size,
+    mesh=mesh or single_device_mesh(),
+    prompt_fraction=prompt_fraction,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
@@ -156,16 +193,33 @@ def _naive_clip_scores(state, batch, t, noise, dropout_key, *, graphdef, prompt_
   num_layers = nnx.merge(graphdef, state).cfg.num_layers
   masks = jnp.concatenate([jnp.ones((1, num_layers)), 1 - jnp.eye(num_layers)])
   velocities = jax.vmap(
-      lambda gates: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=dropout_key)[0])(masks)
-  return relative_rms(velocities[1:], velocities[0], valid_frames(batch['num_samples'], noise.shape[1]))
+    lambda gates: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=dropout_key)[0]
+  )(masks)
+  return relative_rms(
+    velocities[1:], velocities[0], valid_frames(batch['num_samples'], noise.shape[1])
+  )
 
 
-def naive_clip_scores(dit: DiT, batch: dict, t: float, noise: jax.Array, *,
-                      dropout_key: jax.Array | None = None, prompt_fraction: float = 0.15):
+def naive_clip_scores(
+  dit: DiT,
+  batch: dict,
+  t: float,
+  noise: jax.Array,
+  *,
+  dropout_key: jax.Array | None = None,
+  prompt_fraction: float = 0.15,
+):
   """Δ (L, B) like `clip_scores`, from the model vmapped over all L+1 gate masks."""
   graphdef, state = nnx.split(dit)
-  return _naive_clip_scores(state, {k: batch[k] for k in MODEL_KEYS}, jnp.float32(t), noise, dropout_key,
-                            graphdef=graphdef, prompt_fraction=prompt_fraction)
+  return _naive_clip_scores(
+    state,
+    {k: batch[k] for k in MODEL_KEYS},
+    jnp.float32(t),
+    noise,
+    dropout_key,
+    graphdef=graphdef,
+    prompt_fraction=prompt_fraction,
+  )
 
 
 def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: int):
@@ -177,9 +231,21 @@ def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: in
   return np.where(counts > 0, means, np.nan), counts
 
 
-def fog_a_table(dit: DiT, batch: dict, t_values, key: jax.Array, *, num_domains: int, batch_size: int = 16,
-                chunk_size: int = 1, mesh: jax.sharding.Mesh | None = None, prompt_fraction: float = 0.15,
-                dropout: bool = False, progress: bool = False, noise_std: float = probe_batch.NOISE_STD):
+def fog_a_table(
+  dit: DiT,
+  batch: dict,
+  t_values,
+  key: jax.Array,
+  *,
+  num_domains: int,
+  batch_size: int = 16,
+  chunk_size: int = 1,
+  mesh: jax.sharding.Mesh | None = None,
+  prompt_fraction: float = 0.15,
+  dropout: bool = False,
+  progress: bool = False,
+  noise_std: float = probe_batch.NOISE_STD,
+):
   """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) clip counts.
 
   batch: the stacked probe set (`batch.stack_records`); it is run `batch_size` clips at a time.
@@ -193,7 +259,16 @@ def fog_a_table(dit: DiT, batch: dict, t_values, key: jax.Array, *, num_domains:
   for b, j in tqdm.tqdm(jobs, desc='FoG-A', unit='forward set', disable=not progress):
     rows = slice(starts[b], starts[b] + batch_size)
     key_bj = probe_batch.dropout_key(key, b, j) if dropout else None
-    per_clip[:, j, rows] = np.asarray(clip_scores(
-        dit, {k: batch[k][rows] for k in MODEL_KEYS}, t_values[j], noise[rows], dropout_key=key_bj,
-        prompt_fraction=prompt_fraction, chunk_size=chunk_size, mesh=mesh))
+    per_clip[:, j, rows] = np.asarray(
+      clip_scores(
+        dit,
+        {k: batch[k][rows] for k in MODEL_KEYS},
+        t_values[j],
+        noise[rows],
+        dropout_key=key_bj,
+        prompt_fraction=prompt_fraction,
+        chunk_size=chunk_size,
+        mesh=mesh,
+      )
+    )
   return domain_means(per_clip, np.asarray(batch['domain']), num_domains)

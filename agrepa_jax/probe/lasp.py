@@ -10,10 +10,11 @@ utterance target y_d over that domain's clips:
   model.width == model.token_dim (as in the paper's and the default configs); otherwise it is left out.
 - 'repa': the trained REPA head (ℓ, d) of `model.repa_heads`, the hidden-side head. Only the pairs
   trained with λ_ℓ,d > 0 have learnt anything; for the others it is an untrained head.
-- 'ridge': ridge regression on the L2-normalised features, fitted per layer and domain on the first
+- 'ridge': ridge regression on the L2-normalized features, fitted per layer and domain on the first
   `fit_fraction` of the domain's clips and scored on the rest. Its intercept alone already predicts
   the teacher mean, so scores sit high; the differences between layers carry the information.
 """
+
 import functools
 
 import jax
@@ -28,12 +29,22 @@ from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inpu
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
 def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
-  _, extras = nnx.merge(graphdef, state)(**model_inputs(batch, t, noise, prompt_fraction), hidden='pooled')
+  _, extras = nnx.merge(graphdef, state)(
+    **model_inputs(batch, t, noise, prompt_fraction), hidden='pooled'
+  )
   return extras['hidden']
 
 
-def pooled_hidden(dit: DiT, batch: dict, t: float, key: jax.Array, *, prompt_fraction: float = 0.15,
-                  batch_size: int = 16, noise_std: float = NOISE_STD) -> np.ndarray:
+def pooled_hidden(
+  dit: DiT,
+  batch: dict,
+  t: float,
+  key: jax.Array,
+  *,
+  prompt_fraction: float = 0.15,
+  batch_size: int = 16,
+  noise_std: float = NOISE_STD,
+) -> np.ndarray:
   """(L, N, width) time-pooled hidden states of the probe set at one t (noise of the probe key `key`)."""
   graphdef, state = nnx.split(dit)
   num_clips = len(batch['domain'])
@@ -42,8 +53,18 @@ def pooled_hidden(dit: DiT, batch: dict, t: float, key: jax.Array, *, prompt_fra
   for start in range(0, num_clips, batch_size):
     rows = slice(start, start + batch_size)
     inputs = {k: batch[k][rows] for k in MODEL_KEYS}
-    parts.append(np.asarray(_pooled_hidden(state, inputs, jnp.float32(t), noise[rows], graphdef=graphdef,
-                                           prompt_fraction=prompt_fraction)))
+    parts.append(
+      np.asarray(
+        _pooled_hidden(
+          state,
+          inputs,
+          jnp.float32(t),
+          noise[rows],
+          graphdef=graphdef,
+          prompt_fraction=prompt_fraction,
+        )
+      )
+    )
   return np.concatenate(parts, axis=1)
 
 
@@ -64,23 +85,35 @@ def head_scores(apply_head, pooled: np.ndarray, targets, clip_domains: np.ndarra
   for d, target in enumerate(targets):
     rows = np.flatnonzero(clip_domains == d)
     if len(rows):
-      scores[:, d] = mean_cosine(np.asarray(apply_head(d, jnp.asarray(pooled[:, rows]))), target[rows][None])
+      scores[:, d] = mean_cosine(
+        np.asarray(apply_head(d, jnp.asarray(pooled[:, rows]))), target[rows][None]
+      )
   return scores
 
 
-def repa_head_scores(repa_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
+def repa_head_scores(
+  repa_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray
+) -> np.ndarray:
   """Scores of REPA head (ℓ, d) applied to layer ℓ."""
   return head_scores(repa_heads, pooled, targets, clip_domains)
 
 
-def bitc_head_scores(bitc_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray) -> np.ndarray:
-  """Scores of the BiT-C head of domain d applied to every layer's normalised pooled state."""
+def bitc_head_scores(
+  bitc_heads, pooled: np.ndarray, targets, clip_domains: np.ndarray
+) -> np.ndarray:
+  """Scores of the BiT-C head of domain d applied to every layer's normalized pooled state."""
   unit = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
   return head_scores(bitc_heads, unit, targets, clip_domains)
 
 
-def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_fraction: float = 0.5,
-                 alpha: float = 1.0) -> np.ndarray:
+def ridge_scores(
+  pooled: np.ndarray,
+  targets,
+  clip_domains: np.ndarray,
+  *,
+  fit_fraction: float = 0.5,
+  alpha: float = 1.0,
+) -> np.ndarray:
   """(L, D) held-out mean cosine of a per-layer ridge probe; NaN where a domain cannot give both a fit
   and a test clip."""
   features = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
@@ -97,18 +130,38 @@ def ridge_scores(pooled: np.ndarray, targets, clip_domains: np.ndarray, *, fit_f
   return scores
 
 
-def storage_scores(model: AgRepaModel, batch: dict, domains: tuple[str, ...], key: jax.Array, *,
-                   t: float = 0.5, prompt_fraction: float = 0.15, batch_size: int = 16,
-                   fit_fraction: float = 0.5, ridge_alpha: float = 1.0,
-                   noise_std: float = NOISE_STD) -> dict[str, np.ndarray]:
+def storage_scores(
+  model: AgRepaModel,
+  batch: dict,
+  domains: tuple[str, ...],
+  key: jax.Array,
+  *,
+  t: float = 0.5,
+  prompt_fraction: float = 0.15,
+  batch_size: int = 16,
+  fit_fraction: float = 0.5,
+  ridge_alpha: float = 1.0,
+  noise_std: float = NOISE_STD,
+) -> dict[str, np.ndarray]:
   """{'bitc': (L, D) when width == token_dim, 'repa': (L, D), 'ridge': (L, D)} storage scores of the
   stacked probe set `batch`."""
-  pooled = pooled_hidden(model.backbone, batch, t, key, prompt_fraction=prompt_fraction, batch_size=batch_size,
-                         noise_std=noise_std)
+  pooled = pooled_hidden(
+    model.backbone,
+    batch,
+    t,
+    key,
+    prompt_fraction=prompt_fraction,
+    batch_size=batch_size,
+    noise_std=noise_std,
+  )
   targets = [np.asarray(batch['teacher'][d], np.float32) for d in domains]
   clip_domains = np.asarray(batch['domain'])
-  scores = {'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),
-            'ridge': ridge_scores(pooled, targets, clip_domains, fit_fraction=fit_fraction, alpha=ridge_alpha)}
+  scores = {
+    'repa': repa_head_scores(model.repa_heads, pooled, targets, clip_domains),
+    'ridge': ridge_scores(
+      pooled, targets, clip_domains, fit_fraction=fit_fraction, alpha=ridge_alpha
+    ),
+  }
   if model.backbone.cfg.width == model.backbone.cfg.token_dim:
     scores = {'bitc': bitc_head_scores(model.bitc_heads, pooled, targets, clip_domains), **scores}
   return scores

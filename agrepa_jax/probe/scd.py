@@ -4,6 +4,7 @@ Per domain: the Spearman correlation between the storage (LASP) and contribution
 layers, and the overlap |A ∩ B| / K of their top-K layer sets. Layers outside `eligible` (not probed)
 take part in neither.
 """
+
 import numpy as np
 from scipy import stats
 
@@ -19,23 +20,37 @@ def dissociation(storage: np.ndarray, contribution: np.ndarray, k: int, layer_nu
 
   Everything is NaN (and the top lists empty) when a score is missing.
   """
-  layer_numbers = np.arange(1, len(storage) + 1) if layer_numbers is None else np.asarray(layer_numbers)
+  layer_numbers = (
+    np.arange(1, len(storage) + 1) if layer_numbers is None else np.asarray(layer_numbers)
+  )
   if np.isnan(storage).any() or np.isnan(contribution).any():
-    return {'spearman': float('nan'), 'p_value': float('nan'), 'top_k_overlap': float('nan'),
-            'storage_top': [], 'contribution_top': []}
+    return {
+      'spearman': float('nan'),
+      'p_value': float('nan'),
+      'top_k_overlap': float('nan'),
+      'storage_top': [],
+      'contribution_top': [],
+    }
   result = stats.spearmanr(storage, contribution)
-  return {'spearman': float(result.statistic), 'p_value': float(result.pvalue),
-          'top_k_overlap': top_k_overlap(storage, contribution, k),
-          'storage_top': layer_numbers[top_k_layers(storage, k)].tolist(),
-          'contribution_top': layer_numbers[top_k_layers(contribution, k)].tolist()}
+  return {
+    'spearman': float(result.statistic),
+    'p_value': float(result.pvalue),
+    'top_k_overlap': top_k_overlap(storage, contribution, k),
+    'storage_top': layer_numbers[top_k_layers(storage, k)].tolist(),
+    'contribution_top': layer_numbers[top_k_layers(contribution, k)].tolist(),
+  }
 
 
-def scd_report(storage: np.ndarray, contribution: np.ndarray, domains, k: int, eligible=None) -> dict:
+def scd_report(
+  storage: np.ndarray, contribution: np.ndarray, domains, k: int, eligible=None
+) -> dict:
   """{domain: dissociation} from (L, D) storage and contribution scores.
 
   eligible: (L,) bool, the layers compared (default all); layers are reported 1-based.
   """
   eligible = np.ones(storage.shape[0], bool) if eligible is None else np.asarray(eligible)
   layers = np.flatnonzero(eligible)
-  return {domain: dissociation(storage[layers, d], contribution[layers, d], k, layers + 1)
-          for d, domain in enumerate(domains)}
+  return {
+    domain: dissociation(storage[layers, d], contribution[layers, d], k, layers + 1)
+    for d, domain in enumerate(domains)
+  }

@@ -4,6 +4,7 @@
 scaled to sum to `total`; 'softmax', total · softmax(score / temperature). A selection is
 {domain: {layer (1-based): λ}}, what `agrepa_jax.selection.dense_lambdas` takes.
 """
+
 import json
 import pathlib
 
@@ -18,7 +19,9 @@ def top_k_layers(scores: np.ndarray, k: int, eligible=None) -> np.ndarray:
   Ties go to the shallower layer.
   """
   scores = np.asarray(scores, np.float64)
-  usable = np.isfinite(scores) if eligible is None else np.isfinite(scores) & np.asarray(eligible, bool)
+  usable = (
+    np.isfinite(scores) if eligible is None else np.isfinite(scores) & np.asarray(eligible, bool)
+  )
   candidates = np.flatnonzero(usable)
   return candidates[np.argsort(-scores[candidates], kind='stable')][:k]
 
@@ -44,12 +47,22 @@ def layer_scores(table: np.ndarray, t_values, selection_t: float) -> np.ndarray:
     return table.mean(1)
   matches = np.flatnonzero(np.isclose(np.asarray(t_values, np.float64), selection_t))
   if not len(matches):
-    raise ValueError(f'selection_t={selection_t} is not one of the probed t values {list(t_values)}')
+    raise ValueError(
+      f'selection_t={selection_t} is not one of the probed t values {list(t_values)}'
+    )
   return table[:, matches[0]]
 
 
-def select_layers(scores: np.ndarray, domains, *, top_k: int, rule: str = 'raw', total: float = 0.5,
-                  temperature: float = 0.1, eligible=None) -> dict[str, dict[int, float]]:
+def select_layers(
+  scores: np.ndarray,
+  domains,
+  *,
+  top_k: int,
+  rule: str = 'raw',
+  total: float = 0.5,
+  temperature: float = 0.1,
+  eligible=None,
+) -> dict[str, dict[int, float]]:
   """{domain: {layer (1-based): λ}} from (L, D) scores; a domain without finite scores selects nothing."""
   selection = {}
   for d, domain in enumerate(domains):
@@ -66,8 +79,13 @@ def ema_update(old, new, decay: float):
 
 def selection_json(selection: dict[str, dict[int, float]], **settings) -> dict:
   """The JSON form of a selection: settings plus {'domains': {domain: {'layers': [...], 'lambdas': [...]}}}."""
-  return {**settings, 'domains': {domain: {'layers': list(chosen), 'lambdas': list(chosen.values())}
-                                  for domain, chosen in selection.items()}}
+  return {
+    **settings,
+    'domains': {
+      domain: {'layers': list(chosen), 'lambdas': list(chosen.values())}
+      for domain, chosen in selection.items()
+    },
+  }
 
 
 def read_selection(path: pathlib.Path) -> dict[str, dict[int, float]]:

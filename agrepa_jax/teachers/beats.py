@@ -7,6 +7,7 @@ post-LN "deep-norm" transformer layers whose self-attention adds a gated, bucket
 bias computed once and shared by all layers. Tokens are time-major: token t * 8 + f is time step t,
 frequency patch f.
 """
+
 import dataclasses
 import functools
 import math
@@ -21,8 +22,10 @@ from agrepa_jax.teachers import fbank as fbank_lib
 from agrepa_jax.teachers.base import TeacherSpec
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's
-CHECKPOINT_FORMAT = ('an official BEATs .pt checkpoint: a torch pickle of '
-                     "{'cfg': dict of BEATsConfig fields, 'model': BEATs state_dict}")
+CHECKPOINT_FORMAT = (
+  'an official BEATs .pt checkpoint: a torch pickle of '
+  "{'cfg': dict of BEATsConfig fields, 'model': BEATs state_dict}"
+)
 
 
 class BeatsCheckpointError(ValueError):
@@ -34,6 +37,7 @@ class BeatsConfig:
   """The BEATsConfig fields that shape the encoder; defaults are the official BEATsConfig's, so a
   checkpoint's cfg dict reads as it does in the official code (its input_patch_size placeholder -1
   aside)."""
+
   input_patch_size: int = 16
   embed_dim: int = 512
   conv_bias: bool = False
@@ -58,21 +62,21 @@ class BeatsConfig:
   @property
   def residual_scale(self) -> float:
     """Deep-norm's alpha: the residual branch of every post-LN sublayer is scaled by (2 N)^(1/4)."""
-    return (2 * self.encoder_layers)**0.25 if self.deep_norm else 1.0
+    return (2 * self.encoder_layers) ** 0.25 if self.deep_norm else 1.0
 
 
 # Official BEATsConfig switches and the one value of each that this implementation covers.
 REQUIRED_SETTINGS = {
-    'layer_norm_first': False,
-    'relative_position_embedding': True,
-    'gru_rel_pos': True,
-    'activation_fn': 'gelu',
+  'layer_norm_first': False,
+  'relative_position_embedding': True,
+  'gru_rel_pos': True,
+  'activation_fn': 'gelu',
 }
 OFFICIAL_DEFAULTS = {
-    'layer_norm_first': False,
-    'relative_position_embedding': False,
-    'gru_rel_pos': False,
-    'activation_fn': 'gelu',
+  'layer_norm_first': False,
+  'relative_position_embedding': False,
+  'gru_rel_pos': False,
+  'activation_fn': 'gelu',
 }
 
 
@@ -82,17 +86,21 @@ def config_from_checkpoint(cfg: dict, path='<cfg>') -> BeatsConfig:
     value = cfg.get(key, OFFICIAL_DEFAULTS[key])
     if value != required:
       raise BeatsCheckpointError(
-          f'{path}: unsupported BEATs setting {key}={value!r} (need {required!r})')
+        f'{path}: unsupported BEATs setting {key}={value!r} (need {required!r})'
+      )
   fields = {f.name for f in dataclasses.fields(BeatsConfig)}
   config = BeatsConfig(**{k: v for k, v in cfg.items() if k in fields})
   if fbank_lib.NUM_MEL_BINS % config.input_patch_size:
-    raise BeatsCheckpointError(f'{path}: input_patch_size {config.input_patch_size} does not '
-                               f'divide the {fbank_lib.NUM_MEL_BINS} mel bins')
+    raise BeatsCheckpointError(
+      f'{path}: input_patch_size {config.input_patch_size} does not '
+      f'divide the {fbank_lib.NUM_MEL_BINS} mel bins'
+    )
   return config
 
 
-def relative_position_bucket(relative: np.ndarray, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
+def relative_position_bucket(
+  relative: np.ndarray, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """BEATs' bidirectional bucket of each key-minus-query offset: half the buckets per direction,
   exact below a quarter of the buckets, log-spaced up to max_distance, clipped beyond.
 
@@ -125,7 +133,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class ConvPositionalEmbedding(nnx.Module):
-  """Weight-normalised grouped Conv1d over time, then GELU; its output is added to the input."""
+  """Weight-normalized grouped Conv1d over time, then GELU; its output is added to the input."""
 
   def __init__(self, dim: int, kernel_size: int, groups: int, *, rngs: nnx.Rngs):
     self.groups = groups
@@ -138,11 +146,16 @@ class ConvPositionalEmbedding(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = weight_norm(self.weight_v[...], self.weight_g[...])
     pad = kernel.shape[0] // 2
-    y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1,), padding=[(pad, pad)],
-                                     dimension_numbers=('NWC', 'WIO', 'NWC'),
-                                     feature_group_count=self.groups)
+    y = jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(1,),
+      padding=[(pad, pad)],
+      dimension_numbers=('NWC', 'WIO', 'NWC'),
+      feature_group_count=self.groups,
+    )
     # An even kernel yields one extra output step, which BEATs (SamePad) drops from the end.
-    return gelu(y[:, :x.shape[1]] + self.bias[...])
+    return gelu(y[:, : x.shape[1]] + self.bias[...])
 
 
 class SelfAttention(nnx.Module):
@@ -172,8 +185,9 @@ class SelfAttention(nnx.Module):
     gate_a, gate_b = jnp.moveaxis(jax.nn.sigmoid(sums), -1, 0)
     return gate_a * (gate_b * self.grep_a[...][:, None] - 1.0) + 2.0
 
-  def __call__(self, x: jax.Array, position_bias: jax.Array,
-               key_mask: jax.Array | None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, position_bias: jax.Array, key_mask: jax.Array | None
+  ) -> jax.Array:
     """x (B, T, C), position_bias (H, T, T), key_mask (B, T) True for keys that hold audio."""
     query = self.split_heads(self.q_proj(x))
     key = self.split_heads(self.k_proj(x))
@@ -198,8 +212,9 @@ class EncoderLayer(nnx.Module):
     self.fc2 = nnx.Linear(config.encoder_ffn_embed_dim, dim, rngs=rngs)
     self.final_layer_norm = nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
 
-  def __call__(self, x: jax.Array, position_bias: jax.Array,
-               key_mask: jax.Array | None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, position_bias: jax.Array, key_mask: jax.Array | None
+  ) -> jax.Array:
     attended = self.self_attn(x, position_bias, key_mask)
     x = self.self_attn_layer_norm(x * self.residual_scale + attended)
     return self.final_layer_norm(x * self.residual_scale + self.fc2(gelu(self.fc1(x))))
@@ -215,8 +230,9 @@ class Encoder(nnx.Module):
     self.pos_conv = ConvPositionalEmbedding(dim, config.conv_pos, config.conv_pos_groups, rngs=rngs)
     self.layer_norm = nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
     # Official checkpoints hold one table per layer, all the same module: the first layer's.
-    self.relative_attention_bias = nnx.Embed(config.num_buckets, config.encoder_attention_heads,
-                                             rngs=rngs)
+    self.relative_attention_bias = nnx.Embed(
+      config.num_buckets, config.encoder_attention_heads, rngs=rngs
+    )
 
     @nnx.split_rngs(splits=config.encoder_layers)
     @nnx.vmap(in_axes=0, out_axes=0)
@@ -247,20 +263,31 @@ class Encoder(nnx.Module):
 
 
 class Beats(nnx.Module):
-  """The BEATs encoder: normalised fbank (B, frames, 128) -> tokens (B, steps * 8, C)."""
+  """The BEATs encoder: normalized fbank (B, frames, 128) -> tokens (B, steps * 8, C)."""
 
   def __init__(self, config: BeatsConfig, *, rngs: nnx.Rngs):
     patch = config.input_patch_size
     self.config = config
-    self.patch_embedding = nnx.Conv(1, config.embed_dim, (patch, patch), strides=(patch, patch),
-                                    padding='VALID', use_bias=config.conv_bias, rngs=rngs)
+    self.patch_embedding = nnx.Conv(
+      1,
+      config.embed_dim,
+      (patch, patch),
+      strides=(patch, patch),
+      padding='VALID',
+      use_bias=config.conv_bias,
+      rngs=rngs,
+    )
     self.layer_norm = nnx.LayerNorm(config.embed_dim, epsilon=LAYER_NORM_EPSILON, rngs=rngs)
-    self.post_extract_proj = (nnx.Linear(config.embed_dim, config.encoder_embed_dim, rngs=rngs)
-                              if config.embed_dim != config.encoder_embed_dim else None)
+    self.post_extract_proj = (
+      nnx.Linear(config.embed_dim, config.encoder_embed_dim, rngs=rngs)
+      if config.embed_dim != config.encoder_embed_dim
+      else None
+    )
     self.encoder = Encoder(config, rngs=rngs)
 
-  def __call__(self, fbank: jax.Array, step_mask: jax.Array | None = None,
-               output_layer: int | None = None) -> jax.Array:
+  def __call__(
+    self, fbank: jax.Array, step_mask: jax.Array | None = None, output_layer: int | None = None
+  ) -> jax.Array:
     """Tokens of the last layer, or of layer `output_layer` (1..N; 0 is the layers' input).
 
     fbank: (B, frames, 128) from fbank.beats_fbank; trailing frames short of a whole patch are
@@ -290,6 +317,7 @@ def num_time_steps(num_samples, patch: int = 16):
 
 
 # ---------------------------------------------------------------------------- checkpoint loading
+
 
 def _linear(prefix: str) -> dict:
   return {f'{prefix}.weight': ('kernel', np.transpose), f'{prefix}.bias': ('bias', None)}
@@ -328,7 +356,9 @@ def _model_table(config: BeatsConfig, state_dict: dict) -> dict:
     table |= _nest(('post_extract_proj',), _linear('post_extract_proj'))
   table |= _nest(('encoder', 'layer_norm'), _layer_norm('encoder.layer_norm'))
   table['encoder.layers.0.self_attn.relative_attention_bias.weight'] = (
-      ('encoder', 'relative_attention_bias', 'embedding'), None)
+    ('encoder', 'relative_attention_bias', 'embedding'),
+    None,
+  )
   # Weight norm is stored as weight_g / weight_v (torch.nn.utils.weight_norm) or, by the newer
   # torch.nn.utils.parametrizations.weight_norm, as original0 / original1.
   conv = 'encoder.pos_conv.0'
@@ -344,9 +374,11 @@ def _model_table(config: BeatsConfig, state_dict: dict) -> dict:
 def _is_ignored(name: str) -> bool:
   """Entries that do not shape the features: the fine-tuned classifier, and the relative position
   tables of layers after the first, which are that same table."""
-  return name.startswith('predictor.') or (name.startswith('encoder.layers.')
-                                           and name.endswith('.relative_attention_bias.weight')
-                                           and not name.startswith('encoder.layers.0.'))
+  return name.startswith('predictor.') or (
+    name.startswith('encoder.layers.')
+    and name.endswith('.relative_attention_bias.weight')
+    and not name.startswith('encoder.layers.0.')
+  )
 
 
 def flat_nnx_state(config: BeatsConfig, state_dict: dict, path='<state_dict>') -> dict:
@@ -358,12 +390,14 @@ def flat_nnx_state(config: BeatsConfig, state_dict: dict, path='<state_dict>') -
   if present != expected:
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     raise BeatsCheckpointError(
-        f'{path}: state_dict does not match a BEATs encoder with this cfg: {len(missing)} missing '
-        f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); expected '
-        f'{CHECKPOINT_FORMAT}')
+      f'{path}: state_dict does not match a BEATs encoder with this cfg: {len(missing)} missing '
+      f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); expected '
+      f'{CHECKPOINT_FORMAT}'
+    )
   apply = lambda transform, array: array if transform is None else transform(array)
-  flat = {nnx_path: apply(transform, state_dict[name])
-          for name, (nnx_path, transform) in table.items()}
+  flat = {
+    nnx_path: apply(transform, state_dict[name]) for name, (nnx_path, transform) in table.items()
+  }
   for name, (leaf_path, transform) in layer_table.items():
     per_layer = [apply(transform, state_dict[f'encoder.layers.{i}.{name}']) for i in layers]
     flat[('encoder', 'layers') + leaf_path] = np.stack(per_layer)
@@ -379,8 +413,10 @@ def beats_from_state_dict(config: BeatsConfig, state_dict: dict, path='<state_di
   for nnx_path, variable in nnx.to_flat_state(abstract_state):
     array = flat[nnx_path]
     if array.shape != variable.shape:
-      raise BeatsCheckpointError(f'{path}: {"/".join(map(str, nnx_path))} has shape {array.shape}, '
-                                 f'the cfg implies {variable.shape}')
+      raise BeatsCheckpointError(
+        f'{path}: {"/".join(map(str, nnx_path))} has shape {array.shape}, '
+        f'the cfg implies {variable.shape}'
+      )
     leaves.append((nnx_path, variable.replace(jnp.asarray(array, jnp.float32))))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -398,19 +434,28 @@ def _describe(checkpoint) -> str:
 def read_checkpoint(path) -> tuple[dict, dict]:
   """(cfg, state_dict as numpy arrays) of an official BEATs .pt checkpoint."""
   import torch  # only checkpoint loading needs torch
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file; expected {CHECKPOINT_FORMAT}')
   try:
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises several types for corrupt or truncated files
-    raise BeatsCheckpointError(f'{path}: cannot read as a torch checkpoint ({e}); expected '
-                               f'{CHECKPOINT_FORMAT}') from e
-  if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get('cfg'), dict)
-          and isinstance(checkpoint.get('model'), dict)):
-    raise BeatsCheckpointError(f'{path}: not a BEATs checkpoint ({_describe(checkpoint)}); '
-                               f'expected {CHECKPOINT_FORMAT}')
-  state_dict = {name: tensor.float().numpy() for name, tensor in checkpoint['model'].items()
-                if isinstance(tensor, torch.Tensor)}
+    raise BeatsCheckpointError(
+      f'{path}: cannot read as a torch checkpoint ({e}); expected {CHECKPOINT_FORMAT}'
+    ) from e
+  if not (
+    isinstance(checkpoint, dict)
+    and isinstance(checkpoint.get('cfg'), dict)
+    and isinstance(checkpoint.get('model'), dict)
+  ):
+    raise BeatsCheckpointError(
+      f'{path}: not a BEATs checkpoint ({_describe(checkpoint)}); expected {CHECKPOINT_FORMAT}'
+    )
+  state_dict = {
+    name: tensor.float().numpy()
+    for name, tensor in checkpoint['model'].items()
+    if isinstance(tensor, torch.Tensor)
+  }
   return checkpoint['cfg'], state_dict
 
 
@@ -422,14 +467,20 @@ def load_beats(path) -> Beats:
 
 # ------------------------------------------------------------------------------------- teacher
 
+
 def audio_step_mask(num_samples: np.ndarray, num_steps: int, patch: int) -> np.ndarray:
   """(B, num_steps) bool: time steps whose fbank frames all hold audio, i.e. the steps BEATs gives
   each clip on its own."""
   return np.arange(num_steps)[None, :] < num_time_steps(np.asarray(num_samples), patch)[:, None]
 
 
-def encode(graphdef: nnx.GraphDef, state: nnx.State, audio: jax.Array, mask: jax.Array,
-           output_layer: int | None) -> jax.Array:
+def encode(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  audio: jax.Array,
+  mask: jax.Array,
+  output_layer: int | None,
+) -> jax.Array:
   """(B, N) 16 kHz audio, (B, steps) mask -> (B, steps, C) features averaged over frequency."""
   model = nnx.merge(graphdef, state)
   tokens = model(fbank_lib.beats_fbank(audio), mask, output_layer)
@@ -446,18 +497,23 @@ class BeatsTeacher:
       raise ValueError(f'output_layer {output_layer} outside 0..{config.encoder_layers}')
     self.patch = config.input_patch_size
     fbank_frames_per_second = fbank_lib.SAMPLE_RATE / fbank_lib.FRAME_SHIFT
-    self.spec = TeacherSpec(name='beats', dim=config.encoder_embed_dim,
-                            sample_rate=fbank_lib.SAMPLE_RATE,
-                            frames_per_second=fbank_frames_per_second / self.patch)
+    self.spec = TeacherSpec(
+      name='beats',
+      dim=config.encoder_embed_dim,
+      sample_rate=fbank_lib.SAMPLE_RATE,
+      frames_per_second=fbank_frames_per_second / self.patch,
+    )
     graphdef, self.state = nnx.split(model)
     self._encode = jax.jit(functools.partial(encode, graphdef, output_layer=output_layer))
 
   def features(self, audio: np.ndarray, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     num_steps = int(num_time_steps(audio.shape[1], self.patch))
     if num_steps == 0:
-      raise ValueError(f'BEATs needs clips of at least one patch of {self.patch} fbank frames '
-                       f'({fbank_lib.FRAME_LENGTH + (self.patch - 1) * fbank_lib.FRAME_SHIFT} '
-                       f'samples); got {audio.shape[1]}')
+      raise ValueError(
+        f'BEATs needs clips of at least one patch of {self.patch} fbank frames '
+        f'({fbank_lib.FRAME_LENGTH + (self.patch - 1) * fbank_lib.FRAME_SHIFT} '
+        f'samples); got {audio.shape[1]}'
+      )
     mask = audio_step_mask(num_samples, num_steps, self.patch)
     features = self._encode(self.state, jnp.asarray(audio, jnp.float32), jnp.asarray(mask))
     return np.asarray(features, np.float32), mask

@@ -5,6 +5,7 @@ revision; uint32 variable count; per variable: string name, uint8 rank, rank × 
 dtype id, uint32 byte count, raw data; then uint32 alias count and (alias, target) string pairs.
 A string is a uint16 length that counts its trailing NUL, then the UTF-8 bytes and the NUL.
 """
+
 import dataclasses
 import os
 import struct
@@ -22,7 +23,7 @@ class CT2FormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CT2Model:
-  spec_name: str              # e.g. 'WhisperSpec'
+  spec_name: str  # e.g. 'WhisperSpec'
   spec_revision: int
   variables: dict[str, np.ndarray]
 
@@ -40,9 +41,11 @@ class _Cursor:
 
   def take(self, size: int) -> memoryview:
     if self.offset + size > len(self.data):
-      raise CT2FormatError(f'{self.path}: truncated CTranslate2 model.bin (needs {size} bytes at '
-                           f'offset {self.offset}, file has {len(self.data)})')
-    view = memoryview(self.data)[self.offset:self.offset + size]
+      raise CT2FormatError(
+        f'{self.path}: truncated CTranslate2 model.bin (needs {size} bytes at '
+        f'offset {self.offset}, file has {len(self.data)})'
+      )
+    view = memoryview(self.data)[self.offset : self.offset + size]
     self.offset += size
     return view
 
@@ -61,7 +64,9 @@ def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
   return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _array(raw: memoryview, dtype_name: str, shape: tuple[int, ...], as_float32: bool) -> np.ndarray:
+def _array(
+  raw: memoryview, dtype_name: str, shape: tuple[int, ...], as_float32: bool
+) -> np.ndarray:
   storage = 'uint16' if dtype_name == 'bfloat16' else dtype_name
   array = np.frombuffer(raw, dtype=np.dtype(storage).newbyteorder('<')).reshape(shape)
   if not as_float32:
@@ -88,8 +93,10 @@ def read_ct2_model(path: str | os.PathLike, as_float32: bool = True) -> CT2Model
     cursor = _Cursor(f.read(), path)
   version = cursor.unpack('I')
   if version not in SUPPORTED_VERSIONS:
-    raise CT2FormatError(f'{path}: not a CTranslate2 model.bin of a supported binary version '
-                         f'(header says {version}, supported {SUPPORTED_VERSIONS})')
+    raise CT2FormatError(
+      f'{path}: not a CTranslate2 model.bin of a supported binary version '
+      f'(header says {version}, supported {SUPPORTED_VERSIONS})'
+    )
   spec_name = cursor.string()
   spec_revision = cursor.unpack('I')
   variables = {}
@@ -103,8 +110,10 @@ def read_ct2_model(path: str | os.PathLike, as_float32: bool = True) -> CT2Model
     dtype_name = DTYPES[type_id]
     storage_size = 2 if dtype_name == 'bfloat16' else np.dtype(dtype_name).itemsize
     if num_bytes != int(np.prod(shape)) * storage_size:
-      raise CT2FormatError(f'{path}: variable {name!r} of shape {shape} and dtype {dtype_name} '
-                           f'declares {num_bytes} bytes')
+      raise CT2FormatError(
+        f'{path}: variable {name!r} of shape {shape} and dtype {dtype_name} '
+        f'declares {num_bytes} bytes'
+      )
     variables[name] = _array(cursor.take(num_bytes), dtype_name, shape, as_float32)
   for _ in range(cursor.unpack('I')):
     alias, target = cursor.string(), cursor.string()

@@ -6,6 +6,7 @@ no dither, DC offset removed, pre-emphasis 0.97, povey window, frames snipped to
 FFT size rounded up to a power of two, power spectrum, mel filters over 20 Hz – Nyquist, log with a
 float32-epsilon floor.
 """
+
 import functools
 import math
 
@@ -15,8 +16,8 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400  # 25 ms
-FRAME_SHIFT = 160   # 10 ms
-FFT_SIZE = 512      # FRAME_LENGTH rounded up to a power of two
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # FRAME_LENGTH rounded up to a power of two
 NUM_MEL_BINS = 128
 LOW_FREQ = 20.0
 PREEMPHASIS = 0.97
@@ -85,13 +86,13 @@ def kaldi_fbank(wave: jax.Array, num_mel_bins: int = NUM_MEL_BINS) -> jax.Array:
   frames = frames - frames.mean(axis=-1, keepdims=True)
   frames = preemphasize(frames) * povey_window()
   spectrum = jnp.fft.rfft(frames, n=FFT_SIZE, axis=-1)
-  power = jnp.real(spectrum)**2 + jnp.imag(spectrum)**2
+  power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
   mel = power @ kaldi_mel_filterbank(num_mel_bins)
   return jnp.log(jnp.maximum(mel, LOG_FLOOR))
 
 
 def beats_fbank(wave: jax.Array) -> jax.Array:
-  """BEATs' normalised input features of (..., samples) 16 kHz audio in [-1, 1].
+  """BEATs' normalized input features of (..., samples) 16 kHz audio in [-1, 1].
 
   Returns (..., frames, 128) float32.
   """

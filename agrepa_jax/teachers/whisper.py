@@ -6,6 +6,7 @@ parameters are stacked on a leading layer axis and scanned, so compile time does
 Loaders read official openai-whisper .pt files, Hugging Face transformers directories (safetensors or
 pytorch_model.bin) and CTranslate2 directories, all mapped to the openai parameter names first.
 """
+
 import dataclasses
 import functools
 import json
@@ -33,6 +34,7 @@ LAYER_NORM_EPSILON = 1e-5
 @dataclasses.dataclass(frozen=True)
 class WhisperDims:
   """Model sizes, named as in the official checkpoints' `dims`. Text dims are None when unknown."""
+
   n_mels: int
   n_audio_ctx: int
   n_audio_state: int
@@ -47,14 +49,15 @@ class WhisperDims:
 
 # --- Front end ------------------------------------------------------------------------------------
 
+
 @functools.cache
 def whisper_mel_filterbank(n_mels: int) -> np.ndarray:
-  """(n_mels, n_fft // 2 + 1) Slaney-scale, area-normalised filters: the ones Whisper ships."""
+  """(n_mels, n_fft // 2 + 1) Slaney-scale, area-normalized filters: the ones Whisper ships."""
   return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels).astype(np.float32)
 
 
 def power_spectrogram(audio: jax.Array) -> jax.Array:
-  """|STFT|² of (..., samples), centred with reflect padding, periodic Hann: (..., bins, frames).
+  """|STFT|² of (..., samples), centered with reflect padding, periodic Hann: (..., bins, frames).
 
   The last frame is dropped, as Whisper does, so `samples` samples give samples // hop frames.
   """
@@ -73,14 +76,19 @@ def whisper_log_mel(audio: jax.Array, n_mels: int = 80) -> jax.Array:
 
   log10 floored at 1e-10, clamped to 8 below each example's maximum, then (x + 4) / 4.
   """
-  mel = jnp.einsum('mf,...ft->...mt', jnp.asarray(whisper_mel_filterbank(n_mels)),
-                   power_spectrogram(audio.astype(jnp.float32)), precision='highest')
+  mel = jnp.einsum(
+    'mf,...ft->...mt',
+    jnp.asarray(whisper_mel_filterbank(n_mels)),
+    power_spectrogram(audio.astype(jnp.float32)),
+    precision='highest',
+  )
   log_mel = jnp.log10(jnp.maximum(mel, 1e-10))
   log_mel = jnp.maximum(log_mel, log_mel.max(axis=(-2, -1), keepdims=True) - 8.0)
   return (log_mel + 4.0) / 4.0
 
 
 # --- Encoder --------------------------------------------------------------------------------------
+
 
 class Constant(nnx.Variable):
   """A fixed array of the model that is not trained (Whisper's positional embedding)."""
@@ -102,8 +110,13 @@ def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(features, epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, rngs=rngs)
 
 
-def attend(queries: jax.Array, keys: jax.Array, values: jax.Array, num_heads: int,
-           mask: jax.Array | None = None) -> jax.Array:
+def attend(
+  queries: jax.Array,
+  keys: jax.Array,
+  values: jax.Array,
+  num_heads: int,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Multi-head scaled dot-product attention of (B, Q, D) queries over (B, K, D) keys and values.
 
   mask: bool, broadcastable to (B, heads, Q, K); False hides a key from a query.
@@ -133,7 +146,9 @@ class EncoderBlock(nnx.Module):
 
   def attention(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return self.attention_out(attend(self.query(x), self.key(x), self.value(x), self.num_heads, mask))
+    return self.attention_out(
+      attend(self.query(x), self.key(x), self.value(x), self.num_heads, mask)
+    )
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     x = x + self.attention(self.attention_norm(x), key_mask)
@@ -165,11 +180,12 @@ class WhisperEncoder(nnx.Module):
   def __call__(self, log_mel: jax.Array, num_frames: jax.Array | None = None) -> jax.Array:
     frames = log_mel.shape[-1]
     if frames > 2 * self.dims.n_audio_ctx:
-      raise ValueError(f'{frames} mel frames exceed the encoder context of '
-                       f'{2 * self.dims.n_audio_ctx} (30 s)')
+      raise ValueError(
+        f'{frames} mel frames exceed the encoder context of {2 * self.dims.n_audio_ctx} (30 s)'
+      )
     x = gelu(self.conv1(jnp.swapaxes(log_mel, 1, 2)))
     x = gelu(self.conv2(x))
-    x = x + self.positional_embedding[...][:x.shape[1]]
+    x = x + self.positional_embedding[...][: x.shape[1]]
     key_mask = None if num_frames is None else jnp.arange(x.shape[1]) < num_frames[:, None]
 
     @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
@@ -181,6 +197,7 @@ class WhisperEncoder(nnx.Module):
 
 # --- Loading --------------------------------------------------------------------------------------
 
+
 class WhisperCheckpointError(ValueError):
   """A checkpoint path that is missing, unreadable or holds something other than a Whisper model."""
 
@@ -188,15 +205,36 @@ class WhisperCheckpointError(ValueError):
 # Parameters in the official openai-whisper naming (torch layout) that every loader produces.
 # Per block: names relative to `blocks.{i}.`.
 OPENAI_BLOCK_PARAMS = (
-    'attn_ln.weight', 'attn_ln.bias', 'attn.query.weight', 'attn.query.bias', 'attn.key.weight',
-    'attn.value.weight', 'attn.value.bias', 'attn.out.weight', 'attn.out.bias', 'mlp_ln.weight',
-    'mlp_ln.bias', 'mlp.0.weight', 'mlp.0.bias', 'mlp.2.weight', 'mlp.2.bias')
-OPENAI_TOP_PARAMS = ('conv1.weight', 'conv1.bias', 'conv2.weight', 'conv2.bias',
-                     'positional_embedding', 'ln_post.weight', 'ln_post.bias')
+  'attn_ln.weight',
+  'attn_ln.bias',
+  'attn.query.weight',
+  'attn.query.bias',
+  'attn.key.weight',
+  'attn.value.weight',
+  'attn.value.bias',
+  'attn.out.weight',
+  'attn.out.bias',
+  'mlp_ln.weight',
+  'mlp_ln.bias',
+  'mlp.0.weight',
+  'mlp.0.bias',
+  'mlp.2.weight',
+  'mlp.2.bias',
+)
+OPENAI_TOP_PARAMS = (
+  'conv1.weight',
+  'conv1.bias',
+  'conv2.weight',
+  'conv2.bias',
+  'positional_embedding',
+  'ln_post.weight',
+  'ln_post.bias',
+)
 
 
 def _encoder_state_from_openai(dims: WhisperDims, params: dict[str, np.ndarray]) -> dict:
   """Openai-named torch-layout encoder parameters -> the nested pure state of WhisperEncoder."""
+
   def stacked(name):
     return np.stack([params[f'blocks.{i}.{name}'] for i in range(dims.n_audio_layer)])
 
@@ -212,33 +250,39 @@ def _encoder_state_from_openai(dims: WhisperDims, params: dict[str, np.ndarray])
     return {'kernel': params[f'{name}.weight'].transpose(2, 1, 0), 'bias': params[f'{name}.bias']}
 
   return {
-      'conv1': conv('conv1'),
-      'conv2': conv('conv2'),
-      'positional_embedding': params['positional_embedding'],
-      'blocks': {
-          'attention_norm': norm('attn_ln'),
-          'query': linear('attn.query'),
-          'key': linear('attn.key', bias=False),
-          'value': linear('attn.value'),
-          'attention_out': linear('attn.out'),
-          'mlp_norm': norm('mlp_ln'),
-          'mlp_in': linear('mlp.0'),
-          'mlp_out': linear('mlp.2'),
-      },
-      'final_norm': norm('ln_post', block=False),
+    'conv1': conv('conv1'),
+    'conv2': conv('conv2'),
+    'positional_embedding': params['positional_embedding'],
+    'blocks': {
+      'attention_norm': norm('attn_ln'),
+      'query': linear('attn.query'),
+      'key': linear('attn.key', bias=False),
+      'value': linear('attn.value'),
+      'attention_out': linear('attn.out'),
+      'mlp_norm': norm('mlp_ln'),
+      'mlp_in': linear('mlp.0'),
+      'mlp_out': linear('mlp.2'),
+    },
+    'final_norm': norm('ln_post', block=False),
   }
 
 
-def encoder_from_openai_params(dims: WhisperDims, params: dict[str, np.ndarray],
-                               source: str) -> WhisperEncoder:
+def encoder_from_openai_params(
+  dims: WhisperDims, params: dict[str, np.ndarray], source: str
+) -> WhisperEncoder:
   """Builds a WhisperEncoder holding `params` (openai names without the `encoder.` prefix)."""
-  expected = list(OPENAI_TOP_PARAMS) + [f'blocks.{i}.{name}' for i in range(dims.n_audio_layer)
-                                        for name in OPENAI_BLOCK_PARAMS]
+  expected = list(OPENAI_TOP_PARAMS) + [
+    f'blocks.{i}.{name}' for i in range(dims.n_audio_layer) for name in OPENAI_BLOCK_PARAMS
+  ]
   missing = [name for name in expected if name not in params]
   if missing:
-    raise WhisperCheckpointError(f'{source}: Whisper encoder parameters missing: {missing[:5]}'
-                                 f'{" ..." if len(missing) > 5 else ""}')
-  values = _encoder_state_from_openai(dims, {k: np.asarray(v, np.float32) for k, v in params.items()})
+    raise WhisperCheckpointError(
+      f'{source}: Whisper encoder parameters missing: {missing[:5]}'
+      f'{" ..." if len(missing) > 5 else ""}'
+    )
+  values = _encoder_state_from_openai(
+    dims, {k: np.asarray(v, np.float32) for k, v in params.items()}
+  )
   return module_with_values(lambda: WhisperEncoder(dims, rngs=nnx.Rngs(0)), values, source)
 
 
@@ -246,41 +290,52 @@ def module_with_values(make_module, values: dict, source: str) -> nnx.Module:
   """The module `make_module()` builds, holding `values` instead of initial parameters.
 
   values: nested dict of arrays shaped like `nnx.to_pure_dict` of the module's state. The module is
-  only traced (nnx.eval_shape), so no memory or time goes into a random initialisation.
+  only traced (nnx.eval_shape), so no memory or time goes into a random initialization.
   """
   graphdef, abstract_state = nnx.split(nnx.eval_shape(make_module))
   flat_values = dict(jax.tree_util.tree_leaves_with_path(values))
   for path, expected in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract_state)):
     shape = flat_values[path].shape
     if shape != expected.shape:
-      raise WhisperCheckpointError(f'{source}: parameter {jax.tree_util.keystr(path)} has shape '
-                                   f'{shape}, expected {expected.shape}')
+      raise WhisperCheckpointError(
+        f'{source}: parameter {jax.tree_util.keystr(path)} has shape '
+        f'{shape}, expected {expected.shape}'
+      )
   nnx.replace_by_pure_dict(abstract_state, jax.tree.map(jnp.asarray, values))
   return nnx.merge(graphdef, abstract_state)
 
 
 def ct2_dims(variables: dict[str, np.ndarray]) -> WhisperDims:
   def count_layers(prefix):
-    return sum(1 for name in variables if name.startswith(prefix) and name.endswith('/ffn/linear_0/weight'))
+    return sum(
+      1 for name in variables if name.startswith(prefix) and name.endswith('/ffn/linear_0/weight')
+    )
 
   conv1 = variables['encoder/conv1/weight']
   embeddings = variables['decoder/embeddings/weight']
   return WhisperDims(
-      n_mels=conv1.shape[1], n_audio_ctx=variables['encoder/position_encodings/encodings'].shape[0],
-      n_audio_state=conv1.shape[0], n_audio_head=int(variables['encoder/num_heads']),
-      n_audio_layer=count_layers('encoder/layer_'), n_vocab=embeddings.shape[0],
-      n_text_ctx=variables['decoder/position_encodings/encodings'].shape[0],
-      n_text_state=embeddings.shape[1], n_text_head=int(variables['decoder/num_heads']),
-      n_text_layer=count_layers('decoder/layer_'))
+    n_mels=conv1.shape[1],
+    n_audio_ctx=variables['encoder/position_encodings/encodings'].shape[0],
+    n_audio_state=conv1.shape[0],
+    n_audio_head=int(variables['encoder/num_heads']),
+    n_audio_layer=count_layers('encoder/layer_'),
+    n_vocab=embeddings.shape[0],
+    n_text_ctx=variables['decoder/position_encodings/encodings'].shape[0],
+    n_text_state=embeddings.shape[1],
+    n_text_head=int(variables['decoder/num_heads']),
+    n_text_layer=count_layers('decoder/layer_'),
+  )
 
 
 def _openai_params_from_ct2(dims: WhisperDims, variables: dict[str, np.ndarray]) -> dict:
   params = {
-      'conv1.weight': variables['encoder/conv1/weight'], 'conv1.bias': variables['encoder/conv1/bias'],
-      'conv2.weight': variables['encoder/conv2/weight'], 'conv2.bias': variables['encoder/conv2/bias'],
-      'positional_embedding': variables['encoder/position_encodings/encodings'],
-      'ln_post.weight': variables['encoder/layer_norm/gamma'],
-      'ln_post.bias': variables['encoder/layer_norm/beta'],
+    'conv1.weight': variables['encoder/conv1/weight'],
+    'conv1.bias': variables['encoder/conv1/bias'],
+    'conv2.weight': variables['encoder/conv2/weight'],
+    'conv2.bias': variables['encoder/conv2/bias'],
+    'positional_embedding': variables['encoder/position_encodings/encodings'],
+    'ln_post.weight': variables['encoder/layer_norm/gamma'],
+    'ln_post.bias': variables['encoder/layer_norm/beta'],
   }
   for i in range(dims.n_audio_layer):
     ct2_block, block = f'encoder/layer_{i}', f'blocks.{i}'
@@ -289,19 +344,21 @@ def _openai_params_from_ct2(dims: WhisperDims, variables: dict[str, np.ndarray])
     query, key, value = np.split(variables[f'{ct2_block}/self_attention/linear_0/weight'], 3)
     query_bias, _, value_bias = np.split(variables[f'{ct2_block}/self_attention/linear_0/bias'], 3)
     params |= {
-        f'{block}.attn_ln.weight': variables[f'{ct2_block}/self_attention/layer_norm/gamma'],
-        f'{block}.attn_ln.bias': variables[f'{ct2_block}/self_attention/layer_norm/beta'],
-        f'{block}.attn.query.weight': query, f'{block}.attn.query.bias': query_bias,
-        f'{block}.attn.key.weight': key,
-        f'{block}.attn.value.weight': value, f'{block}.attn.value.bias': value_bias,
-        f'{block}.attn.out.weight': variables[f'{ct2_block}/self_attention/linear_1/weight'],
-        f'{block}.attn.out.bias': variables[f'{ct2_block}/self_attention/linear_1/bias'],
-        f'{block}.mlp_ln.weight': variables[f'{ct2_block}/ffn/layer_norm/gamma'],
-        f'{block}.mlp_ln.bias': variables[f'{ct2_block}/ffn/layer_norm/beta'],
-        f'{block}.mlp.0.weight': variables[f'{ct2_block}/ffn/linear_0/weight'],
-        f'{block}.mlp.0.bias': variables[f'{ct2_block}/ffn/linear_0/bias'],
-        f'{block}.mlp.2.weight': variables[f'{ct2_block}/ffn/linear_1/weight'],
-        f'{block}.mlp.2.bias': variables[f'{ct2_block}/ffn/linear_1/bias'],
+      f'{block}.attn_ln.weight': variables[f'{ct2_block}/self_attention/layer_norm/gamma'],
+      f'{block}.attn_ln.bias': variables[f'{ct2_block}/self_attention/layer_norm/beta'],
+      f'{block}.attn.query.weight': query,
+      f'{block}.attn.query.bias': query_bias,
+      f'{block}.attn.key.weight': key,
+      f'{block}.attn.value.weight': value,
+      f'{block}.attn.value.bias': value_bias,
+      f'{block}.attn.out.weight': variables[f'{ct2_block}/self_attention/linear_1/weight'],
+      f'{block}.attn.out.bias': variables[f'{ct2_block}/self_attention/linear_1/bias'],
+      f'{block}.mlp_ln.weight': variables[f'{ct2_block}/ffn/layer_norm/gamma'],
+      f'{block}.mlp_ln.bias': variables[f'{ct2_block}/ffn/layer_norm/beta'],
+      f'{block}.mlp.0.weight': variables[f'{ct2_block}/ffn/linear_0/weight'],
+      f'{block}.mlp.0.bias': variables[f'{ct2_block}/ffn/linear_0/bias'],
+      f'{block}.mlp.2.weight': variables[f'{ct2_block}/ffn/linear_1/weight'],
+      f'{block}.mlp.2.bias': variables[f'{ct2_block}/ffn/linear_1/bias'],
     }
   return params
 
@@ -311,11 +368,15 @@ def read_ct2_model_checked(model_dir: str) -> ct2.CT2Model:
   try:
     model = ct2.read_ct2_model(model_dir)
   except (ct2.CT2FormatError, OSError) as e:
-    raise WhisperCheckpointError(f'{model_dir}: cannot read the CTranslate2 Whisper model '
-                                 f'(expected model.bin + config.json): {e}') from e
+    raise WhisperCheckpointError(
+      f'{model_dir}: cannot read the CTranslate2 Whisper model '
+      f'(expected model.bin + config.json): {e}'
+    ) from e
   if model.spec_name != 'WhisperSpec':
-    raise WhisperCheckpointError(f'{model_dir}: CTranslate2 model is a {model.spec_name}, '
-                                 'expected a WhisperSpec (a converted Whisper model)')
+    raise WhisperCheckpointError(
+      f'{model_dir}: CTranslate2 model is a {model.spec_name}, '
+      'expected a WhisperSpec (a converted Whisper model)'
+    )
   return model
 
 
@@ -326,22 +387,41 @@ def read_ct2_whisper(model_dir: str) -> tuple[WhisperDims, dict[str, np.ndarray]
     dims = ct2_dims(model.variables)
     return dims, _openai_params_from_ct2(dims, model.variables)
   except KeyError as e:
-    raise WhisperCheckpointError(f'{model_dir}: CTranslate2 Whisper model lacks variable {e}') from e
+    raise WhisperCheckpointError(
+      f'{model_dir}: CTranslate2 Whisper model lacks variable {e}'
+    ) from e
 
 
-HF_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
-                   'pytorch_model.bin.index.json')
+HF_WEIGHT_FILES = (
+  'model.safetensors',
+  'model.safetensors.index.json',
+  'pytorch_model.bin',
+  'pytorch_model.bin.index.json',
+)
 HF_BLOCK_MODULES = {
-    'self_attn_layer_norm': 'attn_ln', 'self_attn.q_proj': 'attn.query', 'self_attn.k_proj': 'attn.key',
-    'self_attn.v_proj': 'attn.value', 'self_attn.out_proj': 'attn.out', 'final_layer_norm': 'mlp_ln',
-    'fc1': 'mlp.0', 'fc2': 'mlp.2'}
+  'self_attn_layer_norm': 'attn_ln',
+  'self_attn.q_proj': 'attn.query',
+  'self_attn.k_proj': 'attn.key',
+  'self_attn.v_proj': 'attn.value',
+  'self_attn.out_proj': 'attn.out',
+  'final_layer_norm': 'mlp_ln',
+  'fc1': 'mlp.0',
+  'fc2': 'mlp.2',
+}
 HF_TOP_PARAMS = {
-    'conv1.weight': 'conv1.weight', 'conv1.bias': 'conv1.bias', 'conv2.weight': 'conv2.weight',
-    'conv2.bias': 'conv2.bias', 'embed_positions.weight': 'positional_embedding',
-    'layer_norm.weight': 'ln_post.weight', 'layer_norm.bias': 'ln_post.bias'}
-EXPECTED_FORMATS = ('an openai-whisper .pt file, a Hugging Face directory (config.json with '
-                    'model.safetensors or pytorch_model.bin) or a CTranslate2 directory '
-                    '(config.json with model.bin)')
+  'conv1.weight': 'conv1.weight',
+  'conv1.bias': 'conv1.bias',
+  'conv2.weight': 'conv2.weight',
+  'conv2.bias': 'conv2.bias',
+  'embed_positions.weight': 'positional_embedding',
+  'layer_norm.weight': 'ln_post.weight',
+  'layer_norm.bias': 'ln_post.bias',
+}
+EXPECTED_FORMATS = (
+  'an openai-whisper .pt file, a Hugging Face directory (config.json with '
+  'model.safetensors or pytorch_model.bin) or a CTranslate2 directory '
+  '(config.json with model.bin)'
+)
 
 
 def openai_name_from_hf(name: str) -> str | None:
@@ -359,8 +439,9 @@ def _require_torch(path: str, what: str):
   try:
     import torch
   except ImportError as e:
-    raise WhisperCheckpointError(f'{path}: reading {what} needs PyTorch, which is not installed '
-                                 '(pip install torch==2.13.0)') from e
+    raise WhisperCheckpointError(
+      f'{path}: reading {what} needs PyTorch, which is not installed (pip install torch==2.13.0)'
+    ) from e
   return torch
 
 
@@ -369,7 +450,9 @@ def _torch_load(path: str, what: str) -> object:
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises pickle, zip and runtime errors for unreadable files
-    raise WhisperCheckpointError(f'{path}: cannot be read as {what} ({type(e).__name__}: {e})') from e
+    raise WhisperCheckpointError(
+      f'{path}: cannot be read as {what} ({type(e).__name__}: {e})'
+    ) from e
 
 
 def _float_arrays(tensors: dict) -> dict[str, np.ndarray]:
@@ -380,25 +463,37 @@ def read_openai_whisper(path: str) -> tuple[WhisperDims, dict[str, np.ndarray]]:
   """Dims and encoder parameters of an official openai-whisper checkpoint (torch pickle)."""
   checkpoint = _torch_load(path, 'an openai-whisper .pt checkpoint')
   if not (isinstance(checkpoint, dict) and {'dims', 'model_state_dict'} <= checkpoint.keys()):
-    raise WhisperCheckpointError(f'{path}: not an openai-whisper checkpoint (expected a dict with '
-                                 "'dims' and 'model_state_dict')")
+    raise WhisperCheckpointError(
+      f'{path}: not an openai-whisper checkpoint (expected a dict with '
+      "'dims' and 'model_state_dict')"
+    )
   try:
     dims = WhisperDims(**checkpoint['dims'])
   except TypeError as e:
-    raise WhisperCheckpointError(f'{path}: unexpected openai-whisper dims {checkpoint["dims"]}') from e
-  encoder_tensors = {name.removeprefix('encoder.'): tensor
-                     for name, tensor in checkpoint['model_state_dict'].items()
-                     if name.startswith('encoder.')}
+    raise WhisperCheckpointError(
+      f'{path}: unexpected openai-whisper dims {checkpoint["dims"]}'
+    ) from e
+  encoder_tensors = {
+    name.removeprefix('encoder.'): tensor
+    for name, tensor in checkpoint['model_state_dict'].items()
+    if name.startswith('encoder.')
+  }
   return dims, _float_arrays(encoder_tensors)
 
 
 def _hf_dims(config: dict) -> WhisperDims:
   return WhisperDims(
-      n_mels=config['num_mel_bins'], n_audio_ctx=config['max_source_positions'],
-      n_audio_state=config['d_model'], n_audio_head=config['encoder_attention_heads'],
-      n_audio_layer=config['encoder_layers'], n_vocab=config.get('vocab_size'),
-      n_text_ctx=config.get('max_target_positions'), n_text_state=config['d_model'],
-      n_text_head=config.get('decoder_attention_heads'), n_text_layer=config.get('decoder_layers'))
+    n_mels=config['num_mel_bins'],
+    n_audio_ctx=config['max_source_positions'],
+    n_audio_state=config['d_model'],
+    n_audio_head=config['encoder_attention_heads'],
+    n_audio_layer=config['encoder_layers'],
+    n_vocab=config.get('vocab_size'),
+    n_text_ctx=config.get('max_target_positions'),
+    n_text_state=config['d_model'],
+    n_text_head=config.get('decoder_attention_heads'),
+    n_text_layer=config.get('decoder_layers'),
+  )
 
 
 def _hf_weight_files(model_dir: str) -> list[str]:
@@ -411,18 +506,23 @@ def _hf_weight_files(model_dir: str) -> list[str]:
       with open(path) as f:
         shards = sorted(set(json.load(f)['weight_map'].values()))
       return [os.path.join(model_dir, shard) for shard in shards]
-  raise WhisperCheckpointError(f'{model_dir}: no Hugging Face weight file (one of {HF_WEIGHT_FILES})')
+  raise WhisperCheckpointError(
+    f'{model_dir}: no Hugging Face weight file (one of {HF_WEIGHT_FILES})'
+  )
 
 
 def _read_hf_tensors(path: str, wanted) -> dict[str, np.ndarray]:
   """The tensors of one safetensors or pytorch_model.bin file whose names pass `wanted`."""
   if path.endswith('.safetensors'):
     import safetensors
+
     try:
       with safetensors.safe_open(path, framework='numpy') as f:
         return {name: f.get_tensor(name).astype(np.float32) for name in f.keys() if wanted(name)}
     except Exception as e:  # safetensors raises its own error types for damaged headers and data
-      raise WhisperCheckpointError(f'{path}: cannot read safetensors file ({type(e).__name__}: {e})') from e
+      raise WhisperCheckpointError(
+        f'{path}: cannot read safetensors file ({type(e).__name__}: {e})'
+      ) from e
   state = _torch_load(path, 'a Hugging Face pytorch_model.bin')
   return _float_arrays({name: tensor for name, tensor in state.items() if wanted(name)})
 
@@ -436,8 +536,10 @@ def read_hf_whisper(model_dir: str) -> tuple[WhisperDims, dict[str, np.ndarray]]
   except (OSError, json.JSONDecodeError) as e:
     raise WhisperCheckpointError(f'{config_path}: cannot read the Hugging Face config ({e})') from e
   if config.get('model_type') != 'whisper':
-    raise WhisperCheckpointError(f'{model_dir}: Hugging Face config has model_type '
-                                 f'{config.get("model_type")!r}, expected \'whisper\'')
+    raise WhisperCheckpointError(
+      f'{model_dir}: Hugging Face config has model_type '
+      f"{config.get('model_type')!r}, expected 'whisper'"
+    )
   tensors = {}
   for path in _hf_weight_files(model_dir):
     # WhisperForConditionalGeneration names the encoder `model.encoder.`, WhisperModel `encoder.`.
@@ -461,7 +563,9 @@ def checkpoint_format(path: str) -> str:
     return 'ct2'
   if has('config.json') and any(has(name) for name in HF_WEIGHT_FILES):
     return 'hf'
-  raise WhisperCheckpointError(f'{path}: not a recognised Whisper checkpoint (expected {EXPECTED_FORMATS})')
+  raise WhisperCheckpointError(
+    f'{path}: not a recognized Whisper checkpoint (expected {EXPECTED_FORMATS})'
+  )
 
 
 CHECKPOINT_READERS = {'openai': read_openai_whisper, 'hf': read_hf_whisper, 'ct2': read_ct2_whisper}
@@ -476,8 +580,13 @@ def load_whisper_encoder(path: str | os.PathLike) -> WhisperEncoder:
 
 def model_name(dims: WhisperDims) -> str:
   """Conventional name such as 'whisper-tiny.en' or 'whisper-large-v3', guessed from the sizes."""
-  sizes = {(384, 4): 'tiny', (512, 6): 'base', (768, 12): 'small', (1024, 24): 'medium',
-           (1280, 32): 'large'}
+  sizes = {
+    (384, 4): 'tiny',
+    (512, 6): 'base',
+    (768, 12): 'small',
+    (1024, 24): 'medium',
+    (1280, 32): 'large',
+  }
   size = sizes.get((dims.n_audio_state, dims.n_audio_layer))
   if size is None:
     return f'whisper-{dims.n_audio_state}x{dims.n_audio_layer}'
@@ -488,6 +597,7 @@ def model_name(dims: WhisperDims) -> str:
 
 
 # --- Teacher --------------------------------------------------------------------------------------
+
 
 def encoder_frames_holding_audio(num_samples: np.ndarray) -> np.ndarray:
   """Encoder frame k covers samples [320k, 320(k+1)); a clip's frames holding audio are the first ones."""
@@ -518,20 +628,31 @@ class WhisperTeacher:
   default (None) masks exactly when not padding to 30 s, so pad_to_30s=True reproduces Whisper.
   """
 
-  def __init__(self, encoder: WhisperEncoder, pad_to_30s: bool = False,
-               mask_padding: bool | None = None, name: str | None = None):
+  def __init__(
+    self,
+    encoder: WhisperEncoder,
+    pad_to_30s: bool = False,
+    mask_padding: bool | None = None,
+    name: str | None = None,
+  ):
     self.dims = encoder.dims
     self.pad_to_30s = pad_to_30s
     self.mask_padding = not pad_to_30s if mask_padding is None else mask_padding
-    self.spec = TeacherSpec(name=name or model_name(self.dims), dim=self.dims.n_audio_state,
-                            sample_rate=SAMPLE_RATE, frames_per_second=ENCODER_FRAMES_PER_SECOND)
+    self.spec = TeacherSpec(
+      name=name or model_name(self.dims),
+      dim=self.dims.n_audio_state,
+      sample_rate=SAMPLE_RATE,
+      frames_per_second=ENCODER_FRAMES_PER_SECOND,
+    )
     self._graphdef, self._state = nnx.split(encoder)
 
   def _padded_length(self, num_samples: int) -> int:
     max_samples = 2 * self.dims.n_audio_ctx * HOP_LENGTH
     if num_samples > max_samples:
-      raise ValueError(f'{num_samples} samples exceed the Whisper window of {max_samples} '
-                       f'({CHUNK_SECONDS} s at {SAMPLE_RATE} Hz)')
+      raise ValueError(
+        f'{num_samples} samples exceed the Whisper window of {max_samples} '
+        f'({CHUNK_SECONDS} s at {SAMPLE_RATE} Hz)'
+      )
     if self.pad_to_30s:
       return max_samples
     return -(-num_samples // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME

