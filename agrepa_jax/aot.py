@@ -6,15 +6,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from agrepa_jax import audio, sharding, train
-from agrepa_jax.model import count_params
-
-TEACHER_FRAMES_PER_SECOND = {
-  'whisper': 50.0,
-  'beats': 100 / 16,
-}  # encoder frames / BEATs patch columns
+from agrepa_jax import audio, sharding, teachers, train
+from agrepa_jax import state as state_lib
 
 
 def teacher_dims_from_config(config) -> tuple[int, ...]:
@@ -46,7 +40,7 @@ def abstract_batch(config, teacher_dims, mesh):
   }
   if config.repa.granularity == 'frame':
     frames_of = lambda d: round(
-      config.data.clip_seconds * TEACHER_FRAMES_PER_SECOND[config.teachers[d].name]
+      config.data.clip_seconds * teachers.frames_per_second(config.teachers[d].name)
     )
     batch['teacher_frames'] = {
       d: spec((b, frames_of(d), dim), jnp.float32)
@@ -59,23 +53,23 @@ def compile_train_step(config):
   """Lowers and compiles the train step on the configured mesh. Returns (compiled, report)."""
   mesh = sharding.make_mesh(config.mesh)
   teacher_dims = teacher_dims_from_config(config)
-  tx, schedule = train.make_optimizer(config)
-  graphdef, shapes = train.abstract_state(config, teacher_dims, tx)
-  shardings = train.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+  tx, schedule = state_lib.make_optimizer(config)
+  graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
   step = train.jit_train_step(
     graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
   )
   compiled = step.lower(
-    train.abstract_with_shardings(shapes, shardings), abstract_batch(config, teacher_dims, mesh)
+    state_lib.abstract_with_shardings(shapes, shardings),
+    abstract_batch(config, teacher_dims, mesh),
   ).compile()
-  params = nnx.State.merge(shapes.params, shapes.frozen)
+  counts = state_lib.param_counts(shapes)
   memory = compiled.memory_analysis()
   report = {
-    'params_backbone': count_params(params['backbone']),
-    'params_heads': count_params(params['repa_heads']) + count_params(params['bitc_heads']),
-    'params_repa_heads': count_params(params['repa_heads']),
-    'params_bitc_heads': count_params(params['bitc_heads']),
-    'params_blocks': count_params(params['backbone']['blocks']),
+    'params_backbone': counts['backbone'],
+    'params_heads': counts['repa_heads'] + counts['bitc_heads'],
+    'params_repa_heads': counts['repa_heads'],
+    'params_bitc_heads': counts['bitc_heads'],
+    'params_blocks': counts['blocks'],
     'devices': int(np.prod(list(mesh.shape.values()))),
     'platform': jax.devices()[0].platform,
     'mesh': dict(mesh.shape),

@@ -1,6 +1,6 @@
 """Audio front end: loading, the 24 kHz log-mel target representation and its inverse scaling.
 
-The mel parameters are the Vocos "mel-24khz" ones (DESIGN.md §2); `log_mel` is a JAX function so it
+The mel parameters are the Vocos "mel-24khz" ones (docs/method.md, audio front end); `log_mel` is a JAX function so it
 can run batched on an accelerator, and equals librosa's melspectrogram with the same settings.
 """
 

@@ -4,7 +4,7 @@ Every variant starts from the same initialization and sees the same data order (
 seeds), trains for the same number of steps, and differs only in its REPA selection:
   none         no hidden-state alignment (BiT-C only) — the Phase I run itself
   fixed:<l>    REPA on layer l (1-based) in every domain, λ = compare.fixed_lambda
-  ag_repa      AG-REPA: the layers and λ that the probe of Phase I selected
+  fog_a      AG-REPA: the layers and λ that the probe of Phase I selected
 """
 
 import csv
@@ -18,34 +18,10 @@ matplotlib.use('Agg')
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import metrics, train  # noqa: E402
+from agrepa_jax import checkpoint, config_base, metrics, selection, train  # noqa: E402
 from agrepa_jax.data import cache  # noqa: E402
 
 PHASE_ONE = 'none'
-
-
-def variant_config(config, variant: str, selection_file: str = ''):
-  """A copy of `config` that trains one variant on its own."""
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.workflow = 'single'
-  domains = tuple(config.data.domains)
-  if variant == 'none':
-    config.repa.selection = 'none'
-  elif variant.startswith('fixed:'):
-    layer = int(variant.split(':')[1])
-    config.repa.update(
-      selection='fixed',
-      preset='',
-      layers={d: [layer] for d in domains},
-      lambdas={d: [config.compare.fixed_lambda] for d in domains},
-    )
-  elif variant == 'ag_repa':
-    config.repa.update(selection='fog_a', selection_file=selection_file)
-  else:
-    raise ValueError(f"compare variant {variant!r}: expected 'none', 'fixed:<layer>' or 'ag_repa'")
-  config.lock()
-  return config
 
 
 def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
@@ -60,8 +36,8 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
   """Runs (or resumes) the whole workflow in `workdir`; writes compare.csv and compare_curves.png."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
-  phase_one = variant_config(config, PHASE_ONE)
-  train.write_config(phase_one, workdirs[PHASE_ONE])
+  phase_one = config_base.variant_config(config, PHASE_ONE)
+  checkpoint.write_config(phase_one, workdirs[PHASE_ONE])
   train.train_and_evaluate(phase_one, workdirs[PHASE_ONE])
   selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
   if not selection_file.exists():
@@ -74,13 +50,15 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
       continue
     logging.info('compare: Phase II variant %s', variant)
     workdirs[variant] = workdir / variant.replace(':', '')
-    variant_cfg = variant_config(config, variant, str(selection_file))
-    train.write_config(variant_cfg, workdirs[variant])
+    variant_cfg = config_base.variant_config(config, variant, str(selection_file))
+    checkpoint.write_config(variant_cfg, workdirs[variant])
     train.train_and_evaluate(variant_cfg, workdirs[variant])
   if config.compare.eval_clips:
     for variant, variant_dir in workdirs.items():
       evaluate_variant(
-        variant_config(config, variant, str(selection_file)), variant_dir, config.compare.eval_clips
+        config_base.variant_config(config, variant, str(selection_file)),
+        variant_dir,
+        config.compare.eval_clips,
       )
   rows = [comparison_row(variant, workdirs[variant]) for variant in config.compare.variants]
   if jax.process_index() == 0:
@@ -121,10 +99,8 @@ def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
     else None
   )
   lambdas = {}
-  if variant == 'ag_repa':
-    from agrepa_jax.probe import select
-
-    lambdas = select.read_selection(pathlib.Path(run_config['repa']['selection_file']))
+  if variant == 'fog_a':
+    lambdas = selection.read_selection(pathlib.Path(run_config['repa']['selection_file']))
   elif variant != PHASE_ONE:
     lambdas = {
       d: dict(zip(run_config['repa']['layers'][d], run_config['repa']['lambdas'][d]))

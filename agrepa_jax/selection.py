@@ -1,8 +1,19 @@
-"""The dense (layers × domains) alignment weights λ: from config, the paper's presets, or FoG-A."""
+"""The alignment weights λ: which layers REPA aligns, per domain, and how strongly.
+
+λ is a dense (layers × domains) array, an input of the train step, so a new selection never
+recompiles. It comes from the config (fixed layers or the paper's presets), from a probe's
+selection.json, or from FoG-A re-measured during training (`OnlineFogA`). FoG-A selection: per
+domain, the top-K layers by score; λ rules over them: 'raw', λ = the score itself (the paper's
+code); 'normalized', the scores scaled to sum to `total`; 'softmax', total · softmax(score / T).
+A selection is {domain: {layer (1-based): λ}}, what `dense_lambdas` takes.
+"""
+
+import json
+import pathlib
 
 import numpy as np
 
-# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model (DESIGN.md §7).
+# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model (docs/method.md, FoG-A and LASP).
 PAPER_PRESETS = {
   'paper_single': {
     'speech': {1: 0.334, 9: 0.139, 5: 0.118},
@@ -26,6 +37,90 @@ def dense_lambdas(per_domain: dict[str, dict[int, float]], num_layers: int, doma
   return lambdas
 
 
+LAMBDA_RULES = ('raw', 'normalized', 'softmax')
+
+
+def top_k_layers(scores: np.ndarray, k: int, eligible=None) -> np.ndarray:
+  """0-based indices of the k highest finite scores among `eligible` layers, highest first.
+
+  Ties go to the shallower layer.
+  """
+  scores = np.asarray(scores, np.float64)
+  usable = (
+    np.isfinite(scores) if eligible is None else np.isfinite(scores) & np.asarray(eligible, bool)
+  )
+  candidates = np.flatnonzero(usable)
+  return candidates[np.argsort(-scores[candidates], kind='stable')][:k]
+
+
+def layer_lambdas(scores: np.ndarray, rule: str, total: float, temperature: float) -> np.ndarray:
+  """λ of the selected layers from their scores."""
+  scores = np.asarray(scores, np.float64)
+  if rule == 'raw':
+    return scores
+  if rule == 'normalized':
+    if scores.sum() <= 0:
+      raise ValueError(f'normalized λ needs a positive score sum, got scores {scores.tolist()}')
+    return total * scores / scores.sum()
+  if rule == 'softmax':
+    weights = np.exp((scores - scores.max()) / temperature)
+    return total * weights / weights.sum()
+  raise ValueError(f'lambda_rule={rule!r}: expected one of {LAMBDA_RULES}')
+
+
+def layer_scores(table: np.ndarray, t_values, selection_t: float) -> np.ndarray:
+  """(L, n_t, D) FoG-A table -> (L, D): the mean over t (selection_t < 0) or the column at selection_t."""
+  if selection_t < 0:
+    return table.mean(1)
+  matches = np.flatnonzero(np.isclose(np.asarray(t_values, np.float64), selection_t))
+  if not len(matches):
+    raise ValueError(
+      f'selection_t={selection_t} is not one of the probed t values {list(t_values)}'
+    )
+  return table[:, matches[0]]
+
+
+def select_layers(
+  scores: np.ndarray,
+  domains,
+  *,
+  top_k: int,
+  rule: str = 'raw',
+  total: float = 0.5,
+  temperature: float = 0.1,
+  eligible=None,
+) -> dict[str, dict[int, float]]:
+  """{domain: {layer (1-based): λ}} from (L, D) scores; a domain without finite scores selects nothing."""
+  selection = {}
+  for d, domain in enumerate(domains):
+    chosen = top_k_layers(scores[:, d], top_k, eligible)
+    lambdas = layer_lambdas(scores[chosen, d], rule, total, temperature) if len(chosen) else []
+    selection[domain] = {int(layer) + 1: float(lam) for layer, lam in zip(chosen, lambdas)}
+  return selection
+
+
+def ema_update(old, new, decay: float):
+  """Exponential moving average of scores re-measured during training; `old=None` starts at `new`."""
+  return new if old is None else decay * old + (1 - decay) * new
+
+
+def selection_json(selection: dict[str, dict[int, float]], **settings) -> dict:
+  """The JSON form of a selection: settings plus {'domains': {domain: {'layers': [...], 'lambdas': [...]}}}."""
+  return {
+    **settings,
+    'domains': {
+      domain: {'layers': list(chosen), 'lambdas': list(chosen.values())}
+      for domain, chosen in selection.items()
+    },
+  }
+
+
+def read_selection(path: pathlib.Path) -> dict[str, dict[int, float]]:
+  """A selection.json back as {domain: {layer (1-based): λ}}, ready for `dense_lambdas`."""
+  domains = json.loads(pathlib.Path(path).read_text())['domains']
+  return {domain: dict(zip(entry['layers'], entry['lambdas'])) for domain, entry in domains.items()}
+
+
 def lambdas_from_config(config) -> np.ndarray:
   repa, domains, num_layers = config.repa, tuple(config.data.domains), config.model.num_layers
   if repa.selection == 'none' or measures_online(config):
@@ -33,9 +128,7 @@ def lambdas_from_config(config) -> np.ndarray:
       (num_layers, len(domains)), np.float32
     )  # online FoG-A sets λ at its first measurement
   if repa.selection == 'fog_a':
-    from agrepa_jax.probe import select
-
-    return dense_lambdas(select.read_selection(repa.selection_file), num_layers, domains)
+    return dense_lambdas(read_selection(repa.selection_file), num_layers, domains)
   if repa.selection != 'fixed':
     raise ValueError(f"repa.selection={repa.selection!r}: expected 'none', 'fixed' or 'fog_a'")
   if repa.preset:
@@ -98,7 +191,7 @@ class OnlineFogA:
     """
     import jax
 
-    from agrepa_jax.probe import fog_a, select
+    from agrepa_jax.probe import fog_a
 
     probe = self.config.probe
     key = jax.random.fold_in(jax.random.key(probe.seed), step)
@@ -115,22 +208,20 @@ class OnlineFogA:
       dropout=self.schedule.dropout,
       noise_std=self.config.flow.noise_std,
     )
-    return select.layer_scores(table, self.schedule.t_values, probe.selection_t)
+    return layer_scores(table, self.schedule.t_values, probe.selection_t)
 
   def update(
     self, scores: np.ndarray, previous: np.ndarray | None
   ) -> tuple[np.ndarray, np.ndarray]:
     """New (λ, moving-average scores) from fresh scores; a domain absent from the probe keeps its old scores."""
-    from agrepa_jax.probe import select
-
     if previous is not None:
       scores = np.where(np.isfinite(scores), scores, previous)
-    averaged = select.ema_update(previous, scores, self.config.repa.score_ema)
+    averaged = ema_update(previous, scores, self.config.repa.score_ema)
     probe = self.config.probe
     silent = ~(np.nan_to_num(averaged) > 0).any(
       0
     )  # a domain whose blocks all score 0 selects nothing yet
-    chosen = select.select_layers(
+    chosen = select_layers(
       np.where(silent[None], np.nan, averaged),
       self.domains,
       top_k=probe.top_k,
@@ -140,3 +231,17 @@ class OnlineFogA:
       eligible=self.eligible,
     )
     return dense_lambdas(chosen, self.config.model.num_layers, self.domains), averaged
+
+  def reselect(self, state, graphdef, mesh):
+    """Measures FoG-A on the current model; returns `state` with the new λ and score average."""
+    import jax
+    from flax import nnx
+
+    from agrepa_jax import sharding
+
+    model = nnx.merge(graphdef, state.params, state.frozen)
+    scores = self.measure(model.backbone, int(state.step), mesh)
+    previous = np.asarray(jax.device_get(state.scores))
+    lambdas, averaged = self.update(scores, previous if previous.any() else None)
+    put = lambda x: jax.device_put(np.asarray(x, np.float32), sharding.replicated(mesh))
+    return state.replace(lambdas=put(lambdas), scores=put(averaged))

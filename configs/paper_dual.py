@@ -1,8 +1,16 @@
-"""The paper's model with dual codebooks (two token streams, concatenated and projected) and the
-paper's FoG-A layer/λ preset for it. Otherwise as configs/paper_single.py."""
+"""The paper's dual-codebook experiment: configs/paper_single.py with two token streams and the
+paper's FoG-A layers and λ for the dual-codebook model.
+
+  python -m agrepa_jax.main --config configs/paper_dual.py --workdir DIR [as paper_single.py]
+"""
+
+import pathlib
 
 from agrepa_jax import config_base
 
 
 def get_config():
-  return config_base.paper_config(num_codebooks=2, preset='paper_dual')
+  config = config_base.config_from_file(pathlib.Path(__file__).with_name('paper_single.py'))
+  config.model.num_codebooks = 2
+  config.repa.preset = 'paper_dual'
+  return config

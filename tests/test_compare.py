@@ -3,8 +3,7 @@ import csv
 import ml_collections
 import pytest
 
-from agrepa_jax import compare
-from agrepa_jax.probe import select
+from agrepa_jax import compare, config_base, selection
 from tests.helpers import tiny_config, write_fake_cache
 
 
@@ -15,7 +14,7 @@ def compare_config(tmp_path):
   write_fake_cache(config)
   config.workflow = 'compare'
   config.compare = ml_collections.ConfigDict(
-    dict(variants=('none', 'fixed:2', 'ag_repa'), fixed_lambda=0.5, eval_clips=0)
+    dict(variants=('none', 'fixed:2', 'fog_a'), fixed_lambda=0.5, eval_clips=0)
   )
   config.probe.update(num_clips=8, t_values=(0.3, 0.7), top_k=2, batch_size=8)
   return config
@@ -24,7 +23,7 @@ def compare_config(tmp_path):
 def test_variant_configs_differ_only_in_their_alignment(tmp_path):
   config = compare_config(tmp_path)
   none, fixed, ag = (
-    compare.variant_config(config, v, 'sel.json') for v in ('none', 'fixed:2', 'ag_repa')
+    config_base.variant_config(config, v, 'sel.json') for v in ('none', 'fixed:2', 'fog_a')
   )
   assert (
     none.repa.selection == 'none'
@@ -36,7 +35,7 @@ def test_variant_configs_differ_only_in_their_alignment(tmp_path):
     assert variant.seed == config.seed and variant.data.to_dict() == config.data.to_dict()
     assert variant.model.to_dict() == config.model.to_dict()
   with pytest.raises(ValueError, match='fixed:<layer>'):
-    compare.variant_config(config, 'deep')
+    config_base.variant_config(config, 'deep')
 
 
 @pytest.mark.slow
@@ -45,9 +44,9 @@ def test_compare_workflow_writes_one_row_per_variant(tmp_path):
   rows = compare.run_compare(config, tmp_path / 'run')
   with open(tmp_path / 'run' / 'compare.csv') as f:
     table = list(csv.DictReader(f))
-  assert [r['variant'] for r in table] == ['none', 'fixed:2', 'ag_repa']
+  assert [r['variant'] for r in table] == ['none', 'fixed:2', 'fog_a']
   assert table[1]['layers'] == 'speech:2 audio:2'
-  chosen = select.read_selection(tmp_path / 'run' / 'phase1' / 'probe' / 'selection.json')
+  chosen = selection.read_selection(tmp_path / 'run' / 'phase1' / 'probe' / 'selection.json')
   assert table[2]['layers'] == ' '.join(
     f'{d}:{",".join(map(str, sorted(c)))}' for d, c in chosen.items()
   )

@@ -9,7 +9,6 @@ import soundfile as sf
 
 from agrepa_jax import audio, config_base, metrics, teachers, train
 from agrepa_jax.data import cache, prepare
-from agrepa_jax.generation import config as generation_config
 from agrepa_jax.generation import evaluate, vocos, wer
 from agrepa_jax.teachers.base import TeacherSpec
 
@@ -198,11 +197,8 @@ def tiny_config(root: pathlib.Path):
   )
   config.optim.update(learning_rate=1e-3, schedule='constant')
   config.data.update(cache_dir=str(root / 'cache'), clip_seconds=CLIP_SECONDS)
-  config.sample = generation_config.sample_config()
   config.sample.update(num_points=4, prompt_seconds=0.1, num_clips=3, batch_size=4)
-  config.eval = generation_config.eval_config()
   config.eval.update(num_clips=6, batch_size=4, fad_inf_points=3)
-  config.vocoder = generation_config.vocoder_config()
   return config
 
 

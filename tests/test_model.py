@@ -63,7 +63,7 @@ def test_all_ones_gates_equal_ungated_model_and_an_unrolled_loop(model):
   h = jax.random.normal(jax.random.key(5), (2, 12, CFG.width))
   time_emb = jax.random.normal(jax.random.key(6), (2, CFG.width))
   scanned, pooled = run_blocks(
-    model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'pooled', 'none'
+    model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'utterance', 'none'
   )
   looped = h
   for layer in range(CFG.num_layers):
@@ -137,7 +137,7 @@ def test_dual_codebook_and_hidden_shapes():
   cfg = ModelConfig(**{**CFG.__dict__, 'num_codebooks': 2})
   net = AgRepaModel(cfg, (6, 5), nnx.Rngs(0))
   x = inputs(cfg)
-  v, extras = net.backbone(**x, hidden='frames')
+  v, extras = net.backbone(**x, hidden='frame')
   assert v.shape == (2, 12, cfg.n_mels)
   assert extras['hidden'].shape == (cfg.num_layers, 2, 12, cfg.width)
   assert extras['token_embedding'].shape == (2, 12, cfg.token_dim)

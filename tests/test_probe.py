@@ -5,10 +5,12 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from agrepa_jax import config_base, selection, sharding, train
+from agrepa_jax import checkpoint, config_base, selection, sharding
+from agrepa_jax import state as state_lib
 from agrepa_jax.data import cache, prepare
 from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
 from agrepa_jax.probe import (
@@ -18,7 +20,6 @@ from agrepa_jax.probe import (
   probed_layers,
   scd,
   schedule_from_config,
-  select,
 )
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
@@ -181,21 +182,21 @@ def test_domain_means_and_nan_for_absent_domains():
 
 def test_top_k_and_lambda_rules_on_a_hand_table():
   scores = np.array([[0.30, 0.1], [0.05, np.nan], [0.20, 0.4], [0.10, 0.4], [0.25, 0.2]])
-  np.testing.assert_array_equal(select.top_k_layers(scores[:, 0], 3), [0, 4, 2])
+  np.testing.assert_array_equal(selection.top_k_layers(scores[:, 0], 3), [0, 4, 2])
   np.testing.assert_array_equal(
-    select.top_k_layers(scores[:, 1], 3), [2, 3, 4]
+    selection.top_k_layers(scores[:, 1], 3), [2, 3, 4]
   )  # NaN out, ties shallow first
   odd = probed_layers(5, REFERENCE_SCHEDULE)
   np.testing.assert_array_equal(odd, [True, False, True, False, True])
-  np.testing.assert_array_equal(select.top_k_layers(scores[:, 1], 3, odd), [2, 4, 0])
+  np.testing.assert_array_equal(selection.top_k_layers(scores[:, 1], 3, odd), [2, 4, 0])
 
-  raw = select.select_layers(scores, ('speech', 'audio'), top_k=2)
+  raw = selection.select_layers(scores, ('speech', 'audio'), top_k=2)
   assert raw == {'speech': {1: 0.30, 5: 0.25}, 'audio': {3: 0.4, 4: 0.4}}
-  normalized = select.select_layers(
+  normalized = selection.select_layers(
     scores, ('speech', 'audio'), top_k=2, rule='normalized', total=1.1
   )
   np.testing.assert_allclose(list(normalized['speech'].values()), [0.6, 0.5])
-  softmax = select.select_layers(
+  softmax = selection.select_layers(
     scores, ('speech',), top_k=2, rule='softmax', total=2.0, temperature=0.05
   )
   e = np.exp(1.0)  # exp((0.30 - 0.25) / 0.05)
@@ -203,20 +204,20 @@ def test_top_k_and_lambda_rules_on_a_hand_table():
   lambdas = selection.dense_lambdas(raw, 5, ('speech', 'audio'))
   np.testing.assert_allclose(lambdas[:, 0], [0.30, 0, 0, 0, 0.25])
   with pytest.raises(ValueError, match='lambda_rule'):
-    select.layer_lambdas(np.ones(2), 'cubic', 1.0, 1.0)
-  assert select.select_layers(np.full((3, 1), np.nan), ('speech',), top_k=2) == {'speech': {}}
+    selection.layer_lambdas(np.ones(2), 'cubic', 1.0, 1.0)
+  assert selection.select_layers(np.full((3, 1), np.nan), ('speech',), top_k=2) == {'speech': {}}
 
 
 def test_layer_scores_and_ema():
   table = np.arange(12, dtype=float).reshape(2, 3, 2)
-  np.testing.assert_allclose(select.layer_scores(table, (0.1, 0.5, 0.9), -1), table.mean(1))
-  np.testing.assert_allclose(select.layer_scores(table, (0.1, 0.5, 0.9), 0.5), table[:, 1])
+  np.testing.assert_allclose(selection.layer_scores(table, (0.1, 0.5, 0.9), -1), table.mean(1))
+  np.testing.assert_allclose(selection.layer_scores(table, (0.1, 0.5, 0.9), 0.5), table[:, 1])
   with pytest.raises(ValueError, match='selection_t'):
-    select.layer_scores(table, (0.1, 0.5), 0.8)
+    selection.layer_scores(table, (0.1, 0.5), 0.8)
   np.testing.assert_allclose(
-    select.ema_update(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25]
+    selection.ema_update(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.75), [0.75, 0.25]
   )
-  np.testing.assert_allclose(select.ema_update(None, np.array([0.5]), 0.9), [0.5])
+  np.testing.assert_allclose(selection.ema_update(None, np.array([0.5]), 0.9), [0.5])
 
 
 def test_spearman_and_top_k_overlap_known_cases():
@@ -336,16 +337,14 @@ def write_fake_cache(config, num_frames=16, clips_per_split=8):
 def test_run_probe_writes_the_documented_files(tmp_path):
   config = tiny_run_config(tmp_path)
   dims = write_fake_cache(config)
-  tx, _ = train.make_optimizer(config)
+  tx, _ = state_lib.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
-  _, state, _ = train.sharded_init(config, (dims['speech'], dims['audio']), tx, mesh)
+  _, state, _ = state_lib.sharded_init(config, (dims['speech'], dims['audio']), tx, mesh)
   noisy = jax.tree.map(
     lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), state.params
   )
-  manager = train.checkpoint_manager(tmp_path / 'run', config)
-  manager.save(
-    5, args=train.ocp.args.Composite(state=train.ocp.args.StandardSave(state.replace(params=noisy)))
-  )
+  manager = checkpoint.checkpoint_manager(tmp_path / 'run', config)
+  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(params=noisy))))
   manager.wait_until_finished()
   manager.close()
 
@@ -366,7 +365,7 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   report = json.loads((out / 'scd.json').read_text())
   assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
   assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}
-  chosen = select.read_selection(out / 'selection.json')
+  chosen = selection.read_selection(out / 'selection.json')
   assert json.loads((out / 'selection.json').read_text())['rule'] == 'normalized'
   assert chosen == results['selection'] and all(len(layers) == 2 for layers in chosen.values())
   assert all(

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from agrepa_jax import sharding, train
+from agrepa_jax import checkpoint, sharding, train
+from agrepa_jax import state as state_lib
 from agrepa_jax.data import pipeline, prepare
 from tests.helpers import tiny_config, write_fake_cache
 
@@ -24,8 +26,8 @@ def first_batches(config, n):
 def run_steps(config, mesh_axes, batches, lambdas):
   """Initializes on a mesh and runs the given batches; returns per-step losses and final params."""
   mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
-  tx, schedule = train.make_optimizer(config)
-  graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+  tx, schedule = state_lib.make_optimizer(config)
+  graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
   step = train.jit_train_step(
     graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
   )
@@ -68,8 +70,8 @@ def test_new_lambda_values_do_not_recompile_and_change_the_repa_loss(config):
     np.zeros((3, 2), np.float32),
   ]
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  tx, schedule = train.make_optimizer(config)
-  graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+  tx, schedule = state_lib.make_optimizer(config)
+  graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
   step = train.jit_train_step(
     graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
   )
@@ -176,8 +178,8 @@ def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
   config.optim.ema_decay = 0.5
   batches = first_batches(config, 2)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  tx, schedule = train.make_optimizer(config)
-  graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+  tx, schedule = state_lib.make_optimizer(config)
+  graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
   step = train.jit_train_step(
     graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
   )
@@ -197,20 +199,18 @@ def test_frozen_token_projection_quirk_keeps_the_identity(config):
   projections = {}
   for frozen in (False, True):
     config.model.frozen_token_projection = frozen
-    tx, schedule = train.make_optimizer(config)
-    graphdef, state, shardings = train.sharded_init(config, dims(config), tx, mesh)
+    tx, schedule = state_lib.make_optimizer(config)
+    graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
     step = train.jit_train_step(
       graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
     )
-    before = train.nnx.merge(
+    before = nnx.merge(
       graphdef, state.params, state.frozen
     ).backbone.token_encoder.domain_projection[...]
     before = np.asarray(before)
     state, _ = step(state, sharding.global_batch(batches[0], mesh))
     after = np.asarray(
-      train.nnx.merge(
-        graphdef, state.params, state.frozen
-      ).backbone.token_encoder.domain_projection[...]
+      nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...]
     )
     projections[frozen] = (before, after)
   before, after = projections[True]
@@ -224,13 +224,13 @@ def test_frozen_token_projection_quirk_keeps_the_identity(config):
 def test_restore_trained_gives_the_final_inference_parameters(config, tmp_path, ema_decay):
   config.num_steps, config.eval_every, config.optim.ema_decay = 2, 0, ema_decay
   state = train.train_and_evaluate(config, tmp_path / 'run')
-  run = train.restore_trained(config, tmp_path / 'run')
-  restored = train.nnx.state(run.model, train.nnx.Param)
+  run = checkpoint.restore_trained(config, tmp_path / 'run')
+  restored = nnx.state(run.model, nnx.Param)
   expected = state.inference_params()
   assert run.step == 2
   jax.tree.map(
     lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, expected
   )
   with pytest.raises(FileNotFoundError, match='train this workdir first'):
-    train.restore_trained(config, tmp_path / 'empty')
+    checkpoint.restore_trained(config, tmp_path / 'empty')
   assert not (tmp_path / 'empty' / 'checkpoints').exists()

@@ -37,7 +37,7 @@ import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import audio, metrics, teachers, train  # noqa: E402
+from agrepa_jax import audio, checkpoint, metrics, teachers  # noqa: E402
 from agrepa_jax.data import cache  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
@@ -87,7 +87,9 @@ def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
 
 
-def generate(run: train.TrainedRun, rows: np.ndarray, sample_cfg, noise_std: float) -> Generation:
+def generate(
+  run: checkpoint.TrainedRun, rows: np.ndarray, sample_cfg, noise_std: float
+) -> Generation:
   """Samples every held-out row with its own tokens and reference prompt."""
   source = run.heldout_source
   records = [source[int(i)] for i in rows]
@@ -197,8 +199,8 @@ def embedding_teachers(config) -> dict[str, teachers.Teacher]:
     spec = config.teachers[entry] if entry in config.teachers else {'name': entry, 'checkpoint': ''}
     entries.setdefault((spec['name'], spec['checkpoint']), entry)
   out = {}
-  for (name, checkpoint), entry in entries.items():
-    teacher = teachers.load_teacher(name, checkpoint or None)
+  for (name, path), entry in entries.items():
+    teacher = teachers.load_teacher(name, path or None)
     out[teacher.spec.name if teacher.spec.name not in out else f'{teacher.spec.name}_{entry}'] = (
       teacher
     )
@@ -298,8 +300,8 @@ def speech_wer(
   return scores, per_clip, ''
 
 
-def restore(config, workdir: pathlib.Path, step: int) -> train.TrainedRun:
-  run = train.restore_trained(config, workdir, None if step < 0 else step)
+def restore(config, workdir: pathlib.Path, step: int) -> checkpoint.TrainedRun:
+  run = checkpoint.restore_trained(config, workdir, None if step < 0 else step)
   logging.info('restored %s at step %d', workdir, run.step)
   return run
 

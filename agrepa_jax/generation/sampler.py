@@ -1,4 +1,4 @@
-"""Sampling mels from the flow-matching DiT: Euler ODE integration with sway sampling and CFG (DESIGN.md §8).
+"""Sampling mels from the flow-matching DiT: Euler ODE integration with sway sampling and CFG (docs/method.md, sampling).
 
 The ODE dx/dt = v_θ(x, t, c) runs from noise x0 ~ N(0, σ²I) at t = 0 to a mel at t = 1 over a
 time grid bent by sway sampling. Classifier-free guidance extrapolates away from the unconditional

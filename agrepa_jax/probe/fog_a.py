@@ -1,4 +1,4 @@
-"""FoG-A, forward-only gate ablation (DESIGN.md §7): how far the velocity moves when one block is off.
+"""FoG-A, forward-only gate ablation (docs/method.md, FoG-A and LASP): how far the velocity moves when one block is off.
 
 Δ_ℓ(t) = RMS(v_¬ℓ − v) / RMS(v) per clip, over the frames that hold audio and all mel bins, where v has
 every gate at 1 and v_¬ℓ has g = 1 − e_ℓ. Two implementations, each one jitted function of all L+1
@@ -71,7 +71,7 @@ def clean_pass(dit: DiT, inputs: dict, dropout_key):
   )
   layer_keys = dit.layer_keys(dropout_key)
   h, outputs = run_blocks(
-    dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys, 'frames', cfg.remat
+    dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys, 'frame', cfg.remat
   )
   return dit.output(h), jnp.concatenate([h0[None], outputs[:-1]]), time_emb, layer_keys
 

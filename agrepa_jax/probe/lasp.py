@@ -1,7 +1,7 @@
-"""LASP, the storage probe (DESIGN.md §7): how much teacher information each layer's hidden state holds.
+"""LASP, the storage probe (docs/method.md, FoG-A and LASP): how much teacher information each layer's hidden state holds.
 
 Features: every layer's hidden state pooled over all T frames, as the REPA loss pools it
-(`DiT(..., hidden='pooled')`, clean model, dropout off), at one t (`lasp_t`, default 0.5,
+(`DiT(..., hidden='utterance')`, clean model, dropout off), at one t (`lasp_t`, default 0.5,
 mid-trajectory) from the same fixed noise and prompt as FoG-A. Two probes map a layer's features to
 teacher space; a layer's score for domain d is the mean cosine between the prediction and the
 utterance target y_d over that domain's clips:
@@ -30,7 +30,7 @@ from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inpu
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
 def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
   _, extras = nnx.merge(graphdef, state)(
-    **model_inputs(batch, t, noise, prompt_fraction), hidden='pooled'
+    **model_inputs(batch, t, noise, prompt_fraction), hidden='utterance'
   )
   return extras['hidden']
 

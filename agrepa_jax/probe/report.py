@@ -7,7 +7,7 @@ Files (layers 1-based everywhere):
 - scd.json: the probe settings, clips per domain, and per probe kind and domain the Spearman
   correlation, its p-value, the top-K overlap and both top-K lists;
 - selection.json: the rule and settings, and per domain the selected layers and their λ
-  (`select.read_selection` turns it into the input of `selection.dense_lambdas`);
+  (`selection.read_selection` turns it into the input of `selection.dense_lambdas`);
 - fog_a_heatmap.png (layers × t, a panel per domain), storage_vs_contribution.png.
 """
 
@@ -24,8 +24,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from agrepa_jax import train  # noqa: E402
-from agrepa_jax.probe import fog_a, lasp, probed_layers, scd, schedule_from_config, select  # noqa: E402
+from agrepa_jax import checkpoint, selection  # noqa: E402
+from agrepa_jax.probe import fog_a, lasp, probed_layers, scd, schedule_from_config  # noqa: E402
 from agrepa_jax.probe.batch import balanced_indices, stack_records  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes workdir/probe/."""
   probe = config.probe
   schedule = schedule_from_config(config)
-  run = train.restore_trained(
+  run = checkpoint.restore_trained(
     config, workdir, None if probe.checkpoint_step < 0 else probe.checkpoint_step
   )
   domains = tuple(config.data.domains)
@@ -113,7 +113,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   )
   eligible = probed_layers(table.shape[0], schedule)
   table[~eligible] = 0.0
-  contribution = select.layer_scores(table, schedule.t_values, probe.selection_t)
+  contribution = selection.layer_scores(table, schedule.t_values, probe.selection_t)
   storage = lasp.storage_scores(
     run.model,
     batch,
@@ -130,7 +130,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
     kind: scd.scd_report(scores, contribution, domains, probe.top_k, eligible)
     for kind, scores in storage.items()
   }
-  chosen = select.select_layers(
+  chosen = selection.select_layers(
     contribution,
     domains,
     top_k=probe.top_k,
@@ -194,7 +194,7 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
   )
   (out / 'selection.json').write_text(
     json.dumps(
-      select.selection_json(
+      selection.selection_json(
         results['selection'],
         rule=schedule.lambda_rule,
         lambda_total=probe.lambda_total,

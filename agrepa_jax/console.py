@@ -1,0 +1,86 @@
+"""What the terminal shows: progress bars, a start summary, evaluations and warnings.
+
+Every log record also goes to `DIR/logs/process_<i>.log`; library INFO lines (orbax, absl, jax)
+reach the terminal only with `--verbose`.
+"""
+
+import logging
+import pathlib
+import sys
+
+import jax
+import tqdm
+
+PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s'
+
+
+class _TqdmHandler(logging.StreamHandler):
+  """Writes through tqdm, so log lines do not break a progress bar."""
+
+  def emit(self, record):
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # noqa: BLE001 - logging must never raise
+      self.handleError(record)
+
+
+def _terminal_filter(verbose: bool):
+  def keep(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return jax.process_index() == 0 and (verbose or record.pathname.startswith(PACKAGE_DIR))
+
+  return keep
+
+
+def configure_logging(workdir: pathlib.Path, verbose: bool = False) -> pathlib.Path:
+  """Routes every record to the workdir's log file and this package's INFO to the terminal."""
+  log_path = workdir / 'logs' / f'process_{jax.process_index()}.log'
+  log_path.parent.mkdir(parents=True, exist_ok=True)
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    root.removeHandler(handler)
+  root.setLevel(logging.INFO)
+  to_file = logging.FileHandler(log_path)
+  to_file.setFormatter(logging.Formatter(FORMAT))
+  root.addHandler(to_file)
+  terminal = _TqdmHandler()
+  terminal.setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
+  terminal.addFilter(_terminal_filter(verbose))
+  root.addHandler(terminal)
+  return log_path
+
+
+def log_start_summary(config, meta: dict, mesh, shapes):
+  """One block at the start of training: data, model size, mesh and schedule."""
+  from agrepa_jax.state import param_counts
+
+  counts = param_counts(shapes)
+  logging.info(
+    'data: %s clips in %s', meta.get('num_clips'), meta.get('directory', config.data.source)
+  )
+  logging.info(
+    'model: %d blocks × width %d, %.2f M parameters (backbone %.2f M, REPA heads %.2f M, '
+    'BiT-C heads %.2f M)',
+    config.model.num_layers,
+    config.model.width,
+    sum(counts[k] for k in ('backbone', 'repa_heads', 'bitc_heads')) / 1e6,
+    counts['backbone'] / 1e6,
+    counts['repa_heads'] / 1e6,
+    counts['bitc_heads'] / 1e6,
+  )
+  logging.info(
+    'mesh %s over %d devices (%s, %d processes); batch %d; %d steps',
+    dict(mesh.shape),
+    mesh.devices.size,
+    jax.devices()[0].platform,
+    jax.process_count(),
+    config.batch_size,
+    config.num_steps,
+  )
+
+
+def log_evaluation(step: int, scalars: dict):
+  held_out = ', '.join(f'{k} {v:.4f}' for k, v in sorted(scalars.items()) if k.startswith('eval_'))
+  logging.info('step %d: %s', step, held_out)

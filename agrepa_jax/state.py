@@ -1,0 +1,152 @@
+"""The train state: parameters, optimizer state, step, RNG and λ, built directly into its shardings.
+
+Everything that reads or writes a checkpoint (training, probing, sampling, evaluation) builds the
+same abstract state from the config with `sharded_shapes`, so no inference path imports the trainer.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from agrepa_jax import audio, selection, sharding
+from agrepa_jax.model import AgRepaModel, ModelConfig, count_params
+
+
+class Frozen(nnx.Variable):
+  """A model variable the optimizer never touches (the reference-quirk token projection)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  frozen: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array  # base key; step s uses fold_in(rng, s), so resuming reproduces every draw
+  # (L, domains) alignment weights in force: an input of the step, never a constant
+  lambdas: jax.Array
+  # (L, domains) moving average of FoG-A scores re-measured in training (else zeros)
+  scores: jax.Array
+  ema_params: nnx.State | None  # moving average of params (optim.ema_decay > 0), else None
+
+  def inference_params(self) -> nnx.State:
+    """The parameters that evaluation, probing and sampling use: the moving average when kept."""
+    return self.params if self.ema_params is None else self.ema_params
+
+
+def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
+  if config.model.n_mels != audio.N_MELS:
+    raise ValueError(
+      f'model.n_mels={config.model.n_mels}: the target representation has {audio.N_MELS} mel bands'
+    )
+  cfg = ModelConfig.from_config({**config.model, 'num_domains': len(config.data.domains)})
+  model = AgRepaModel(cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)))
+  if cfg.frozen_token_projection:
+    projection = model.backbone.token_encoder.domain_projection
+    model.backbone.token_encoder.domain_projection = Frozen(projection[...])
+  return model
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping and a one-cycle (or constant) learning-rate schedule."""
+  opt = config.optim
+  total = opt.schedule_steps if opt.schedule_steps > 0 else config.num_steps
+  if opt.schedule == 'onecycle':
+    schedule = optax.cosine_onecycle_schedule(
+      total, opt.learning_rate, opt.pct_start, opt.div_factor, opt.final_div_factor
+    )
+  elif opt.schedule == 'constant':
+    schedule = optax.constant_schedule(opt.learning_rate)
+  else:
+    raise ValueError(f"optim.schedule={opt.schedule!r}: expected 'onecycle' or 'constant'")
+  tx = optax.chain(
+    optax.clip_by_global_norm(opt.grad_clip),
+    optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
+  )
+  return tx, schedule
+
+
+def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState]:
+  model = make_model(config, teacher_dims, seed)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  lambdas = jnp.asarray(selection.lambdas_from_config(config))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    frozen=frozen,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+    lambdas=lambdas,
+    scores=jnp.zeros_like(lambdas),
+    ema_params=jax.tree.map(jnp.copy, params) if config.optim.ema_decay > 0 else None,
+  )
+  return graphdef, state
+
+
+def abstract_state(config, teacher_dims, tx):
+  """(graphdef, TrainState of ShapeDtypeStructs) without allocating any parameter."""
+  graphdef = None
+
+  def init(seed):
+    nonlocal graphdef
+    graphdef, state = init_state(config, teacher_dims, tx, seed)
+    return state
+
+  shapes = jax.eval_shape(init, 0)
+  return graphdef, shapes
+
+
+def sharded_init(config, teacher_dims, tx, mesh):
+  """Initializes the train state directly into its shardings (no host-side full copy)."""
+  graphdef, shapes, shardings = sharded_shapes(config, teacher_dims, tx, mesh)
+  return graphdef, initialize(config, teacher_dims, tx, shardings), shardings
+
+
+def sharded_shapes(config, teacher_dims, tx, mesh):
+  """(graphdef, abstract train state, its shardings) on `mesh`."""
+  graphdef, shapes = abstract_state(config, teacher_dims, tx)
+  return graphdef, shapes, state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+
+
+def initialize(config, teacher_dims, tx, shardings) -> TrainState:
+  init = jax.jit(
+    lambda seed: init_state(config, teacher_dims, tx, seed)[1],
+    static_argnums=0,
+    out_shardings=shardings,
+  )
+  return init(config.seed)
+
+
+def state_shardings(shapes: TrainState, mesh, min_size: int):
+  tree = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=min_size)
+  return shapes.replace(
+    step=sharding.replicated(mesh),
+    rng=sharding.replicated(mesh),
+    lambdas=sharding.replicated(mesh),
+    scores=sharding.replicated(mesh),
+    params=tree(shapes.params),
+    frozen=tree(shapes.frozen),
+    opt_state=tree(shapes.opt_state),
+    ema_params=tree(shapes.ema_params),
+  )
+
+
+def abstract_with_shardings(shapes, shardings):
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+
+
+def param_counts(shapes: TrainState) -> dict[str, int]:
+  """Parameter counts of the backbone, its stacked blocks and the alignment heads."""
+  params = nnx.State.merge(shapes.params, shapes.frozen)
+  return {
+    'backbone': count_params(params['backbone']),
+    'blocks': count_params(params['backbone']['blocks']),
+    'repa_heads': count_params(params['repa_heads']),
+    'bitc_heads': count_params(params['bitc_heads']),
+  }
