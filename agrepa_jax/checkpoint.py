@@ -19,12 +19,12 @@ from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
 
 
-def checkpoint_manager(workdir: pathlib.Path, config, create: bool = True) -> ocp.CheckpointManager:
-  """Keeps the newest `config.keep_checkpoints`; the trainer saves only finite states, so the
-  newest checkpoint is always a finite one."""
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  """Keeps the newest `config.keep_checkpoints` (the trainer saves only finite states, so the
+  newest checkpoint is always a finite one) and removes checkpoints left half-written by a kill."""
   options = ocp.CheckpointManagerOptions(
     preservation_policy=ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
-    create=create,
+    cleanup_tmp_directories=True,  # safe: the trainer holds the workdir lock
     enable_async_checkpointing=config.async_checkpointing,
   )
   # orbax needs an absolute path
