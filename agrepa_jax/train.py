@@ -101,9 +101,10 @@ def check_finite(first_bad: int, step: int, manager):
   last_good = (
     f'step {latest} in {manager.directory}' if latest is not None else 'none (nothing was saved)'
   )
+  lost = f'steps {first_bad}-{step} were' if step > first_bad else f'step {step} was'
   raise NonFiniteTraining(
-    f'non-finite loss or gradients from step {first_bad} (found after step {step}); steps '
-    f'{first_bad}-{step} were not saved. Last good checkpoint: {last_good}. '
+    f'non-finite loss or gradients from step {first_bad} (found after step {step}); {lost} not '
+    f'saved. Last good checkpoint: {last_good}. '
     'Lower optim.learning_rate or raise optim.grad_clip, then rerun to resume from it.'
   )
 

@@ -32,8 +32,16 @@ STALE_SECONDS = 600.0  # a heartbeat this old means the holder is gone, on any h
 # Config keys (a section or one key) that shape the parameters or the data: a resumed run must
 # keep them unless --allow_config_change. Everything else (lr, steps, logging) may change.
 STRUCTURAL_KEYS = ('model', 'teachers', 'data', 'optim.ema_decay')
-# Keys inside STRUCTURAL_KEYS that change neither: where data is cached, how the step is computed.
-RUNTIME_KEYS = ('data.cache_dir', 'model.remat')
+# Keys inside STRUCTURAL_KEYS that change neither: where and how the data is stored and read,
+# how the step is computed.
+RUNTIME_KEYS = (
+  'data.cache_dir',
+  'data.chunk_size',
+  'data.shard_clips',
+  'data.num_workers',
+  'model.remat',
+  'model.dtype',
+)
 
 
 class WorkdirLocked(RunError):

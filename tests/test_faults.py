@@ -282,3 +282,49 @@ def test_a_changed_width_is_refused_and_a_diverging_run_keeps_its_last_finite_ch
   run = checkpoint.restore_trained(tiny_config(tmp_path / 'cache'), workdir)
   params = [np.asarray(p) for p in jax.tree.leaves(nnx.state(run.model))]
   assert run.step == saved[0] and all(np.isfinite(p).all() for p in params)
+
+
+STOPPING_PROCESS = """
+import sys, time
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from agrepa_jax import checkpoint
+stop = checkpoint.StopRequest(check_every=2)
+print('ready', flush=True)
+for step in range(1, 10**6):
+  time.sleep(0.02 * (1 + int(sys.argv[2])))  # the processes run at different speeds
+  if stop.reached(step):
+    print('stopped after', step, flush=True)
+    break
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_every_process_after_the_same_step():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  processes = [
+    subprocess.Popen(
+      [sys.executable, '-c', STOPPING_PROCESS, address, str(i)],
+      cwd=REPO,
+      env={**main_env(), 'PYTHONPATH': REPO},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    for process in processes:
+      assert process.stdout.readline().strip() == 'ready'
+    time.sleep(1)
+    processes[1].send_signal(signal.SIGINT)
+    outputs = [process.communicate(timeout=300) for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  stopped = [out.strip().splitlines()[-1] for out, _ in outputs]
+  assert stopped[0] == stopped[1] and stopped[0].startswith('stopped after'), outputs
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert 'SIGINT received' in outputs[1][1]
