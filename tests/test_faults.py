@@ -64,6 +64,21 @@ def test_a_held_workdir_refuses_a_second_holder_and_names_the_first(tmp_path):
     assert json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())['pid'] == os.getpid()
 
 
+def test_the_holder_renews_its_heartbeat(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 0.05)
+  lock = workdir_lib.WorkdirLock(tmp_path)
+  lock.acquire()
+  try:
+    read = lambda: json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())
+    first = read()['heartbeat_time']
+    deadline = time.time() + 30
+    while time.time() < deadline and read()['heartbeat_time'] == first:
+      time.sleep(0.05)
+    assert read()['heartbeat_time'] > first and read()['token'] == lock.holder['token']
+  finally:
+    lock.release()
+
+
 def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_warning(tmp_path, caplog):
   pid = dead_pid()
   write_lock(
