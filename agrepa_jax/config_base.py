@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     selection_file='',  # fog_a: λ from a probe's selection.json; '' = re-measure online
     probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
     score_ema=0.9,  # fog_a online: decay of the moving average of the scores
-    quirks=False,  # quirk: FoG-A at t=0.8 on 2 clips, dropout on, odd layers only, raw λ
+    quirks=False,  # quirk: the official FoG-A schedule, raw λ, cumulative mean (docs/fidelity.md)
   )
   config.teachers = _section(
     # name: whisper | beats; checkpoint: '' = the teacher's bundled default (Whisper tiny.en);

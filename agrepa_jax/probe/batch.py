@@ -7,7 +7,8 @@ Every probe draws the same quantities the same way, so FoG-A and LASP see identi
 - prompt: deterministic, the first ⌊prompt_fraction · valid frames⌋ frames of x1 (at least one when the
   fraction is positive). The default 0.15 is the mean prompt length of training, whose prompt is drawn
   uniformly from 1..⌊0.3 · valid frames⌋; 0 gives no prompt;
-- tokens are always kept (no classifier-free-guidance drop).
+- tokens are always kept (no classifier-free-guidance drop);
+- `clean=True` (the official probes' quirk) feeds the clean mel x1 itself, labelled with t.
 """
 
 import jax
@@ -78,8 +79,10 @@ def valid_frames(num_samples: jax.Array, num_frames: int) -> jax.Array:
   return losses.frame_mask(num_samples, num_frames, audio.HOP_LENGTH)
 
 
-def model_inputs(batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: float) -> dict:
-  """Keyword inputs of `DiT.__call__` for one batch at one scalar t."""
+def model_inputs(
+  batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: float, clean: bool = False
+) -> dict:
+  """Keyword inputs of `DiT.__call__` for one batch at one scalar t (x_t = x1 when `clean`)."""
   x1 = batch['mel']
   size, frames, _ = x1.shape
   valid = valid_frames(batch['num_samples'], frames).sum(1)
@@ -88,7 +91,7 @@ def model_inputs(batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: f
   in_prompt = jnp.arange(frames)[None, :] < prompt[:, None]
   t = jnp.full((size,), t, x1.dtype)
   return dict(
-    x_t=(1 - t[:, None, None]) * noise + t[:, None, None] * x1,
+    x_t=x1 if clean else (1 - t[:, None, None]) * noise + t[:, None, None] * x1,
     t=t,
     tokens=batch['tokens'],
     ref_mel=jnp.where(in_prompt[..., None], x1, 0.0),
