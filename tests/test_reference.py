@@ -68,13 +68,9 @@ def models(name: str) -> tuple[AgRepaModel, FlowModel]:
   cfg = CONFIGS[name]
   graphdef, shapes = nnx.split(nnx.eval_shape(lambda: AgRepaModel(cfg, TEACHER_DIMS, nnx.Rngs(0))))
   leaves, treedef = jax.tree.flatten(shapes)
-
-  @jax.jit
-  def draw(key):
-    keys = jax.random.split(key, len(leaves))
-    return [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-
-  ours = nnx.merge(graphdef, jax.tree.unflatten(treedef, draw(jax.random.key(0))))
+  rng = np.random.default_rng(0)  # numpy: drawing with JAX would compile a program per shape
+  draws = [0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
+  ours = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in draws]))
   reference = FlowModel(
     OfficialConfig(
       num_layers=cfg.num_layers,
