@@ -124,7 +124,7 @@ def official_lambdas(lambdas: np.ndarray) -> dict[int, dict[int, float]]:
 
 
 def fused_embedding(reference: FlowModel, batch: dict) -> torch.Tensor:
-  domain = torch.from_numpy(np.asarray(batch['domain'])).long()
+  domain = torch.from_numpy(np.array(batch['domain'])).long()
   return reference.fused_embedding(official_tokens(batch['tokens']), domain, FRAMES)
 
 
@@ -183,7 +183,7 @@ def test_flow_matching_bitc_and_repa_losses_match(name):
       fused=fused_embedding(reference, batch),
       ref_mel=mels(inputs['ref_mel']),
       kept=to_torch(kept),
-      domain_ids=torch.from_numpy(np.asarray(batch['domain'])).long(),
+      domain_ids=torch.from_numpy(np.array(batch['domain'])).long(),
       teachers=[to_torch(batch['teacher'][d]) for d in loss_cfg.domains],
       lambdas=official_lambdas(lambdas),
       bitc_weights=loss_cfg.bitc_weights,
@@ -210,7 +210,7 @@ def test_fog_a_scores_match(name, clean_input):
   with torch.no_grad():
     cond = torch.cat([fused_embedding(reference, batch), mels(inputs['ref_mel'])], 1)
     expected = reference.fog_attribution(
-      mels(inputs['x_t']), cond, 0.8, torch.from_numpy(np.asarray(batch['domain']))
+      mels(inputs['x_t']), cond, 0.8, torch.from_numpy(np.array(batch['domain']))
     )
   np.testing.assert_array_equal(counts, [2, 2])
   expected = np.array([expected[layer] for layer in range(ours.backbone.cfg.num_layers)])
