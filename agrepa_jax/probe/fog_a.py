@@ -1,8 +1,9 @@
-"""FoG-A, forward-only gate ablation (docs/method.md, FoG-A and LASP): how far the velocity moves when one block is off.
+"""FoG-A, forward-only gate ablation (docs/method.md, FoG-A and LASP): how far the velocity moves
+when one block is off.
 
-Δ_ℓ(t) = RMS(v_¬ℓ − v) / RMS(v) per clip, over the frames that hold audio and all mel bins, where v has
-every gate at 1 and v_¬ℓ has g = 1 − e_ℓ. Two implementations, each one jitted function of all L+1
-gate settings:
+Δ_ℓ(t) = RMS(v_¬ℓ − v) / RMS(v) per clip, over the frames that hold audio and all mel bins, where v
+has every gate at 1 and v_¬ℓ has g = 1 − e_ℓ. Two implementations, each one jitted function of all
+L+1 gate settings:
 
 - `naive_clip_scores`: the model vmapped over the L+1 gate masks: (L+1)·L block evaluations and
   (L+1)× the activations. The reference in tests and the baseline of bench/fog_a.py.
@@ -10,8 +11,8 @@ gate settings:
   block i (0-based) equals the clean run up to block i's input, and continues from that clean hidden
   state through blocks i+1..L−1. Those continuations are packed into lanes of exactly L block
   evaluations (`ablation_lanes`): ⌊L/2⌋ lanes, so about L²/2 block evaluations with the clean pass.
-  The lanes are split over all devices of the mesh (shard_map) and run at most `chunk_size` at a time
-  on each, so memory holds the L clean hidden states plus `chunk_size` lanes' activations.
+  The lanes are split over all devices of the mesh (shard_map) and run at most `chunk_size` at a
+  time on each, so memory holds the L clean hidden states plus `chunk_size` lanes' activations.
 
 With a dropout key, `clip_scores` gives every gate setting of a batch the same key: block ℓ draws
 the same mask in the clean and the ablated runs, so the score isolates the ablation. The official
@@ -35,7 +36,10 @@ from agrepa_jax.probe.batch import MODEL_KEYS, model_inputs, valid_frames
 
 
 def relative_rms(v_ablated: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-  """(..., B, T, M) against (B, T, M) over the (B, T) valid frames -> (..., B) RMS(v_ablated − v) / RMS(v)."""
+  """(..., B, T, M) against (B, T, M) over the (B, T) valid frames -> (..., B) Δ.
+
+  Δ = RMS(v_ablated − v) / RMS(v).
+  """
   weights = valid[..., None].astype(v.dtype)
   change = (jnp.square(v_ablated - v) * weights).sum((-2, -1))
   return jnp.sqrt(
@@ -66,7 +70,7 @@ def lane_layout(num_lanes: int, num_devices: int, chunk_size: int) -> tuple[int,
 
 
 def clean_pass(dit: DiT, inputs: dict, dropout_key):
-  """The clean velocity (B, T, M), every block's input (L, B, T, W), the time embedding, the layer keys."""
+  """The clean velocity (B, T, M), every block's input (L, B, T, W), time embedding, layer keys."""
   cfg = dit.cfg
   h0, time_emb, _ = dit.embed_inputs(
     inputs['x_t'], inputs['t'], inputs['tokens'], inputs['ref_mel'], inputs['domain']
@@ -246,7 +250,7 @@ def naive_clip_scores(
 
 
 def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: int):
-  """(..., N) per-clip values -> (..., D) means per domain (NaN for a domain without clips), (D,) counts."""
+  """(..., N) per-clip values -> (..., D) means per domain (NaN for no clips), (D,) counts."""
   counts = np.bincount(clip_domains, minlength=num_domains)
   one_hot = (clip_domains[:, None] == np.arange(num_domains)).astype(np.float64)
   with np.errstate(invalid='ignore', divide='ignore'):
