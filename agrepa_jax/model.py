@@ -40,9 +40,7 @@ class ModelConfig:
   # Forms that differ from the paper's official code (docs/fidelity.md); the first choice is ours.
   token_tables: str = 'per_domain'  # shared | per_domain: one embedding table per domain
   codebook_fusion: str = 'merge'  # merge | concat: the official dual-codebook conditioning
-  second_vocab_size: int = (
-    0  # vocabulary of codebook 2 (official: 1024 BEATs labels); 0 = vocab_size
-  )
+  second_vocab_size: int = 0  # codebook 2 (official: 1024 BEATs labels); 0 = vocab_size
   time_embedding: str = 'dit'  # dit | official
   dropout_positions: str = 'branch'  # branch | official
   modulation_init: str = 'xavier'  # xavier | normal: N(0, 0.02), the official
