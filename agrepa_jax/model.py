@@ -137,16 +137,13 @@ def _dense(n_in, n_out, rngs, *, zero=False, dtype=None, kernel_init=None):
   return nnx.Linear(n_in, n_out, kernel_init=kernel_init or init, dtype=dtype, rngs=rngs)
 
 
-def attention(q, k, v, dropout_rate: float, key: jax.Array | None) -> jax.Array:
-  """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D).
+def attention_with_probability_dropout(q, k, v, rate: float, key: jax.Array) -> jax.Array:
+  """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D), dropout on the probabilities.
 
-  With a dropout key, the attention probabilities are dropped out (the official dropout position),
-  which needs them materialized; otherwise the fused kernel runs.
+  The official dropout position; it materializes the (B, H, T, T) probabilities.
   """
-  if key is None or dropout_rate == 0.0:
-    return jax.nn.dot_product_attention(q, k, v)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), dropout_rate, key)
+  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -178,7 +175,10 @@ class DiTBlock(nnx.Module):
     x = layer_norm(h) * (1 + scale1) + shift1
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     heads = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, -1)
-    attn = attention(heads(q), heads(k), heads(v), cfg.dropout if official else 0.0, keys[0])
+    if official and keys[0] is not None and cfg.dropout > 0:
+      attn = attention_with_probability_dropout(heads(q), heads(k), heads(v), cfg.dropout, keys[0])
+    else:
+      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))
     attn = self.attn_out(attn.reshape(h.shape))
     if not official:
       attn = dropout(attn, cfg.dropout, keys[0])
