@@ -31,7 +31,7 @@ STALE_SECONDS = 600.0  # a heartbeat this old means the holder is gone, on any h
 
 # Config keys (a section or one key) that shape the parameters or the data: a resumed run must
 # keep them unless --allow_config_change. Everything else (lr, steps, logging) may change.
-STRUCTURAL_KEYS = ('model', 'teachers', 'data', 'optim.ema_decay')
+STRUCTURAL_KEYS = ('model', 'teachers', 'data', 'bitc.form', 'optim.ema_decay')
 # Keys inside STRUCTURAL_KEYS that change neither: where and how the data is stored and read,
 # how the step is computed.
 RUNTIME_KEYS = (
