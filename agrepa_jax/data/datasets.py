@@ -52,6 +52,7 @@ class LocalAudio(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A tfds dataset of one listing; the subclass's name is the corpus (EXTRA_FEATURES)."""
 
   VERSION = tfds.core.Version(VERSION)
+  url_infos = None  # nothing is downloaded (and no checksum file is looked for)
 
   def __init__(self, *, listing: sources.Listing, **kwargs):
     self.listing = listing

@@ -322,10 +322,10 @@ def tokenizer_path(
   return directory / 'tokenizer' / f'{domain}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npy'
 
 
-def fit_tokenizer(sample, read_bytes, workers: Workers, seed: int) -> np.ndarray:
+def fit_tokenizer(sample, domain: str, read_bytes, workers: Workers, seed: int) -> np.ndarray:
   """(K, V, C) residual k-means codebooks on the sample's teacher frames at the token rate."""
-  settings, pooled = workers.settings, []
-  for batch_refs, waves in decoded_batches(sample, read_bytes, settings, []):
+  settings, pooled, skipped = workers.settings, [], []
+  for batch_refs, waves in decoded_batches(sample, read_bytes, settings, skipped):
     num_samples = np.array([len(w) for w in waves])
     padded = pad_waves(waves, settings['max_samples'])
     _, frames, mask = teacher_features(
@@ -340,12 +340,20 @@ def fit_tokenizer(sample, read_bytes, workers: Workers, seed: int) -> np.ndarray
       for i in range(len(batch_refs))
     ]
   if not pooled:
-    raise ValueError(f'tokenizer: no decodable clip among the {len(sample)} sampled')
+    raise ValueError(
+      f'no usable training clips of domain(s) {[domain]} to fit the tokenizer ({len(sample)} '
+      f'sampled; e.g. {[s["reason"] for s in skipped[:3]]})'
+    )
   return np.stack(
     tokenizer.fit_codebooks(
       np.concatenate(pooled), settings['codebook_size'], settings['num_codebooks'], seed
     )
   )
+
+
+def save_npy(local: str, array: np.ndarray) -> None:
+  with open(local, 'wb') as f:  # a file object: np.save would append '.npy' to a path
+    np.save(f, array, allow_pickle=False)
 
 
 def read_npy(path: epath.Path) -> np.ndarray:
@@ -367,8 +375,8 @@ def ensure_tokenizers(refs, directory, settings, domains, read_bytes, workers_fn
     for d, (name, path) in enumerate(paths.items()):
       if not path.exists():
         sample = tokenizer_sample(refs, name, settings['tokenizer_clips'])
-        codebooks = fit_tokenizer(sample, read_bytes, workers_fn(), settings['seed'] + d)
-        atomic_write(path, lambda local, c=codebooks: np.save(local, c, allow_pickle=False))
+        codebooks = fit_tokenizer(sample, name, read_bytes, workers_fn(), settings['seed'] + d)
+        atomic_write(path, lambda local, c=codebooks: save_npy(local, c))
   sync_processes('data-tokenizer')
   return {d: list(read_npy(p)) for d, p in paths.items()}
 
@@ -398,7 +406,7 @@ def plan_shards(refs: list[ClipRef], shard_clips: int) -> dict:
 
 
 def shard_fingerprint(refs: list[ClipRef], key: str, codebooks: str) -> str:
-  blob = json.dumps([key, codebooks, [(r.id, r.stamp, r.index, r.source) for r in refs]])
+  blob = json.dumps([key, codebooks, [(r.id, r.stamp) for r in refs]])
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

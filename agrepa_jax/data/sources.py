@@ -63,8 +63,18 @@ def file_stamp(path: epath.Path) -> str:
   return f'{info.length}-{int(info.mtime)}'
 
 
+def files_under(root: epath.Path, suffixes: tuple[str, ...]) -> list[epath.Path]:
+  """Every file below `root` whose name ends in one of `suffixes`, sorted (local or gs://)."""
+  return sorted(
+    directory / name
+    for directory, _, names in root.walk()
+    for name in names
+    if name.lower().endswith(suffixes)
+  )
+
+
 def audio_files(root: epath.Path) -> list[epath.Path]:
-  return sorted(p for p in root.rglob('*') if p.suffix.lower() in AUDIO_SUFFIXES)
+  return files_under(root, AUDIO_SUFFIXES)
 
 
 def split_name(directory: str) -> str:
@@ -100,7 +110,7 @@ def librispeech_listing(directory: str) -> Listing:
 
 def speech_entries(folder: epath.Path) -> list[Entry]:
   transcripts = {}
-  for listing in folder.rglob('*.trans.txt'):
+  for listing in files_under(folder, ('.trans.txt',)):
     for line in listing.read_text().splitlines():
       utterance, _, text = line.partition(' ')
       transcripts[utterance] = text.strip()
@@ -127,7 +137,10 @@ def speech_entries(folder: epath.Path) -> list[Entry]:
 def read_csv_rows(path: epath.Path) -> list[list[str]]:
   """Rows of an AudioSet CSV without its '#' comment lines, fields stripped."""
   lines = [line for line in path.read_text().splitlines() if line and not line.startswith('#')]
-  return [[f.strip() for f in row] for row in csv.reader(io.StringIO('\n'.join(lines)))]
+  return [
+    [f.strip() for f in row]
+    for row in csv.reader(io.StringIO('\n'.join(lines)), skipinitialspace=True)
+  ]
 
 
 def youtube_ids_of(stem: str) -> tuple[str, ...]:
