@@ -156,6 +156,7 @@ def store_files(directory):
   }
 
 
+@pytest.mark.slow
 def test_librispeech_and_audioset_build_features_train_and_resume(corpora):
   from agrepa_jax import train
 

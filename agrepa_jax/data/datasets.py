@@ -95,7 +95,7 @@ BUILDERS = {'librispeech': Librispeech, 'audioset': Audioset, 'embedded': Embedd
 
 
 def data_dir(cache_root: epath.Path, listing: sources.Listing) -> epath.Path:
-  return cache_root / 'tfds' / f'{listing.corpus}-{listing.digest()}'
+  return cache_root / 'tfds' / listing.name
 
 
 def build(listing: sources.Listing, cache_root: epath.Path) -> LocalAudio:

@@ -123,7 +123,7 @@ def clip_refs(listing: sources.Listing, plan: dict, heldout_fraction: float) -> 
             clip_id,
             domain,
             role,
-            f'{listing.corpus}/{split}',
+            f'{listing.name}/{split}',
             index,
             entry.stamp,
             entry.path,
@@ -141,8 +141,8 @@ class TfdsBytes:
 
   def __call__(self, ref: features.ClipRef) -> bytes:
     if ref.source not in self.open:
-      corpus, split = ref.source.split('/')
-      self.open[ref.source] = self.built[corpus].as_data_source(split)
+      name, split = ref.source.split('/')
+      self.open[ref.source] = self.built[name].as_data_source(split)
     return self.open[ref.source][ref.index]['audio']
 
 
@@ -166,8 +166,8 @@ def build(config) -> dict:
   domains = tuple(config.data.domains)
   refs, built = [], {}
   for listing, plan in listings(config):
-    built[listing.corpus] = on_process_zero_first(
-      f'tfds-{listing.corpus}', lambda listing=listing: datasets.build(listing, cache_root(config))
+    built[listing.name] = on_process_zero_first(
+      f'tfds-{listing.name}', lambda listing=listing: datasets.build(listing, cache_root(config))
     )
     refs += clip_refs(listing, plan, config.data.heldout_fraction)
   manifest = features.build_store(
@@ -178,7 +178,7 @@ def build(config) -> dict:
     TfdsBytes(built),
     lambda: load_teachers(config),
   )
-  manifest['missing'] = {corpus: builder.listing.missing for corpus, builder in built.items()}
+  manifest['missing'] = {b.listing.corpus: b.listing.missing for b in built.values()}
   for domain in domains:
     dim = int(config.teachers[domain].dim)
     if dim and dim != manifest['teacher_dims'][domain]:

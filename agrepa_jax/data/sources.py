@@ -7,6 +7,7 @@ Paths go through `etils.epath`, so a root may be a `gs://` bucket.
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -51,6 +52,12 @@ class Listing:
   splits: dict  # {tfds split name: [Entry]}
   missing: int = 0  # clips the corpus lists but the root does not hold
 
+  @property
+  def name(self) -> str:
+    """The corpus and its digest: names its tfds dataset."""
+    return f'{self.corpus}-{self.digest}'
+
+  @functools.cached_property
   def digest(self) -> str:
     text = json.dumps(
       [self.corpus, {s: [(e.id, e.path, e.stamp) for e in es] for s, es in self.splits.items()}]
