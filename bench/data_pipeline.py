@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 
 
 class BandTeacher:
@@ -144,6 +145,7 @@ def main():
   parser.add_argument('--reader-batches', type=int, default=10)
   parser.add_argument('--build-one', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   if args.build_one:
     print(json.dumps(build_once(args.build_one, args.clip_seconds)))
     return

@@ -66,6 +66,14 @@ class ClipError(ValueError):
   """A clip that cannot be used; the message names its file and the reason."""
 
 
+class NoUsableClips(ValueError):
+  """Some domain has no usable training clip; `domains` names them."""
+
+  def __init__(self, domains: list[str], detail: str):
+    super().__init__(f'no usable training clips of domain(s) {domains} ({detail})')
+    self.domains = domains
+
+
 def store_key(settings: dict) -> str:
   blob = json.dumps({'version': STORE_VERSION, **settings}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -340,10 +348,8 @@ def fit_tokenizer(sample, domain: str, read_bytes, workers: Workers, seed: int) 
       for i in range(len(batch_refs))
     ]
   if not pooled:
-    raise ValueError(
-      f'no usable training clips of domain(s) {[domain]} to fit the tokenizer ({len(sample)} '
-      f'sampled; e.g. {[s["reason"] for s in skipped[:3]]})'
-    )
+    reasons = [s['reason'] for s in skipped[:3]]
+    raise NoUsableClips([domain], f'{len(sample)} sampled for the tokenizer; e.g. {reasons}')
   return np.stack(
     tokenizer.fit_codebooks(
       np.concatenate(pooled), settings['codebook_size'], settings['num_codebooks'], seed
@@ -505,10 +511,8 @@ def write_manifest(directory, names, settings, domains, codebooks) -> dict:
     shards[split].append({'name': name, 'num_records': sidecar['num_records']})
   empty = [d for d in domains if not counts['train'][d]]
   if empty:
-    raise ValueError(
-      f'no usable training clips of domain(s) {empty} ({len(skipped)} clips skipped, e.g. '
-      f'{[s["reason"] for s in skipped[:3]]}); see {directory}/train/*.json'
-    )
+    reasons = [s['reason'] for s in skipped[:3]]
+    raise NoUsableClips(empty, f'{len(skipped)} clips skipped, e.g. {reasons}')
   manifest = {
     'settings': settings,
     'domains': list(domains),

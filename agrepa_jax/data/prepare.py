@@ -170,14 +170,18 @@ def build(config) -> dict:
       f'tfds-{listing.name}', lambda listing=listing: datasets.build(listing, cache_root(config))
     )
     refs += clip_refs(listing, plan, config.data.heldout_fraction)
-  manifest = features.build_store(
-    refs,
-    store_directory(config),
-    store_settings(config),
-    domains,
-    TfdsBytes(built),
-    lambda: load_teachers(config),
-  )
+  try:
+    manifest = features.build_store(
+      refs,
+      store_directory(config),
+      store_settings(config),
+      domains,
+      TfdsBytes(built),
+      lambda: load_teachers(config),
+    )
+  except features.NoUsableClips as e:
+    roots = {d: config.data.get(f'{d}_dir') or 'the embedded corpus' for d in e.domains}
+    raise ValueError(f'{e}; no usable audio file in {roots}') from e
   manifest['missing'] = {b.listing.corpus: b.listing.missing for b in built.values()}
   for domain in domains:
     dim = int(config.teachers[domain].dim)
