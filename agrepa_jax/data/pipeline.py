@@ -12,6 +12,7 @@ import json
 
 import grain
 import jax
+import ml_dtypes
 import numpy as np
 from etils import epath
 
@@ -50,7 +51,9 @@ class FeatureSplit:
     return features.decode_record(self.source[int(index)])
 
   def __getitem__(self, index) -> dict:
-    return crop_record(self.record(index), self.spec, self.domains, start_token=0)
+    """Clip `index` as a batch row cropped from its start, mel in float32 (for probe and eval)."""
+    row = crop_record(self.record(index), self.spec, self.domains, start_token=0)
+    return {**row, 'mel': row['mel'].astype(np.float32)}
 
   @property
   def clips(self) -> list[dict]:
@@ -90,7 +93,7 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
   start_frame = round(start_seconds * audio.SAMPLE_RATE / audio.HOP_LENGTH)
   start_sample = round(start_seconds * audio.SAMPLE_RATE)
   own = domains[int(record['domain'])]
-  mel = np.asarray(record['mel'], np.float32)[start_frame:]
+  mel = np.asarray(record['mel'], ml_dtypes.bfloat16)[start_frame:]
   tokens = np.asarray(record['tokens'], np.int32)[:, start_token:]
   out = {
     'mel': fit_rows(mel, spec.num_frames, SILENCE),

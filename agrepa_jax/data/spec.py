@@ -3,14 +3,16 @@
 aot compiles against it, the reader crops and pads records into it, and the test fakes write
 records that fit it, so the layout is written down once:
 
-  mel (B, T, n_mels) with T = audio.num_frames(clip_seconds · 24 kHz); num_samples (B,) int32
-  (24 kHz samples of real audio in the crop); domain (B,) int32; tokens (B, K, N) int32 with
-  N = round(clip_seconds · token_rate); teacher {domain: (B, C_d) float32}; with frame-level
-  alignment teacher_frames {domain: (B, F_d, C_d) float32}, F_d = round(clip_seconds · fps_d).
+  mel (B, T, n_mels) bf16 (the loss casts it to float32 on the device), T = frames of clip_seconds
+  at 24 kHz; num_samples (B,) int32 (24 kHz samples of real audio in the crop); domain (B,) int32;
+  tokens (B, K, N) int32, N = round(clip_seconds · token_rate); teacher {domain: (B, C_d)
+  float32}; with teacher frames, teacher_frames {domain: (B, F_d, C_d) float32},
+  F_d = round(clip_seconds · fps_d).
 """
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
 from agrepa_jax import audio
@@ -38,7 +40,7 @@ class BatchSpec:
     """{key: (shape, dtype)} of a batch of `batch_size` clips, nested like the batch."""
     b = batch_size
     out = {
-      'mel': ((b, self.num_frames, self.n_mels), np.float32),
+      'mel': ((b, self.num_frames, self.n_mels), ml_dtypes.bfloat16),  # cast on the device
       'num_samples': ((b,), np.int32),
       'domain': ((b,), np.int32),
       'tokens': ((b, self.num_codebooks, self.num_tokens), np.int32),
