@@ -4,11 +4,11 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from agrepa_jax import audio, sharding, teachers, train
+from agrepa_jax import sharding, train
 from agrepa_jax import state as state_lib
+from agrepa_jax.data import spec as data_spec
 
 
 def teacher_dims_from_config(config) -> tuple[int, ...]:
@@ -21,32 +21,12 @@ def teacher_dims_from_config(config) -> tuple[int, ...]:
 
 
 def abstract_batch(config, teacher_dims, mesh):
-  """ShapeDtypeStructs of one global batch, sharded over the batch axes."""
-  b = config.batch_size
-  num_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
-  frames = audio.num_frames(num_samples)
-  num_tokens = max(1, round(config.data.clip_seconds * config.data.token_rate))
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
-    shape, dtype, sharding=sharding.batch_sharding(mesh)
+  """ShapeDtypeStructs of one global batch (data.spec), sharded over the batch axes."""
+  batch_spec = data_spec.batch_spec(config, dict(zip(config.data.domains, teacher_dims)))
+  return data_spec.map_shapes(
+    lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh)),
+    batch_spec.shapes(config.batch_size),
   )
-  batch = {
-    'mel': spec((b, frames, config.model.n_mels), jnp.float32),
-    'num_samples': spec((b,), jnp.int32),
-    'domain': spec((b,), jnp.int32),
-    'tokens': spec((b, config.model.num_codebooks, num_tokens), jnp.int32),
-    'teacher': {
-      d: spec((b, dim), jnp.float32) for d, dim in zip(config.data.domains, teacher_dims)
-    },
-  }
-  if config.repa.granularity == 'frame':
-    frames_of = lambda d: round(
-      config.data.clip_seconds * teachers.frames_per_second(config.teachers[d].name)
-    )
-    batch['teacher_frames'] = {
-      d: spec((b, frames_of(d), dim), jnp.float32)
-      for d, dim in zip(config.data.domains, teacher_dims)
-    }
-  return batch
 
 
 def compile_train_step(config):

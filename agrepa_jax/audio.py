@@ -1,16 +1,19 @@
 """Audio front end: loading, the 24 kHz log-mel target representation and its inverse scaling.
 
-The mel parameters are the Vocos "mel-24khz" ones (docs/method.md, audio front end); `log_mel` is a JAX function so it
-can run batched on an accelerator, and equals librosa's melspectrogram with the same settings.
+The mel parameters are the Vocos "mel-24khz" ones (docs/method.md, audio front end); `log_mel` is a
+JAX function so it can run batched on an accelerator, and equals librosa's melspectrogram with the
+same settings.
 """
 
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import librosa
 import numpy as np
 import soundfile as sf
+from etils import epath
 
 SAMPLE_RATE = 24000
 N_FFT = 1024
@@ -31,24 +34,48 @@ def num_frames(num_samples: int, hop_length: int = HOP_LENGTH) -> int:
   return 1 + num_samples // hop_length
 
 
+MIN_SAMPLES = N_FFT  # a clip shorter than one STFT window (≈ 43 ms) holds no usable frame
+
+
 def load_audio(path, sample_rate: int = SAMPLE_RATE, seconds: float | None = None) -> np.ndarray:
-  """Mono float32 waveform at `sample_rate`, peak-normalized, cropped or zero-padded to `seconds`."""
+  """Mono float32 waveform at `sample_rate`, peak-normalized, fitted to `seconds` (if given)."""
   try:
-    wave, file_rate = sf.read(str(path), dtype='float32', always_2d=True)
+    data = epath.Path(path).read_bytes()
+  except OSError as e:
+    raise AudioDecodeError(f'{path}: cannot read the file ({e})') from e
+  wave = decode_audio(data, str(path), sample_rate)
+  if seconds is not None:
+    wave = fit_length(wave, round(seconds * sample_rate))
+  return wave
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+  """An encoded audio file's bytes -> mono float32 at `sample_rate`, peak-normalized.
+
+  Raises AudioDecodeError naming `name` and the reason for whatever makes a file unusable: it
+  cannot be decoded, holds no samples or fewer than one STFT window, or holds NaN or infinite
+  samples (checked before resampling, so at any rate).
+  """
+  if not data:
+    raise AudioDecodeError(f'{name}: file holds no audio samples (empty file)')
+  try:
+    wave, file_rate = sf.read(io.BytesIO(data), dtype='float32', always_2d=True)
   except Exception as e:  # soundfile raises several types for unreadable files
-    raise AudioDecodeError(f'{path}: cannot decode audio ({e})') from e
+    raise AudioDecodeError(f'{name}: cannot decode audio ({e})') from e
   if wave.size == 0:
-    raise AudioDecodeError(f'{path}: file holds no audio samples')
+    raise AudioDecodeError(f'{name}: file holds no audio samples')
+  if not np.all(np.isfinite(wave)):
+    raise AudioDecodeError(f'{name}: audio holds NaN or infinite samples')
   wave = wave.mean(axis=1)
   if file_rate != sample_rate:
     wave = librosa.resample(wave, orig_sr=file_rate, target_sr=sample_rate, res_type='soxr_hq')
+  if len(wave) < MIN_SAMPLES * sample_rate // SAMPLE_RATE:
+    raise AudioDecodeError(
+      f'{name}: too short ({len(wave)} samples at {sample_rate} Hz, fewer than one frame)'
+    )
   peak = np.abs(wave).max()
-  if not np.isfinite(peak):
-    raise AudioDecodeError(f'{path}: audio holds NaN or infinite samples')
   if peak > 0:
     wave = wave / peak
-  if seconds is not None:
-    wave = fit_length(wave, round(seconds * sample_rate))
   return wave.astype(np.float32)
 
 

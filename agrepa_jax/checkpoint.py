@@ -8,7 +8,6 @@ import os
 import pathlib
 import signal
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -31,25 +30,29 @@ def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager((workdir / 'checkpoints').absolute(), options=options)
 
 
-def save_checkpoint(manager, step: int, state: TrainState, data_iterator, force=False):
+def data_position(step: int, global_batch_size: int) -> dict:
+  """The data position of a checkpoint: global, so any number of hosts can resume from it."""
+  return {'step': int(step), 'records_consumed': int(step) * global_batch_size}
+
+
+def save_checkpoint(manager, step: int, state: TrainState, global_batch_size: int, force=False):
   manager.save(
     step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_position(step, global_batch_size)),
     ),
     force=force,
   )
 
 
-def restore_checkpoint(manager, step: int, abstract: TrainState, data_iterator) -> TrainState:
+def restore_checkpoint(manager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
+  """The train state and the data position ({'step', 'records_consumed'}) of checkpoint `step`."""
   restored = manager.restore(
     step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(data_iterator),
-    ),
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
   )
-  return restored['state']
+  return restored['state'], dict(restored['data'])
 
 
 def preemption_service_running() -> bool:

@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from agrepa_jax import config_base, metrics, selection, train  # noqa: E402
-from agrepa_jax.data import cache  # noqa: E402
+from agrepa_jax.data import features  # noqa: E402
 
 PHASE_ONE = 'none'
 
@@ -43,7 +43,7 @@ def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False
     from agrepa_jax.probe import report
 
     report.run_probe(phase_one, workdirs[PHASE_ONE])
-    cache.sync_processes('probe-written')  # process 0 wrote selection.json; every process reads it
+    features.sync_processes('probe-written')  # process 0 wrote selection.json; every process reads it
   for variant in config.compare.variants:
     if variant == PHASE_ONE:
       continue

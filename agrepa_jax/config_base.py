@@ -95,21 +95,32 @@ def base_config() -> ml_collections.ConfigDict:
     audio=_section(name='whisper', checkpoint='', dim=0),
   )
   config.data = _section(
-    source='embedded',  # embedded (generated, no download) | directories (real audio)
-    cache_dir='~/.cache/agrepa_jax',  # shared by runs; keyed by the settings that shape it
+    source='embedded',  # embedded (generated, no download) | directories (real corpora)
+    cache_dir='~/.cache/agrepa_jax',  # tfds datasets and feature stores (local or gs://)
     domains=('speech', 'audio'),  # the domains trained; order of λ columns and heads
     domain_weights=(1.0, 1.0),  # sampling ratio of the domains (paper: 1:1)
-    speech_dir='',  # directories: speech audio tree (e.g. LibriSpeech, with transcripts)
-    audio_dir='',  # directories: general audio tree (e.g. AudioSet clips)
-    token_dir='',  # external tokens <token_dir>/<clip id>.npy instead of built-in units
+    speech_dir='',  # directories: the speech corpus root (LibriSpeech, or any folder of speech)
+    audio_dir='',  # directories: the general-audio corpus root (AudioSet clips + segment CSVs)
+    datasets={'speech': 'librispeech', 'audio': 'audioset'},  # directories: tfds builder per domain
+    train_splits={  # directories: tfds splits trained on, joined by '+'
+      'speech': 'train_clean_100+train_clean_360+train_other_500',
+      'audio': 'balanced_train+unbalanced_train',
+    },
+    heldout_splits={'speech': 'dev_clean', 'audio': 'eval'},  # '' or absent: heldout_fraction
+    token_dir='',  # external tokens <token_dir>/<domain>/<clip id>.npy at token_rate
     num_speech=300,  # embedded: speech clips generated
     num_audio=300,  # embedded: sound-event clips generated
-    clip_seconds=10.0,  # clips are cropped or zero-padded to this length
-    heldout_fraction=0.1,  # share of clips held out (by a hash of the clip id)
-    token_rate=25.0,  # tokens per second of the built-in tokenizer
-    seed=0,  # data order, tokenizer and embedded corpus
-    chunk_size=64,  # clips per cache chunk: the unit of resuming and of teacher batches
-    teacher_frames=False,  # also cache teacher frame features (repa.granularity='frame')
+    clip_seconds=10.0,  # crop length of a batch row (paper: 10 s); shorter clips are padded
+    max_seconds=0.0,  # clips are stored up to this long (longer ones cut); 0 = clip_seconds
+    crop='random',  # random: a uniform crop start per clip and epoch | start: from the start
+    heldout_fraction=0.1,  # share of clips held out (by a hash of the clip id) without a split
+    token_rate=25.0,  # tokens per second (built-in tokenizer and external token files)
+    tokenizer_clips=2000,  # built-in tokenizer: fitted on at most this many clips per domain
+    seed=0,  # data order, crops, tokenizer and embedded corpus
+    chunk_size=64,  # clips per teacher batch while building the feature store
+    shard_clips=256,  # about this many clips per feature-store shard
+    num_workers=0,  # grain worker processes reading training batches; 0 = in the trainer
+    teacher_frames=False,  # also store teacher frame features (repa.granularity='frame')
   )
   config.mesh = _section(
     data=-1,  # data-parallel axis size; -1 = all remaining devices

@@ -144,7 +144,7 @@ def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> 
 
   `key` draws t, noise, prompts, CFG drops (and dropout if training); `lambdas` (L, domains).
   """
-  mel = batch['mel']
+  mel = batch['mel'].astype(jnp.float32)  # the host may send bf16
   valid = frame_mask(batch['num_samples'], mel.shape[1], audio.HOP_LENGTH)
   sample_key, dropout_key = jax.random.split(key)
   inputs = flow_matching_inputs(sample_key, mel, valid.sum(1), cfg.flow)

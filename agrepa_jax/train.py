@@ -133,11 +133,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
   train_source, heldout_source, meta = prepare.prepare(config)
   domains = tuple(config.data.domains)
   teacher_dims = tuple(meta['teacher_dims'][d] for d in domains)
-  data_iterator = iter(
-    pipeline.training_dataset(
-      train_source, config.batch_size, config.data.seed, tuple(config.data.domain_weights)
-    )
-  )
   eval_batches = pipeline.evaluation_batches(heldout_source, config.batch_size, config.eval_batches)
   if config.eval_every and not eval_batches:
     logging.warning(
@@ -155,15 +150,28 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
 
   # ----- Initialize, or resume from the last checkpoint -----
   manager = checkpoint.checkpoint_manager(workdir, config)
+  records_consumed = 0
   if manager.latest_step() is None:
     state = state_lib.initialize(config, teacher_dims, tx, shardings)
   else:
     abstract = state_lib.abstract_with_shardings(shapes, shardings)
-    state = checkpoint.restore_checkpoint(manager, manager.latest_step(), abstract, data_iterator)
+    state, position = checkpoint.restore_checkpoint(manager, manager.latest_step(), abstract)
+    records_consumed = position['records_consumed']
     logging.info('resumed from step %d', int(state.step))
     if not selection.measures_online(config):  # fixed λ follow the config, not the checkpoint
       lambdas = selection.lambdas_from_config(config)
       state = state.replace(lambdas=jax.device_put(lambdas, sharding.replicated(mesh)))
+  data_iterator = iter(
+    pipeline.training_dataset(
+      train_source,
+      config.batch_size,
+      config.data.seed,
+      tuple(config.data.domain_weights),
+      start_step=records_consumed // config.batch_size,
+      crop=config.data.crop,
+      num_workers=config.data.num_workers,
+    )
+  )
   online_fog_a = None
   if selection.measures_online(config):
     online_fog_a = selection.OnlineFogA(config, heldout_source)
@@ -200,7 +208,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
     elif int(first_bad):
       logging.error('the train state is not finite: not saved')
     elif manager.latest_step() != int(state.step):
-      checkpoint.save_checkpoint(manager, int(state.step), state, data_iterator, force=True)
+      checkpoint.save_checkpoint(manager, int(state.step), state, config.batch_size, force=True)
 
   last_log, last_step, step = time.perf_counter(), start_step, start_step
   try:
@@ -231,7 +239,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
         check_finite(int(bad), step, manager)
       if step % config.checkpoint_every == 0:
         check_finite(int(first_bad), step, manager)
-        checkpoint.save_checkpoint(manager, step, state, data_iterator)
+        checkpoint.save_checkpoint(manager, step, state, config.batch_size)
       if stop.reached(step):
         logging.info('stopping after step %d', step)
         break

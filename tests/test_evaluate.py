@@ -8,9 +8,10 @@ import pytest
 import soundfile as sf
 
 from agrepa_jax import audio, config_base, metrics, teachers, train
-from agrepa_jax.data import cache, prepare
+from agrepa_jax.data import spec
 from agrepa_jax.generation import evaluate, vocos, wer
 from agrepa_jax.teachers.base import TeacherSpec
+from tests.helpers import fake_record, write_fake_store
 
 CLIP_SECONDS = 0.5
 CLIP_SAMPLES = 12000  # 47 mel frames
@@ -133,53 +134,29 @@ def synth_clip(rng, domain: str, num_samples: int) -> np.ndarray:
 
 
 def write_fake_cache(config, root: pathlib.Path):
-  """The data cache `prepare.prepare(config)` looks for, written directly (no teachers, no synthesis)."""
-  settings = prepare.cache_settings(config)
-  directory = pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(settings)}'
+  """The feature store `prepare.prepare(config)` looks for, written directly (no teachers, no
+  synthesis)."""
   rng = np.random.default_rng(0)
   counts = {'train': 8, 'heldout': 3}  # per domain
-  num_tokens = round(CLIP_SECONDS * config.data.token_rate)
+  dims = {'speech': 4, 'audio': 4}
+  batch_spec = spec.batch_spec(config, dims)
+  splits = {}
   for split, per_domain in counts.items():
-    clips, waves, lengths = [], [], []
+    splits[split] = []
     for i in range(per_domain):
-      for domain in ('speech', 'audio'):
+      for d, domain in enumerate(('speech', 'audio')):
         clip_id = f'{split}-{domain}-{i}'
-        lengths.append(CLIP_SAMPLES - 3000 * (i % 2))
-        waves.append(synth_clip(rng, domain, lengths[-1]))
+        length = CLIP_SAMPLES - 3000 * (i % 2)
+        wave = synth_clip(rng, domain, length)
         path = root / 'clips' / f'{clip_id}.wav'
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, waves[-1], audio.SAMPLE_RATE, subtype='FLOAT')
+        sf.write(path, wave, audio.SAMPLE_RATE, subtype='FLOAT')
         text = SPEECH_TEXTS[i % len(SPEECH_TEXTS)] if domain == 'speech' else ''
-        clips.append({'id': clip_id, 'path': str(path), 'domain': domain, 'text': text})
-    out = directory / split
-    out.mkdir(parents=True)
-    np.save(
-      out / 'mel.npy', np.asarray(audio.log_mel(jnp.asarray(np.stack(waves)))).astype(np.float16)
-    )
-    np.save(out / 'num_samples.npy', np.array(lengths))
-    np.save(
-      out / 'domain.npy',
-      np.array([('speech', 'audio').index(c['domain']) for c in clips], np.int32),
-    )
-    np.save(
-      out / 'tokens.npy',
-      rng.integers(0, config.model.vocab_size, (len(clips), 1, num_tokens), np.int32),
-    )
-    for domain in ('speech', 'audio'):
-      np.save(
-        out / f'teacher_{domain}.npy', rng.standard_normal((len(clips), 4)).astype(np.float32)
-      )
-    (out / 'clips.json').write_text(json.dumps(clips))
-  meta = {
-    'settings': settings,
-    'domains': ['speech', 'audio'],
-    'teacher_dims': {'speech': 4, 'audio': 4},
-    'num_clips': {s: 2 * n for s, n in counts.items()},
-    'num_tokens': num_tokens,
-    'skipped': [],
-  }
-  (directory / 'meta.json').write_text(json.dumps(meta))
-  (directory / 'COMPLETE').write_text('')
+        tokens = rng.integers(0, config.model.vocab_size, (1, batch_spec.num_tokens))
+        mel = np.asarray(audio.log_mel(jnp.asarray(wave)))
+        record = fake_record(batch_spec, clip_id, d, mel, tokens, length, rng, text)
+        splits[split].append({**record, 'path': str(path)})
+  write_fake_store(config, splits, dims)
 
 
 def tiny_config(root: pathlib.Path):

@@ -202,7 +202,7 @@ def test_features_mode_builds_a_cache_that_training_reads_without_recomputing(tm
     'speech': 384,
     'audio': 384,
   }
-  assert report['this_run']['computed'] == 3 and report['this_run']['clips'] == 12
+  assert report['this_run']['computed'] == 2 and report['this_run']['clips'] == 12  # 2 shards
   result = run_main(
     '--config',
     'configs/default.py',
@@ -213,7 +213,7 @@ def test_features_mode_builds_a_cache_that_training_reads_without_recomputing(tm
     *small,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'data chunks' not in result.stderr  # nothing recomputed
+  assert 'features (decode' not in result.stderr  # nothing recomputed
   assert [r['step'] for r in metric_rows(tmp_path / 'run')] == [1, 2]
 
   # the other modes on this short-trained embedded-default workdir

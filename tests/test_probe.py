@@ -1,6 +1,5 @@
 import csv
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ from flax import nnx
 
 from agrepa_jax import checkpoint, config_base, selection, sharding
 from agrepa_jax import state as state_lib
-from agrepa_jax.data import cache, prepare
+from agrepa_jax.data import spec
 from agrepa_jax.model import BitcHeads, DiT, ModelConfig, RepaHeads
 from agrepa_jax.probe import (
   REFERENCE_SCHEDULE,
@@ -23,6 +22,7 @@ from agrepa_jax.probe import (
 )
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
+from tests.helpers import fake_record, write_fake_store
 
 CFG = ModelConfig(
   num_layers=5,
@@ -298,38 +298,35 @@ def tiny_run_config(tmp_path):
     num_layers=3, width=32, num_heads=4, token_dim=32, vocab_size=11, time_freq_dim=16
   )
   config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.clip_seconds = 0.16  # 16 mel frames
   config.async_checkpointing = False
   config.batch_size = 8
   config.probe.update(num_clips=6, batch_size=4, t_values=(0.3, 0.7), chunk_size=1, top_k=2)
   return config
 
 
-def write_fake_cache(config, num_frames=16, clips_per_split=8):
-  """A complete data cache with random mels, tokens and teacher targets, where `prepare` looks for it."""
-  directory = (
-    pathlib.Path(config.data.cache_dir) / f'cache-{cache.cache_key(prepare.cache_settings(config))}'
-  )
+def write_fake_cache(config, clips_per_split=8):
+  """A finished feature store of random mels, tokens and teacher targets where `prepare` looks."""
   rng = np.random.default_rng(0)
   dims = {'speech': 6, 'audio': 5}
-  for split in cache.SPLITS:
-    out = directory / split
-    out.mkdir(parents=True)
-    domain = np.arange(clips_per_split, dtype=np.int32) % 2
-    np.save(out / 'mel.npy', rng.normal(size=(clips_per_split, num_frames, 100)).astype(np.float16))
-    np.save(out / 'num_samples.npy', rng.integers(1000, num_frames * 256, clips_per_split))
-    np.save(out / 'domain.npy', domain)
-    np.save(out / 'tokens.npy', rng.integers(0, 11, (clips_per_split, 1, 5)).astype(np.int32))
-    for name, dim in dims.items():
-      np.save(
-        out / f'teacher_{name}.npy', rng.normal(size=(clips_per_split, dim)).astype(np.float32)
+  batch_spec = spec.batch_spec(config, dims)
+  frames, tokens = batch_spec.num_frames, batch_spec.num_tokens
+  splits = {
+    split: [
+      fake_record(
+        batch_spec,
+        f'{split}{i}',
+        i % 2,
+        rng.normal(size=(frames, 100)),
+        rng.integers(0, 11, (1, tokens)),
+        rng.integers(1000, frames * 256),
+        rng,
       )
-    (out / 'clips.json').write_text(
-      json.dumps([{'id': f'{split}{i}'} for i in range(clips_per_split)])
-    )
-  (directory / 'meta.json').write_text(
-    json.dumps({'teacher_dims': dims, 'num_clips': {}, 'domains': list(dims)})
-  )
-  (directory / 'COMPLETE').write_text('')
+      for i in range(clips_per_split)
+    ]
+    for split in ('train', 'heldout')
+  }
+  write_fake_store(config, splits, dims)
   return dims
 
 

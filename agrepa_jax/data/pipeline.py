@@ -1,66 +1,144 @@
-"""grain pipelines over a built cache: domain-balanced training batches and held-out batches."""
+"""grain over the feature store: fixed-length crops, domain-balanced training batches, held-out
+batches.
+
+The training stream is a function of the global step alone: position p of an infinite,
+domain-mixed, per-domain reshuffled sequence of records is the same on every host count, global
+batch s holds positions [s·B, (s+1)·B), and host h of P reads its slice of it. The data position
+to checkpoint is therefore just the step (or records consumed = step·B), so a run saved on N hosts
+resumes on M hosts.
+"""
 
 import json
-import pathlib
 
 import grain
 import jax
+import ml_dtypes
 import numpy as np
+from etils import epath
 
-from agrepa_jax.data.cache import read_token_files
+from agrepa_jax import audio
+from agrepa_jax.data import features
+from agrepa_jax.data.spec import BatchSpec
+
+SILENCE = float(audio.normalize(np.log(audio.LOG_FLOOR)))  # the normalized mel of silence
 
 
-class CachedSplit:
-  """Random-access source over one split of the cache; records are dicts of numpy arrays."""
+class FeatureSplit:
+  """Random access to one split of the store; `split[i]` is clip i cropped from its start.
 
-  def __init__(
-    self,
-    directory: pathlib.Path,
-    domains: tuple[str, ...],
-    teacher_frames: bool,
-    token_dir: str | None = None,
-    vocab_size: int = 0,
-  ):
-    load = lambda name: np.load(directory / f'{name}.npy', mmap_mode='r')
-    self.clips = json.loads((directory / 'clips.json').read_text())
-    self.domains = domains
+  Also offers what probe, sample and eval read: `clips` (id, path, text, domain per record),
+  `arrays['domain']` and `indices_of_domain`.
+  """
+
+  def __init__(self, directory: epath.Path, split: str, spec: BatchSpec, domains: tuple[str, ...]):
+    self.directory, self.split, self.spec, self.domains = directory, split, spec, domains
+    manifest = json.loads((directory / features.MANIFEST).read_text())
+    self.shards = [s['name'] for s in manifest['shards'][split] if s['num_records']]
+    sidecars = [json.loads((directory / split / f'{n}.json').read_text()) for n in self.shards]
     self.arrays = {
-      'mel': load('mel'),
-      'num_samples': load('num_samples'),
-      'domain': load('domain'),
-      'tokens': load('tokens'),
+      'domain': np.array([d for s in sidecars for d in s['domain']], np.int32),
+      'num_samples': np.array([n for s in sidecars for n in s['num_samples']], np.int64),
     }
-    if token_dir:
-      tokens = self.arrays['tokens']
-      self.arrays['tokens'] = read_token_files(
-        token_dir, [c['id'] for c in self.clips], *tokens.shape[1:], vocab_size
-      )
-    self.teacher = {d: load(f'teacher_{d}') for d in domains}
-    if teacher_frames and any(
-      not (directory / f'teacher_frames_{d}.npy').exists() for d in domains
-    ):
-      raise FileNotFoundError(
-        f'{directory}: no teacher frame features; rebuild with data.teacher_frames=True'
-      )
-    self.teacher_frames = (
-      {d: load(f'teacher_frames_{d}') for d in domains} if teacher_frames else None
-    )
+    paths = [str(directory / split / f'{n}.array_record') for n in self.shards]
+    self.source = grain.sources.ArrayRecordDataSource(paths) if paths else None
+    self._clips = None
 
   def __len__(self):
-    return len(self.clips)
+    return len(self.arrays['domain'])
 
-  def __getitem__(self, index):
-    record = {k: np.asarray(v[index]) for k, v in self.arrays.items()}
-    record['mel'] = record['mel'].astype(np.float32)
-    record['teacher'] = {d: np.asarray(v[index]) for d, v in self.teacher.items()}
-    if self.teacher_frames is not None:
-      record['teacher_frames'] = {
-        d: np.asarray(v[index], np.float32) for d, v in self.teacher_frames.items()
-      }
-    return record
+  def record(self, index: int) -> dict:
+    """The stored record of clip `index` (native length)."""
+    return features.decode_record(self.source[int(index)])
+
+  def __getitem__(self, index) -> dict:
+    """Clip `index` as a batch row cropped from its start, mel in float32 (for probe and eval)."""
+    row = crop_record(self.record(index), self.spec, self.domains, start_token=0)
+    return {**row, 'mel': row['mel'].astype(np.float32)}
+
+  @property
+  def clips(self) -> list[dict]:
+    """{'id', 'path', 'text', 'domain'} of every record, read from the sidecars on first use."""
+    if self._clips is None:
+      self._clips = []
+      for name in self.shards:
+        sidecar = json.loads((self.directory / self.split / f'{name}.json').read_text())
+        self._clips += [
+          {'id': i, 'path': p, 'text': t, 'domain': self.domains[d]}
+          for i, p, t, d in zip(
+            sidecar['ids'], sidecar['paths'], sidecar['texts'], sidecar['domain']
+          )
+        ]
+    return self._clips
 
   def indices_of_domain(self, d: int) -> np.ndarray:
-    return np.flatnonzero(np.asarray(self.arrays['domain']) == d)
+    return np.flatnonzero(self.arrays['domain'] == d)
+
+
+def fit_rows(x: np.ndarray, rows: int, fill: float = 0) -> np.ndarray:
+  """Crops or pads the first axis of x to `rows` rows (padding with `fill`)."""
+  x = x[:rows]
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)])
+
+
+def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dict:
+  """One batch row of `spec` from a stored record, starting `start_token` tokens in.
+
+  The crop starts on the token grid (time start_token / token_rate), so the mel frames, teacher
+  frames and tokens it keeps cover the same audio; past the clip's end mel is silence, tokens and
+  teacher frames are zero, and num_samples counts only the audio inside the crop.
+  """
+  start_seconds = start_token / spec.token_rate
+  start_frame = round(start_seconds * audio.SAMPLE_RATE / audio.HOP_LENGTH)
+  start_sample = round(start_seconds * audio.SAMPLE_RATE)
+  own = domains[int(record['domain'])]
+  mel = np.asarray(record['mel'], ml_dtypes.bfloat16)[start_frame:]
+  tokens = np.asarray(record['tokens'], np.int32)[:, start_token:]
+  out = {
+    'mel': fit_rows(mel, spec.num_frames, SILENCE),
+    'num_samples': np.int32(
+      np.clip(int(record['num_samples']) - start_sample, 0, spec.num_samples)
+    ),
+    'domain': np.int32(record['domain']),
+    'tokens': fit_rows(tokens.T, spec.num_tokens).T,
+    'teacher': {
+      d: np.asarray(record['teacher'], np.float32)
+      if d == own
+      else np.zeros(spec.teacher_dims[d], np.float32)
+      for d in domains
+    },
+  }
+  if spec.teacher_frames is not None:
+    if 'teacher_frames' not in record:
+      raise ValueError(
+        'the feature store holds no teacher frames; rebuild with data.teacher_frames=True'
+      )
+    out['teacher_frames'] = {}
+    for d in domains:
+      frames = np.zeros((spec.teacher_frames[d], spec.teacher_dims[d]), np.float32)
+      if d == own:
+        first = round(start_seconds * spec.teacher_rates[d])
+        frames = fit_rows(np.asarray(record['teacher_frames'], np.float32)[first:], len(frames))
+      out['teacher_frames'][d] = frames
+  return out
+
+
+def random_start_token(num_samples: int, spec: BatchSpec, rng: np.random.Generator) -> int:
+  """A uniform crop start on the token grid that keeps the crop inside the clip where possible."""
+  extra_seconds = (num_samples - spec.num_samples) / audio.SAMPLE_RATE
+  last = int(np.floor(max(extra_seconds, 0.0) * spec.token_rate))
+  return int(rng.integers(0, last + 1))
+
+
+def to_row(record: dict, source: FeatureSplit, crop: str, rng: np.random.Generator) -> dict:
+  if crop == 'random':
+    start = random_start_token(int(record['num_samples']), source.spec, rng)
+  elif crop == 'start':
+    start = 0
+  else:
+    raise ValueError(f"data.crop={crop!r}: expected 'random' or 'start'")
+  return crop_record(record, source.spec, source.domains, start)
 
 
 def host_batch_size(global_batch_size: int) -> int:
@@ -72,32 +150,57 @@ def host_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def training_dataset(
-  source: CachedSplit, global_batch_size: int, seed: int, domain_weights=None
-) -> grain.IterDataset:
-  """Infinite, deterministic, domain-balanced batches for this host.
-
-  Each domain is reshuffled every epoch of its own; domains are mixed by `domain_weights`
-  (default equal, the paper's 1:1 LibriSpeech:AudioSet sampler); hosts take interleaved slices of
-  the mixed stream. Checkpoint the returned iterator's state to resume at the same position.
-  """
-  per_domain = []
+def mixed_records(source, seed: int, domain_weights=None) -> grain.MapDataset:
+  """The infinite global record stream: each domain reshuffled every epoch of its own, domains
+  mixed by `domain_weights` (default equal: the paper's 1:1 LibriSpeech:AudioSet sampler)."""
   present = [d for d in range(len(source.domains)) if len(source.indices_of_domain(d))]
-  for d in present:
-    indices = source.indices_of_domain(d)
-    per_domain.append(
-      grain.MapDataset.source(indices).shuffle(seed=seed + d).repeat().map(source.__getitem__)
-    )
+  per_domain = [
+    grain.MapDataset.source(source.indices_of_domain(d)).shuffle(seed=seed + d).repeat()
+    for d in present
+  ]
   weights = None if domain_weights is None else [domain_weights[d] for d in present]
-  mixed = per_domain[0] if len(per_domain) == 1 else grain.MapDataset.mix(per_domain, weights)
-  mixed = mixed.slice(slice(jax.process_index(), None, jax.process_count()))
-  return mixed.batch(host_batch_size(global_batch_size), drop_remainder=True).to_iter_dataset()
+  return per_domain[0] if len(per_domain) == 1 else grain.MapDataset.mix(per_domain, weights)
+
+
+def training_dataset(
+  source,
+  global_batch_size: int,
+  seed: int,
+  domain_weights=None,
+  start_step: int = 0,
+  crop: str = 'random',
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
+  """This host's training batches from global step `start_step` on.
+
+  crop: random (a uniform crop start per clip and epoch, drawn from the record's global position)
+  or start (every crop from the clip's start). num_workers > 0 reads in that many worker processes
+  with small bounded buffers. process_index/count default to jax's (tests simulate hosts).
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  per_host = global_batch_size // count
+  records = mixed_records(source, seed, domain_weights).map(source.record)
+  if source.spec is not None:  # stored records -> batch rows of the spec
+    records = records.random_map(lambda r, rng: to_row(r, source, crop, rng), seed=seed)
+  batches = records.batch(per_host, drop_remainder=True)
+  batches = batches.slice(slice(start_step * count + index, None, count))
+  dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  if num_workers:
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=1)
+    )
+  return dataset
 
 
 def evaluation_batches(
-  source: CachedSplit, global_batch_size: int, max_batches: int | None = None
+  source: FeatureSplit, global_batch_size: int, max_batches: int | None = None
 ) -> list:
   """Fixed held-out batches for this host: the split in order, wrapped to fill the last batch."""
+  if not len(source):
+    return []
   per_host = host_batch_size(global_batch_size)
   num_batches = -(-len(source) // global_batch_size)
   if max_batches:

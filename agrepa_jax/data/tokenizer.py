@@ -4,6 +4,8 @@ A second codebook, when asked for, quantizes the residual of the first (residual
 dual-codebook model has two complementary streams as in the paper's dual setting.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
@@ -43,17 +45,23 @@ def fit_codebooks(
   return codebooks
 
 
+@jax.jit
+def _nearest(residual: jax.Array, centroids: jax.Array) -> jax.Array:
+  distances = (
+    jnp.square(residual).sum(1, keepdims=True)
+    - 2 * residual @ centroids.T
+    + jnp.square(centroids).sum(1)[None]
+  )
+  return distances.argmin(1)
+
+
 def assign_tokens(features: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarray:
-  """(..., C) features -> (K, ...) int32 unit indices, one row per codebook."""
-  flat = features.reshape(-1, features.shape[-1]).astype(np.float32)
+  """(..., C) features -> (K, ...) int32 unit indices, one row per codebook (on the accelerator)."""
+  flat = jnp.asarray(features.reshape(-1, features.shape[-1]), jnp.float32)
   rows, residual = [], flat
   for centroids in codebooks:
-    distances = (
-      np.square(residual).sum(1, keepdims=True)
-      - 2 * residual @ centroids.T
-      + np.square(centroids).sum(1)[None]
-    )
-    index = distances.argmin(1)
-    rows.append(index.reshape(features.shape[:-1]).astype(np.int32))
+    centroids = jnp.asarray(centroids, jnp.float32)
+    index = _nearest(residual, centroids)
+    rows.append(np.asarray(index).reshape(features.shape[:-1]).astype(np.int32))
     residual = residual - centroids[index]
   return np.stack(rows)

@@ -7,7 +7,7 @@ first frames (config.sample), and vocode with config.vocoder (Griffin-Lim withou
 Metric choices (run_eval):
 - Embeddings for FAD are utterance means of frozen-teacher features over the frames that hold audio,
   computed from 24 kHz audio resampled to the teacher's rate — the same recipe as the training
-  targets (data.cache.teacher_features).
+  targets (data.features.teacher_features).
 - 'fad' compares generated audio with the real mels vocoded by the same vocoder (resynthesis), so
   that vocoder artefacts appear on both sides; 'fad_original' compares with the clips' original
   audio (decoded from their paths, when they can be). 'fad_inf' is FAD∞ against the resynthesis.
@@ -38,7 +38,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from agrepa_jax import audio, checkpoint, metrics, teachers  # noqa: E402
-from agrepa_jax.data import cache  # noqa: E402
+from agrepa_jax.data import features  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
 SAMPLES_DIR = 'samples'
@@ -211,10 +211,10 @@ def utterance_embeddings(
   teacher: teachers.Teacher, waves: np.ndarray, num_samples: np.ndarray, batch_size: int
 ) -> np.ndarray:
   """Utterance-mean teacher features of 24 kHz audio, computed as the training targets are."""
-  mesh = cache.feature_mesh()
+  mesh = features.feature_mesh()
   return np.concatenate(
     [
-      cache.teacher_features(teacher, waves[s], num_samples[s], mesh)[0]
+      features.teacher_features(teacher, waves[s], num_samples[s], mesh)[0]
       for s in batch_slices(len(waves), batch_size)
     ]
   )

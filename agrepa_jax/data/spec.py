@@ -1,0 +1,93 @@
+"""The one specification of a batch: every key's shape and dtype, derived from the config.
+
+aot compiles against it, the reader crops and pads records into it, and the test fakes write
+records that fit it, so the layout is written down once:
+
+  mel (B, T, n_mels) bf16 (the loss casts it to float32 on the device), T = frames of clip_seconds
+  at 24 kHz; num_samples (B,) int32 (24 kHz samples of real audio in the crop); domain (B,) int32;
+  tokens (B, K, N) int32, N = round(clip_seconds · token_rate); teacher {domain: (B, C_d)
+  float32}; with teacher frames, teacher_frames {domain: (B, F_d, C_d) float32},
+  F_d = round(clip_seconds · fps_d).
+"""
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from agrepa_jax import audio
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """Shapes (without the batch axis) of one clip of a batch."""
+
+  num_frames: int  # T: mel frames of a crop
+  n_mels: int
+  num_samples: int  # 24 kHz samples of a crop
+  num_codebooks: int  # K
+  num_tokens: int  # N: tokens of a crop
+  token_rate: float  # tokens per second
+  teacher_dims: dict  # {domain: C_d}
+  teacher_frames: dict | None  # {domain: F_d} frames per crop, or None (utterance targets only)
+  teacher_rates: dict  # {domain: teacher frames per second}
+
+  @property
+  def domains(self) -> tuple[str, ...]:
+    return tuple(self.teacher_dims)
+
+  def shapes(self, batch_size: int) -> dict:
+    """{key: (shape, dtype)} of a batch of `batch_size` clips, nested like the batch."""
+    b = batch_size
+    out = {
+      'mel': ((b, self.num_frames, self.n_mels), ml_dtypes.bfloat16),  # cast on the device
+      'num_samples': ((b,), np.int32),
+      'domain': ((b,), np.int32),
+      'tokens': ((b, self.num_codebooks, self.num_tokens), np.int32),
+      'teacher': {d: ((b, c), np.float32) for d, c in self.teacher_dims.items()},
+    }
+    if self.teacher_frames is not None:
+      out['teacher_frames'] = {
+        d: ((b, self.teacher_frames[d], c), np.float32) for d, c in self.teacher_dims.items()
+      }
+    return out
+
+
+def crop_samples(seconds: float) -> int:
+  return round(seconds * audio.SAMPLE_RATE)
+
+
+def token_count(seconds: float, token_rate: float) -> int:
+  """Tokens of `seconds` of audio at `token_rate` per second (at least one)."""
+  return max(1, round(seconds * token_rate))
+
+
+def batch_spec(config, teacher_dims: dict) -> BatchSpec:
+  """The batch layout of `config` with teacher widths {domain: C_d}."""
+  from agrepa_jax import teachers
+
+  data = config.data
+  samples = crop_samples(data.clip_seconds)
+  rates = {d: teachers.frames_per_second(config.teachers[d].name) for d in data.domains}
+  frames = data.teacher_frames
+  return BatchSpec(
+    num_frames=audio.num_frames(samples),
+    n_mels=config.model.n_mels,
+    num_samples=samples,
+    num_codebooks=config.model.num_codebooks,
+    num_tokens=token_count(data.clip_seconds, data.token_rate),
+    token_rate=float(data.token_rate),
+    teacher_dims={d: int(teacher_dims[d]) for d in data.domains},
+    teacher_frames={d: round(data.clip_seconds * r) for d, r in rates.items()} if frames else None,
+    teacher_rates=rates,
+  )
+
+
+def zeros(spec: BatchSpec, batch_size: int) -> dict:
+  """An all-zero batch of the spec (numpy)."""
+  return map_shapes(lambda shape, dtype: np.zeros(shape, dtype), spec.shapes(batch_size))
+
+
+def map_shapes(fn, shapes: dict) -> dict:
+  """Applies fn(shape, dtype) to every leaf of a `BatchSpec.shapes` tree."""
+  return {k: map_shapes(fn, v) if isinstance(v, dict) else fn(*v) for k, v in shapes.items()}
