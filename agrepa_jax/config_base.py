@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     step=-1,  # checkpoint to sample; -1 = the latest
     num_points=32,  # time points of the Euler grid (num_points − 1 steps, 2 passes each)
     sway=-1.0,  # sway coefficient s; 0 = uniform grid, −1 = the paper's
-    cfg_weight=3.0,  # classifier-free guidance weight w; 0 = conditional velocity only
+    cfg_weight=3.0,  # classifier-free guidance weight w
+    cfg_form='official',  # official: v_u + w·(v_c − v_u) | f5 (F5-TTS): v_c + w·(v_c − v_u)
     prompt_seconds=0.5,  # reference prompt: each clip's own first seconds of mel
     prompt_fraction=0.0,  # > 0: the prompt is this fraction of the clip's audio frames instead
     seed=0,  # noise of batch b is drawn from fold_in(key(seed), b)

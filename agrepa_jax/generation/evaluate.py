@@ -1,5 +1,5 @@
-"""The sample and eval modes: generate held-out clips from a trained workdir, write a listening page,
-and score the generations.
+"""The sample and eval modes: generate held-out clips from a trained workdir, write a listening
+page, and score the generations.
 
 Both modes generate each held-out clip from its own tokens and a reference prompt cut from its own
 first frames (config.sample), and vocode with config.vocoder (Griffin-Lim without a checkpoint).
@@ -117,6 +117,7 @@ def generate(
       num_points=sample_cfg.num_points,
       sway=sample_cfg.sway,
       cfg_weight=sample_cfg.cfg_weight,
+      cfg_form=sample_cfg.cfg_form,
       noise_std=noise_std,
       mesh=run.mesh,
     )
@@ -307,13 +308,22 @@ def restore(config, workdir: pathlib.Path, step: int) -> checkpoint.TrainedRun:
 
 
 def sampler_settings(config) -> dict:
-  keys = ('num_points', 'sway', 'cfg_weight', 'prompt_seconds', 'prompt_fraction', 'seed')
+  keys = (
+    'num_points',
+    'sway',
+    'cfg_weight',
+    'cfg_form',
+    'prompt_seconds',
+    'prompt_fraction',
+    'seed',
+  )
   return {**{k: config.sample[k] for k in keys}, 'noise_std': config.flow.noise_std}
 
 
 def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
-  """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated', real_kind
-  (the real mel through the same vocoder), and 'original' when the clips' files decode}."""
+  """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated',
+  real_kind (the real mel through the same vocoder), and 'original' when the clips' files
+  decode}."""
   generation = generate(run, rows, config.sample, config.flow.noise_std)
   vocoder = open_vocoder(config.vocoder.checkpoint)
   clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
