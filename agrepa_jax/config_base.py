@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     lasp_t=0.5,  # t of the hidden states the storage probes read
     ridge_alpha=1.0,  # L2 penalty of the ridge storage probe
     ridge_fit_fraction=0.5,  # share of each domain's clips the ridge probe is fitted on
+    storage_measure='centered',  # LASP score SCD ranks: centered (training mean removed) | cosine
   )
   config.sample = _section(
     step=-1,  # checkpoint to sample; -1 = the latest

@@ -142,6 +142,26 @@ def test_select_clips_takes_domains_in_turn_or_the_listed_ids(tmp_path):
     evaluate.select_clips(source, 5, str(listing))
 
 
+def test_mel_color_range_covers_loud_clips_and_is_shared():
+  quiet = np.zeros((10, 4))
+  loud = np.full((10, 4), 6.0)
+  loud[:, 0] = 2.0
+  loud[8:] = 50.0  # frames past the audio do not count
+  low, high = evaluate.mel_color_range(quiet, loud, audio_frames=8)
+  assert low == pytest.approx(0.0) and high == pytest.approx(6.0)
+
+
+def test_captions_are_transcripts_or_class_labels(tmp_path):
+  (tmp_path / 'manifest.jsonl').write_text(json.dumps({'id': 'a1', 'labels': ['rain', 'bell']}))
+  clips = [
+    {'id': 's1', 'domain': 'speech', 'text': 'hello', 'path': ''},
+    {'id': 'a1', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a1.wav')},
+    {'id': 'a2', 'domain': 'audio', 'text': '', 'path': '', 'labels': ['dog']},
+    {'id': 'a3', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a3.wav')},
+  ]
+  assert evaluate.clip_captions(clips) == ['hello', 'label: rain, bell', 'label: dog', '']
+
+
 def test_mel_l1_scores_only_audio_frames_after_the_prompt():
   real = np.zeros((2, 6, 3), np.float32)
   generated = np.arange(6, dtype=np.float32)[None, :, None] * np.ones((2, 6, 3), np.float32)
@@ -242,6 +262,10 @@ def write_fake_cache(config, root: pathlib.Path):
         out / f'teacher_{domain}.npy', rng.standard_normal((len(clips), 4)).astype(np.float32)
       )
     (out / 'clips.json').write_text(json.dumps(clips))
+  manifest = [
+    {'id': c['id'], 'labels': ['siren', 'dog_bark']} for c in clips if c['domain'] == 'audio'
+  ]
+  (root / 'clips' / 'manifest.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in manifest))
   meta = {
     'settings': settings,
     'domains': ['speech', 'audio'],
@@ -308,6 +332,7 @@ def test_run_sample_writes_wavs_spectrograms_and_a_listening_page(trained):
       assert f'src="{clip_id}_{kind}.wav"' in page
     assert (out / f'{clip_id}.png').read_bytes()[:4] == b'\x89PNG'
   assert 'hello there world' in page  # transcripts shown
+  assert 'label: siren, dog_bark' in page  # and the audio clips' class labels
   assert sorted(p.name for p in out.iterdir()) == sorted(
     ['index.html']
     + [
