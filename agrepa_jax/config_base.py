@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     heldout_fraction=0.1,  # share of clips held out (by a hash of the clip id)
     token_rate=25.0,  # tokens per second of the built-in tokenizer
     seed=0,  # data order, tokenizer and embedded corpus
+    order_seed=-1,  # training data order only; -1 = data.seed (compare.py: one per seed)
     chunk_size=64,  # clips per cache chunk: the unit of resuming and of teacher batches
     teacher_frames=False,  # also cache teacher frame features (repa.granularity='frame')
   )

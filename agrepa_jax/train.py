@@ -94,7 +94,10 @@ def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
   teacher_dims = tuple(meta['teacher_dims'][d] for d in domains)
   data_iterator = iter(
     pipeline.training_dataset(
-      train_source, config.batch_size, config.data.seed, tuple(config.data.domain_weights)
+      train_source,
+      config.batch_size,
+      config.data.order_seed if config.data.order_seed >= 0 else config.data.seed,
+      tuple(config.data.domain_weights),
     )
   )
   eval_batches = pipeline.evaluation_batches(heldout_source, config.batch_size, config.eval_batches)
