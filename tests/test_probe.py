@@ -303,6 +303,15 @@ def test_head_scores_apply_the_trained_heads_and_the_bitc_quirk():
     )
 
 
+def test_lasp_quirk_reads_the_clean_mel_whatever_the_noise():
+  dit, batch = make_dit(), make_batch()
+  pooled = lambda seed, clean: lasp.pooled_hidden(
+    dit, batch, 0.8, jax.random.key(seed), batch_size=4, clean_input=clean
+  )
+  np.testing.assert_allclose(pooled(0, True), pooled(1, True), rtol=1e-6)
+  assert np.abs(pooled(0, False) - pooled(1, False)).max() > 1e-3
+
+
 class FakeSplit:
   def __init__(self, domain, teacher):
     self.domain, self.teacher = np.asarray(domain), teacher

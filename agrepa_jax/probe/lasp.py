@@ -15,7 +15,7 @@ The probes:
   probe, on the L2-normalized pooled state. It was trained on the time-mean of the token embedding
   e, so it reads hidden states only when model.width == model.token_dim (as in the paper's and the
   default configs); otherwise it is left out. The reference code's quirk (repa.quirks) skips the
-  LayerNorm and flips the sign: −Linear(h).
+  LayerNorm and flips the sign: −Linear(h); its LASP also reads the clean mel labelled t = 0.8.
 - 'repa': the trained REPA head (ℓ, d) of `model.repa_heads`, the hidden-side head. Only the pairs
   trained with λ_ℓ,d > 0 have learnt anything; for the others it is an untrained head.
 - 'ridge': ridge regression on the L2-normalized features, fitted per layer and domain on the first
@@ -34,10 +34,10 @@ from agrepa_jax.model import AgRepaModel, DiT
 from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inputs
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
-def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction', 'clean_input'))
+def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction, clean_input):
   _, extras = nnx.merge(graphdef, state)(
-    **model_inputs(batch, t, noise, prompt_fraction), hidden='utterance'
+    **model_inputs(batch, t, noise, prompt_fraction, clean_input), hidden='utterance'
   )
   return extras['hidden']
 
@@ -51,9 +51,10 @@ def pooled_hidden(
   prompt_fraction: float = 0.15,
   batch_size: int = 16,
   noise_std: float = NOISE_STD,
+  clean_input: bool = False,
 ) -> np.ndarray:
   """(L, N, width) time-pooled hidden states of the probe set at one t (noise of the probe key
-  `key`)."""
+  `key`; with `clean_input`, the clean mel labelled t, the reference code's quirk)."""
   graphdef, state = nnx.split(dit)
   num_clips = len(batch['domain'])
   noise = clip_noise(key, num_clips, batch['mel'].shape[1:], noise_std)
@@ -70,6 +71,7 @@ def pooled_hidden(
           noise[rows],
           graphdef=graphdef,
           prompt_fraction=prompt_fraction,
+          clean_input=clean_input,
         )
       )
     )
@@ -196,11 +198,12 @@ def storage_scores(
   fit_fraction: float = 0.5,
   ridge_alpha: float = 1.0,
   noise_std: float = NOISE_STD,
-  bitc_quirk: bool = False,
+  quirks: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
   """{measure: {'bitc': (L, D) when width == token_dim, 'repa': (L, D), 'ridge': (L, D)}} storage
   scores of the stacked probe set `batch`; teacher_means: per domain the training split's (C_d,)
-  mean target (`training_teacher_means`)."""
+  mean target (`training_teacher_means`). `quirks`: the reference code's LASP (clean mel input,
+  BiT-C probe −Linear(h))."""
   pooled = pooled_hidden(
     model.backbone,
     batch,
@@ -209,13 +212,14 @@ def storage_scores(
     prompt_fraction=prompt_fraction,
     batch_size=batch_size,
     noise_std=noise_std,
+    clean_input=quirks,
   )
   targets = [np.asarray(batch['teacher'][d], np.float32) for d in domains]
   clip_domains = np.asarray(batch['domain'])
   by_probe = {}
   if model.backbone.cfg.width == model.backbone.cfg.token_dim:
     by_probe['bitc'] = bitc_head_scores(
-      model.bitc_heads, pooled, targets, clip_domains, teacher_means, quirk=bitc_quirk
+      model.bitc_heads, pooled, targets, clip_domains, teacher_means, quirk=quirks
     )
   by_probe['repa'] = repa_head_scores(
     model.repa_heads, pooled, targets, clip_domains, teacher_means

@@ -90,6 +90,11 @@ def plot_storage_vs_contribution(
   plt.close(figure)
 
 
+def lasp_time(config, schedule) -> float:
+  """probe.lasp_t, or the reference schedule's single t (0.8) under repa.quirks."""
+  return schedule.t_values[0] if config.repa.quirks else config.probe.lasp_t
+
+
 def run_probe(config, workdir: pathlib.Path) -> dict:
   """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes
   workdir/probe/."""
@@ -129,19 +134,20 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   eligible = probed_layers(table.shape[0], schedule)
   table[~eligible] = 0.0
   contribution = selection.layer_scores(table, schedule.t_values, probe.selection_t)
+  lasp_t = lasp_time(config, schedule)
   storage = lasp.storage_scores(
     run.model,
     batch,
     domains,
     key,
     lasp.training_teacher_means(run.train_source, domains),
-    t=probe.lasp_t,
+    t=lasp_t,
     prompt_fraction=probe.prompt_fraction,
     batch_size=probe.batch_size,
     fit_fraction=probe.ridge_fit_fraction,
     ridge_alpha=probe.ridge_alpha,
     noise_std=config.flow.noise_std,
-    bitc_quirk=config.repa.quirks,
+    quirks=config.repa.quirks,
   )
   dissociation = {
     kind: scd.scd_report(scores, contribution, domains, probe.top_k, eligible)
@@ -162,6 +168,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
     'clips_per_domain': counts,
     'contribution': contribution,
     'storage': storage,
+    'lasp_t': lasp_t,
     'scd': dissociation,
     'selection': chosen,
   }
@@ -209,7 +216,7 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
       {
         **settings,
         'clips_per_domain': clips,
-        'lasp_t': probe.lasp_t,
+        'lasp_t': results['lasp_t'],
         'storage_measure': probe.storage_measure,
         'probes': results['scd'],
       },
