@@ -27,7 +27,7 @@ matplotlib.use('Agg')
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import checkpoint, config_base, metrics, selection, train  # noqa: E402
+from agrepa_jax import config_base, metrics, selection, train  # noqa: E402
 from agrepa_jax.data import cache  # noqa: E402
 
 PHASE_ONE = 'none'
@@ -86,8 +86,9 @@ def seed_config(config, index: int):
   return config
 
 
-def run_compare(config, workdir: pathlib.Path) -> dict:
-  """Runs (or resumes) every seed's workflow in `workdir` and writes the comparison files.
+def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) every seed's workflow in `workdir` and writes the comparison files;
+  `allow_config_change` is passed to every run (train.train_and_evaluate).
 
   Returns {'runs': one row per (seed, variant), 'summary': one row per (variant, metric)}.
   """
@@ -96,7 +97,7 @@ def run_compare(config, workdir: pathlib.Path) -> dict:
   for index in range(config.compare.num_seeds):
     seeded = seed_config(config, index)
     logging.info('compare: seed %d (%d of %d)', seeded.seed, index + 1, config.compare.num_seeds)
-    runs += run_seed(seeded, workdir / f'seed{seeded.seed}')
+    runs += run_seed(seeded, workdir / f'seed{seeded.seed}', allow_config_change)
   summary = summarize(runs, tuple(config.compare.variants))
   if jax.process_index() == 0:
     write_csv(workdir / 'compare_runs.csv', RUN_COLUMNS, runs)
@@ -106,13 +107,12 @@ def run_compare(config, workdir: pathlib.Path) -> dict:
   return {'runs': runs, 'summary': summary}
 
 
-def run_seed(config, workdir: pathlib.Path) -> list[dict]:
+def run_seed(config, workdir: pathlib.Path, allow_config_change: bool = False) -> list[dict]:
   """Phase I, its probe and the Phase II variants of one seed; one row per variant."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
   phase_one = config_base.variant_config(config, PHASE_ONE)
-  checkpoint.write_config(phase_one, workdirs[PHASE_ONE])
-  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE])
+  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE], allow_config_change)
   selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
   if not selection_file.exists():
     from agrepa_jax.probe import report
@@ -125,8 +125,7 @@ def run_seed(config, workdir: pathlib.Path) -> list[dict]:
     logging.info('compare: Phase II variant %s', variant)
     workdirs[variant] = workdir / variant.replace(':', '')
     variant_cfg = config_base.variant_config(config, variant, str(selection_file))
-    checkpoint.write_config(variant_cfg, workdirs[variant])
-    train.train_and_evaluate(variant_cfg, workdirs[variant])
+    train.train_and_evaluate(variant_cfg, workdirs[variant], allow_config_change)
   if config.compare.eval_clips:
     for variant, variant_dir in workdirs.items():
       evaluate_variant(
