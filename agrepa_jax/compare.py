@@ -1,18 +1,27 @@
-"""Probe-then-intervene on one command: Phase I baseline, FoG-A probe, Phase II variants, comparison.
+"""Probe-then-intervene over seeds: Phase I baseline, FoG-A probe, Phase II variants, comparison.
 
-Every variant starts from the same initialization and sees the same data order (both follow the
-seeds), trains for the same number of steps, and differs only in its REPA selection:
-  none         no hidden-state alignment (BiT-C only) — the Phase I run itself
+For each of compare.num_seeds seeds (config.seed + i) the whole workflow runs once: every variant
+of that seed starts from the same initialization and sees the same data order (both follow the
+seed; data.order_seed), trains for the same number of steps, and differs only in its REPA
+selection:
+  none         no hidden-state alignment (BiT-C only): the Phase I run itself
   fixed:<l>    REPA on layer l (1-based) in every domain, λ = compare.fixed_lambda
-  fog_a      AG-REPA: the layers and λ that the probe of Phase I selected
+  fog_a        AG-REPA: the layers and λ that the probe of this seed's Phase I selected
+Outputs in DIR: seed<s>/<variant>/ (the runs), compare_runs.csv (one row per run), compare.csv
+(per variant and metric the mean ± std over seeds and the paired differences against no REPA and
+against the best fixed layer, with 95% t intervals), compare_curves.png and compare.html.
 """
 
 import csv
+import html
 import json
 import logging
+import math
 import pathlib
 
 import matplotlib
+import numpy as np
+from scipy import stats
 
 matplotlib.use('Agg')
 import jax  # noqa: E402
@@ -22,6 +31,41 @@ from agrepa_jax import config_base, metrics, selection, train  # noqa: E402
 from agrepa_jax.data import features  # noqa: E402
 
 PHASE_ONE = 'none'
+# Metrics compared across variants; lower is better for each.
+METRICS = {
+  'final_eval_loss_fm': 'held-out FM loss (final)',
+  'fad': 'FAD (generated vs resynthesized, all clips)',
+  'wer': 'WER of generated speech',
+}
+CONFIDENCE = 0.95
+RUN_COLUMNS = (
+  'variant',
+  'seed',
+  'layers',
+  'lambdas',
+  'final_eval_loss_fm',
+  'fad',
+  'wer',
+  'wer_real',
+  'mel_l1',
+  'eval_loss_fm_curve',
+  'workdir',
+)
+SUMMARY_COLUMNS = (
+  'variant',
+  'metric',
+  'seeds',
+  'mean',
+  'std',
+  'vs_none',
+  'vs_none_low',
+  'vs_none_high',
+  'best_fixed',
+  'vs_best_fixed',
+  'vs_best_fixed_low',
+  'vs_best_fixed_high',
+  'per_seed',
+)
 
 
 def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
@@ -32,8 +76,39 @@ def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
   ]
 
 
-def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False) -> list[dict]:
-  """Runs (or resumes) the whole workflow in `workdir`; writes compare.csv and compare_curves.png."""
+def seed_config(config, index: int):
+  """`config` for the index-th seed: initialization, per-step draws and data order all move."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.seed = config.seed + index
+  config.data.order_seed = config.seed
+  config.lock()
+  return config
+
+
+def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) every seed's workflow in `workdir` and writes the comparison files;
+  `allow_config_change` is passed to every run (train.train_and_evaluate).
+
+  Returns {'runs': one row per (seed, variant), 'summary': one row per (variant, metric)}.
+  """
+  workdir = pathlib.Path(workdir)
+  runs = []
+  for index in range(config.compare.num_seeds):
+    seeded = seed_config(config, index)
+    logging.info('compare: seed %d (%d of %d)', seeded.seed, index + 1, config.compare.num_seeds)
+    runs += run_seed(seeded, workdir / f'seed{seeded.seed}', allow_config_change)
+  summary = summarize(runs, tuple(config.compare.variants))
+  if jax.process_index() == 0:
+    write_csv(workdir / 'compare_runs.csv', RUN_COLUMNS, runs)
+    write_csv(workdir / 'compare.csv', SUMMARY_COLUMNS, summary)
+    plot_curves(runs, tuple(config.compare.variants), workdir / 'compare_curves.png')
+    (workdir / 'compare.html').write_text(report_html(runs, summary, workdir))
+  return {'runs': runs, 'summary': summary}
+
+
+def run_seed(config, workdir: pathlib.Path, allow_config_change: bool = False) -> list[dict]:
+  """Phase I, its probe and the Phase II variants of one seed; one row per variant."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
   phase_one = config_base.variant_config(config, PHASE_ONE)
@@ -43,7 +118,9 @@ def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False
     from agrepa_jax.probe import report
 
     report.run_probe(phase_one, workdirs[PHASE_ONE])
-    features.sync_processes('probe-written')  # process 0 wrote selection.json; every process reads it
+    features.sync_processes(
+      'probe-written'
+    )  # process 0 wrote selection.json; every process reads it
   for variant in config.compare.variants:
     if variant == PHASE_ONE:
       continue
@@ -58,10 +135,10 @@ def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False
         variant_dir,
         config.compare.eval_clips,
       )
-  rows = [comparison_row(variant, workdirs[variant]) for variant in config.compare.variants]
-  if jax.process_index() == 0:
-    write_comparison(rows, workdir)
-  return rows
+  return [
+    comparison_row(variant, workdirs[variant]) | {'seed': config.seed}
+    for variant in config.compare.variants
+  ]
 
 
 def evaluate_variant(config, workdir: pathlib.Path, num_clips: int):
@@ -77,25 +154,23 @@ def evaluate_variant(config, workdir: pathlib.Path, num_clips: int):
 
 
 def eval_metrics(workdir: pathlib.Path) -> dict:
-  """fad (first embedding, all clips), wer of generated and of the original speech, mel_l1, from eval.json."""
+  """fad (first embedding, all clips), wer of generated and of the original speech, mel_l1, from
+  eval.json; NaN for each when the variant was not evaluated."""
+  nan = float('nan')
   if not (workdir / 'eval.json').exists():
-    return {}
+    return {'fad': nan, 'wer': nan, 'wer_real': nan, 'mel_l1': nan}
   scores = json.loads((workdir / 'eval.json').read_text())['metrics']
   fad = sorted(k for k in scores if k.startswith('fad/') and k.endswith('/all'))
   return {
-    'fad': scores[fad[0]] if fad else float('nan'),
-    'wer': scores.get('wer/generated', float('nan')),
-    'wer_real': scores.get('wer/original', float('nan')),
-    'mel_l1': scores.get('mel_l1/all', float('nan')),
+    'fad': scores[fad[0]] if fad else nan,
+    'wer': scores.get('wer/generated', nan),
+    'wer_real': scores.get('wer/original', nan),
+    'mel_l1': scores.get('mel_l1/all', nan),
   }
 
 
 def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
-  run_config = (
-    json.loads((workdir / 'config.json').read_text())
-    if (workdir / 'config.json').exists()
-    else None
-  )
+  run_config = json.loads((workdir / 'config.json').read_text())
   lambdas = {}
   if variant == 'fog_a':
     lambdas = selection.read_selection(pathlib.Path(run_config['repa']['selection_file']))
@@ -120,33 +195,170 @@ def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
   }
 
 
-def write_comparison(rows: list[dict], workdir: pathlib.Path):
-  columns = (
-    'variant',
-    'layers',
-    'lambdas',
-    'final_eval_loss_fm',
-    'fad',
-    'wer',
-    'wer_real',
-    'mel_l1',
-    'eval_loss_fm_curve',
-    'workdir',
-  )
-  with (workdir / 'compare.csv').open('w', newline='') as f:
+# ----------------------------------------------------------------------------------- statistics
+
+
+def paired_interval(differences, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+  """Mean of paired differences (one per seed) and its two-sided Student-t interval; the interval
+  is NaN with fewer than two seeds."""
+  differences = np.asarray(differences, np.float64)
+  mean = float(differences.mean())
+  if len(differences) < 2:
+    return mean, float('nan'), float('nan')
+  half = stats.t.ppf((1 + confidence) / 2, len(differences) - 1) * stats.sem(differences)
+  return mean, mean - half, mean + half
+
+
+def seed_table(runs: list[dict], variants, metric: str) -> tuple[list[int], np.ndarray]:
+  """The seeds and a (variants, seeds) array of `metric`, NaN where a run is missing."""
+  seeds = sorted({r['seed'] for r in runs})
+  table = np.full((len(variants), len(seeds)), np.nan)
+  for r in runs:
+    table[variants.index(r['variant']), seeds.index(r['seed'])] = r[metric]
+  return seeds, table
+
+
+def best_fixed_variant(runs: list[dict], variants) -> str | None:
+  """The fixed-layer variant with the lowest mean final held-out FM loss over seeds."""
+  fixed = [v for v in variants if v.startswith('fixed:')]
+  if not fixed:
+    return None
+  _, table = seed_table(runs, variants, 'final_eval_loss_fm')
+  means = np.array([table[variants.index(v)].mean() for v in fixed])
+  return fixed[int(np.argmin(np.where(np.isnan(means), np.inf, means)))]
+
+
+def summarize(runs: list[dict], variants) -> list[dict]:
+  """Per variant and metric: mean, std (ddof 1) over seeds and the paired differences (variant −
+  baseline, seed by seed) against 'none' and the best fixed layer, with their 95% intervals."""
+  best = best_fixed_variant(runs, variants)
+  rows = []
+  for metric in METRICS:
+    seeds, table = seed_table(runs, variants, metric)
+    for v, variant in enumerate(variants):
+      values = table[v]
+      row = {
+        'variant': variant,
+        'metric': metric,
+        'seeds': len(seeds),
+        'mean': float(values.mean()),
+        'std': float(values.std(ddof=1)) if len(values) > 1 else float('nan'),
+        'best_fixed': best or '',
+        'per_seed': ' '.join(f'{s}:{x:.4f}' for s, x in zip(seeds, values)),
+      }
+      for name, baseline in (('vs_none', PHASE_ONE), ('vs_best_fixed', best)):
+        if baseline in variants:
+          diff = paired_interval(values - table[variants.index(baseline)])
+          row |= dict(zip((name, f'{name}_low', f'{name}_high'), diff))
+      rows.append(row)
+  return rows
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def write_csv(path: pathlib.Path, columns, rows: list[dict]):
+  with path.open('w', newline='') as f:
     writer = csv.DictWriter(f, columns, extrasaction='ignore')
     writer.writeheader()
     writer.writerows(rows)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for row in rows:
-    if row['curve']:
-      ax.plot(
-        *zip(*row['curve']), marker='.', label=f'{row["variant"]} ({row["final_eval_loss_fm"]:.4f})'
-      )
-  ax.set_xlabel('step')
-  ax.set_ylabel('held-out FM loss')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(workdir / 'compare_curves.png', dpi=100)
-  plt.close(fig)
+
+
+def plot_curves(runs: list[dict], variants, path: pathlib.Path):
+  """Left: held-out FM loss over steps, the mean over seeds (thick) and each seed (thin). Right:
+  the final loss of every run, a seed's variants joined, so that the seed noise is visible."""
+  figure, (curves, finals) = plt.subplots(
+    1, 2, figsize=(12, 4.2), gridspec_kw={'width_ratios': (3, 2)}
+  )
+  colors = {v: f'C{i}' for i, v in enumerate(variants)}
+  for variant in variants:
+    per_seed = [r['curve'] for r in runs if r['variant'] == variant and r['curve']]
+    for curve in per_seed:
+      curves.plot(*zip(*curve), color=colors[variant], lw=0.7, alpha=0.35)
+    if per_seed and len({len(c) for c in per_seed}) == 1:
+      steps = [s for s, _ in per_seed[0]]
+      mean = np.mean([[v for _, v in c] for c in per_seed], axis=0)
+      curves.plot(steps, mean, color=colors[variant], lw=2, marker='.', label=variant)
+  curves.set_xlabel('step')
+  curves.set_ylabel('held-out FM loss')
+  curves.grid(alpha=0.3)
+  seeds, table = seed_table(runs, variants, 'final_eval_loss_fm')
+  x = np.arange(len(variants))
+  for finals_of_seed in table.T:
+    finals.plot(x, finals_of_seed, color='0.6', lw=0.8, zorder=1)
+    finals.scatter(x, finals_of_seed, c=[colors[v] for v in variants], zorder=2, s=25)
+  finals.errorbar(
+    x + 0.15,
+    np.nanmean(table, 1),
+    yerr=np.nanstd(table, 1, ddof=min(1, len(seeds) - 1)),
+    fmt='_',
+    color='k',
+    capsize=4,
+    label='mean ± std',
+  )
+  finals.set_xticks(x, variants, rotation=30)
+  finals.set_ylabel('final held-out FM loss')
+  finals.set_title(f'{len(seeds)} seeds; grey lines join one seed', fontsize=9)
+  finals.grid(alpha=0.3, axis='y')
+  figure.legend(loc='lower center', ncol=len(variants) + 1, fontsize='small')
+  figure.tight_layout(rect=(0, 0.07, 1, 1))
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def format_number(value: float, digits: int = 4) -> str:
+  return '–' if math.isnan(value) else f'{value:.{digits}f}'
+
+
+def difference_cell(row: dict, name: str) -> str:
+  """'mean [low, high]', bold where the interval excludes 0 (the seeds separate the two)."""
+  if name not in row:
+    return '–'
+  mean, low, high = row[name], row[f'{name}_low'], row[f'{name}_high']
+  text = f'{format_number(mean)} [{format_number(low)}, {format_number(high)}]'
+  return f'<b>{text}</b>' if low > 0 or high < 0 else text
+
+
+def report_html(runs: list[dict], summary: list[dict], workdir: pathlib.Path) -> str:
+  """compare.html: the summary table, the curves, and each seed's FoG-A heatmap, storage vs
+  contribution (SCD) figure and selected layers; image paths relative to `workdir`."""
+  best = summary[0]['best_fixed'] if summary else ''
+  table_rows = '\n'.join(
+    f'<tr><td>{html.escape(r["variant"])}</td><td>{html.escape(METRICS[r["metric"]])}</td>'
+    f'<td>{format_number(r["mean"])} ± {format_number(r["std"])}</td>'
+    f'<td>{difference_cell(r, "vs_none")}</td><td>{difference_cell(r, "vs_best_fixed")}</td>'
+    f'<td>{html.escape(r["per_seed"])}</td></tr>'
+    for r in summary
+  )
+  seeds = sorted({r['seed'] for r in runs})
+  probes = []
+  for seed in seeds:
+    probe_dir = pathlib.Path(f'seed{seed}') / 'phase1' / 'probe'
+    fog_a_layers = next(
+      (r['layers'] for r in runs if r['seed'] == seed and r['variant'] == 'fog_a'), '-'
+    )
+    scd_file = workdir / probe_dir / 'scd.json'
+    measure = json.loads(scd_file.read_text())['storage_measure'] if scd_file.exists() else ''
+    probes.append(
+      f'<h3>Seed {seed}: FoG-A selected {html.escape(fog_a_layers)}</h3>'
+      f'<img src="{probe_dir / "fog_a_heatmap.png"}" style="max-width:45%">'
+      f'<img src="{probe_dir / "storage_vs_contribution.png"}" style="max-width:54%">'
+      f'<p>SCD ranks the {html.escape(measure)} storage score ({probe_dir / "scd.json"}).</p>'
+    )
+  return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>agrepa_jax comparison</title>
+<style>body{{font-family:sans-serif;margin:8px}} table{{border-collapse:collapse}}
+td,th{{border-bottom:1px solid #ccc;padding:3px 8px;text-align:left}}</style></head><body>
+<h1>Probe-then-intervene over {len(seeds)} seeds</h1>
+<p>Mean ± std over seeds; differences are paired (variant − baseline, seed by seed) with a
+{CONFIDENCE:.0%} Student-t interval, bold where it excludes 0. Lower is better for every metric.
+Best fixed layer (lowest mean FM loss): <b>{html.escape(best or '–')}</b>.</p>
+<table><tr><th>variant</th><th>metric</th><th>mean ± std</th><th>vs none</th>
+<th>vs best fixed</th><th>per seed</th></tr>
+{table_rows}
+</table>
+<h2>Held-out FM loss</h2><img src="compare_curves.png" style="max-width:100%">
+<h2>Phase I probes</h2>
+{''.join(probes)}
+</body></html>
+"""

@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     token_rate=25.0,  # tokens per second (built-in tokenizer and external token files)
     tokenizer_clips=2000,  # built-in tokenizer: fitted on at most this many clips per domain
     seed=0,  # data order, crops, tokenizer and embedded corpus
+    order_seed=-1,  # training data order only; -1 = data.seed (compare.py: one per seed)
     chunk_size=64,  # clips per teacher batch while building the feature store
     shard_clips=256,  # about this many clips per feature-store shard
     num_workers=0,  # grain worker processes reading training batches; 0 = in the trainer
@@ -143,12 +144,14 @@ def base_config() -> ml_collections.ConfigDict:
     lasp_t=0.5,  # t of the hidden states the storage probes read
     ridge_alpha=1.0,  # L2 penalty of the ridge storage probe
     ridge_fit_fraction=0.5,  # share of each domain's clips the ridge probe is fitted on
+    storage_measure='centered',  # LASP score SCD ranks: centered (training mean removed) | cosine
   )
   config.sample = _section(
     step=-1,  # checkpoint to sample; -1 = the latest
     num_points=32,  # time points of the Euler grid (num_points − 1 steps, 2 passes each)
     sway=-1.0,  # sway coefficient s; 0 = uniform grid, −1 = the paper's
-    cfg_weight=3.0,  # classifier-free guidance weight w; 0 = conditional velocity only
+    cfg_weight=3.0,  # classifier-free guidance weight w
+    cfg_form='official',  # official: v_u + w·(v_c − v_u) | f5 (F5-TTS): v_c + w·(v_c − v_u)
     prompt_seconds=0.5,  # reference prompt: each clip's own first seconds of mel
     prompt_fraction=0.0,  # > 0: the prompt is this fraction of the clip's audio frames instead
     seed=0,  # noise of batch b is drawn from fold_in(key(seed), b)

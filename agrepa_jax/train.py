@@ -165,7 +165,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
     pipeline.training_dataset(
       train_source,
       config.batch_size,
-      config.data.seed,
+      config.data.order_seed if config.data.order_seed >= 0 else config.data.seed,
       tuple(config.data.domain_weights),
       start_step=records_consumed // config.batch_size,
       crop=config.data.crop,

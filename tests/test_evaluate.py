@@ -9,7 +9,7 @@ import soundfile as sf
 
 from agrepa_jax import audio, config_base, metrics, teachers, train
 from agrepa_jax.data import spec
-from agrepa_jax.generation import evaluate, vocos, wer
+from agrepa_jax.generation import evaluate, normalizer, vocos, wer
 from agrepa_jax.teachers.base import TeacherSpec
 from tests.helpers import fake_record, write_fake_store
 
@@ -18,20 +18,89 @@ CLIP_SAMPLES = 12000  # 47 mel frames
 SPEECH_TEXTS = ('Hello, world!', 'hello there world', 'good morning 42')
 
 
-# ----------------------------------------------------------------------------------------------- WER
+# ---------------------------------------------------------------------------------------------- WER
 
 
-def test_normalization_lowercases_strips_punctuation_and_spells_numbers():
-  assert (
-    wer.normalize_text("  Don't STOP—it's 7:05, Mr. O’Brien!\n")
-    == 'dont stop its seven zero five mr obrien'
-  )
-  assert (
-    wer.normalize_text('Twenty-one 21 1,000 3rd')
-    == 'twenty one twenty one one zero zero zero three rd'
-  )
-  assert wer.normalize_text('10 90 99 100') == 'ten ninety ninety nine one zero zero'
-  assert wer.normalize_text('...') == ''
+# Numbers, currency, abbreviations and titles, contractions, British spellings, diacritics, fillers.
+PARITY_SENTENCES = (
+  'Twenty-one people paid $20 million for it.',
+  'He was born in 1960 and died in the 1990s.',
+  'It costs £3.50, or three pounds fifty.',
+  'The 21st century began on the first of January 2001.',
+  "Dr. Smith and Mr. O'Brien met Mrs. Jones on St. Patrick's day.",
+  "I can't believe they won't come; let's go, y'all.",
+  "We're gonna need about one hundred and twenty five chairs.",
+  "The colour of the theatre's centre is grey, I realise.",
+  "She'll have travelled two thousand three hundred kilometres.",
+  'About 5% of them, or five per cent, agreed.',
+  'Call me at one oh one double five triple nine.',
+  "It's two point five times bigger, minus three degrees.",
+  'He owes me five dollars and seven cents.',
+  'Uh, um, hmm, I think [inaudible] it was (probably) fine.',
+  "The organisation's programme was cancelled in the autumn.",
+  'Lt. Col. Brown and Capt. Green arrived at 7:30 p.m.',
+  'Three and a half hours later, the sixes and sevens were sorted.',
+  "It's 3.14159 to five decimal places.",
+  'She was ranked twelfth, then fifth, then third.',
+  'The €1,000,000 prize went to the nineteen eighties band.',
+  "They'd been there since the 1800s, I'd say.",
+  'Sen. Jones, Gov. Lee and Pres. Kim spoke for ninety minutes.',
+  'The defence analysed the catalogue in its entirety.',
+  'One of the ones I liked cost $0.75.',
+  "The neighbour's favourite flavour is vanilla.",
+  'Approximately 2,500 metres of the 10,000 metre race.',
+  'He said: "Naïve façade, café crème, Ærø and Straße."',
+  'Version 2.0.1 of the software shipped on 2024-03-15.',
+  'Forty two thousand, six hundred and seventeen votes.',
+  'Jr. and Sr. members of the Hon. society, Esq.',
+  "We'll pay twenty dollars, or £15, whichever is fewer.",
+  'Double o seven has a licence to kill.',
+  'Eight hundred thousand millionth of a second.',
+  "He realised the tyre's pressure was low at 32 psi.",
+  'A 50-50 chance at one in a million odds.',
+  "I'm sure you've seen the first two hundred pages.",
+  'The 1st, 2nd, 3rd and 4th places were all taken.',
+  'Minus twenty, plus forty and negative five.',
+)
+
+
+def random_phrases(count: int, seed: int = 0) -> list[str]:
+  """Seeded word salads of number words, symbols and spellings: corner cases of number reading."""
+  vocabulary = (
+    'one two three five nine ten eleven twelve nineteen twenty thirty ninety hundred thousand '
+    'million oh zero o first second third fifth twelfth twentieth hundredth thousands sixes '
+    'twenties and a half point double triple minus plus negative dollars dollar pounds euro cents '
+    "cent per percent the $ £ 3 12 1.5 2,000 1960s 21st . , - mr dr st colour realise can't it's"
+  ).split()
+  rng = np.random.default_rng(seed)
+  return [' '.join(rng.choice(vocabulary, rng.integers(1, 9))) for _ in range(count)]
+
+
+@pytest.fixture(scope='module')
+def whisper_normalizer():
+  english_normalizer = pytest.importorskip('transformers.models.whisper.english_normalizer')
+  # The spelling table is a plain dict argument: no download needed.
+  return english_normalizer.EnglishTextNormalizer(normalizer.english_spellings())
+
+
+def test_normalizer_matches_whisper_english_normalizer_of_transformers(whisper_normalizer):
+  texts = list(PARITY_SENTENCES) + random_phrases(1000)
+  ours = [normalizer.normalize_english(t) for t in texts]
+  assert ours == [whisper_normalizer(t) for t in texts]
+  assert len(PARITY_SENTENCES) >= 30
+
+
+def test_normalizer_hand_cases():
+  normalize = lambda text: normalizer.normalize_english(text).strip()
+  assert normalize('Twenty-one people paid $20 million.') == '21 people paid $20000000'
+  assert normalize('2024') == normalize('twenty twenty four') == '2024'
+  assert normalize('two thousand and twenty four') == '2024'
+  assert normalize('five dollars and seven cents') == '$5.07'
+  assert normalize('ten per cent, 5%') == '10% 5%'
+  assert normalize("Dr. Brown can't, O'Brien") == 'doctor brown can not 0 brien'  # o is zero
+  assert normalize('The colour of the theatre') == 'the color of the theater'
+  assert normalize('one oh one, the 21st, one') == '101 the 21st one'
+  assert normalize('uh [noise] fine (aside)') == 'fine'
 
 
 def test_word_edits_count_substitutions_deletions_and_insertions():
@@ -48,9 +117,9 @@ def test_word_edits_count_substitutions_deletions_and_insertions():
 def test_corpus_wer_is_total_edits_over_total_reference_words():
   references = ['the cat sat', 'on the mat today', 'Good morning, 42!']
   hypotheses = ['the cat sat', 'on a mat', 'good morning forty two']
-  # 0 edits / 3 words; 'the' → 'a' and 'today' deleted, 2 / 4; 0 / 4 after normalization: 2 / 11 overall
-  assert wer.corpus_wer(references, hypotheses) == pytest.approx(2 / 11)
-  assert wer.corpus_edits(references, hypotheses) == wer.EditCounts(1, 1, 0, 11)
+  # 0 edits / 3 words; 'the' → 'a' and 'today' deleted, 2 / 4; both 'good morning 42', 0 / 3
+  assert wer.corpus_wer(references, hypotheses) == pytest.approx(2 / 10)
+  assert wer.corpus_edits(references, hypotheses) == wer.EditCounts(1, 1, 0, 10)
   with pytest.raises(ValueError, match='2 references but 1'):
     wer.corpus_wer(['a', 'b'], ['a'])
 
@@ -74,10 +143,31 @@ def test_select_clips_takes_domains_in_turn_or_the_listed_ids(tmp_path):
     evaluate.select_clips(source, 5, str(listing))
 
 
+def test_mel_color_range_covers_loud_clips_and_is_shared():
+  quiet = np.zeros((10, 4))
+  loud = np.full((10, 4), 6.0)
+  loud[:, 0] = 2.0
+  loud[8:] = 50.0  # frames past the audio do not count
+  low, high = evaluate.mel_color_range(quiet, loud, audio_frames=8)
+  assert low == pytest.approx(0.0) and high == pytest.approx(6.0)
+
+
+def test_captions_are_transcripts_or_class_labels(tmp_path):
+  (tmp_path / 'manifest.jsonl').write_text(json.dumps({'id': 'a1', 'labels': ['rain', 'bell']}))
+  clips = [
+    {'id': 's1', 'domain': 'speech', 'text': 'hello', 'path': ''},
+    {'id': 'a1', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a1.wav')},
+    {'id': 'a2', 'domain': 'audio', 'text': '', 'path': '', 'labels': ['dog']},
+    {'id': 'a3', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a3.wav')},
+  ]
+  assert evaluate.clip_captions(clips) == ['hello', 'label: rain, bell', 'label: dog', '']
+
+
 def test_mel_l1_scores_only_audio_frames_after_the_prompt():
   real = np.zeros((2, 6, 3), np.float32)
   generated = np.arange(6, dtype=np.float32)[None, :, None] * np.ones((2, 6, 3), np.float32)
-  # clip 0: frames 0..3 hold audio (4·256 samples), prompt 1 -> frames 1, 2, 3; clip 1: all, prompt 4
+  # clip 0: frames 0..3 hold audio (4·256 samples), prompt 1 -> frames 1, 2, 3; clip 1: all,
+  # prompt 4
   l1 = evaluate.mel_l1(real, generated, np.array([4 * 256, 6 * 256]), np.array([1, 4]))
   np.testing.assert_allclose(l1, [2.0, 4.5])
 
@@ -86,7 +176,8 @@ def test_mel_l1_scores_only_audio_frames_after_the_prompt():
 
 
 class FakeTeacher:
-  """Deterministic 16 kHz 'embedding': per 20 ms frame its log energy, mean |x| and zero crossings."""
+  """Deterministic 16 kHz 'embedding': per 20 ms frame its log energy, mean |x| and zero
+  crossings."""
 
   spec = TeacherSpec(name='fake', dim=3, sample_rate=16000, frames_per_second=50.0)
 
@@ -157,6 +248,13 @@ def write_fake_cache(config, root: pathlib.Path):
         record = fake_record(batch_spec, clip_id, d, mel, tokens, length, rng, text)
         splits[split].append({**record, 'path': str(path)})
   write_fake_store(config, splits, dims)
+  labels = [
+    {'id': r['id'], 'labels': ['siren', 'dog_bark']}
+    for records in splits.values()
+    for r in records
+    if r['domain'] == 1
+  ]
+  (root / 'clips' / 'manifest.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in labels))
 
 
 def tiny_config(root: pathlib.Path):
@@ -213,6 +311,7 @@ def test_run_sample_writes_wavs_spectrograms_and_a_listening_page(trained):
       assert f'src="{clip_id}_{kind}.wav"' in page
     assert (out / f'{clip_id}.png').read_bytes()[:4] == b'\x89PNG'
   assert 'hello there world' in page  # transcripts shown
+  assert 'label: siren, dog_bark' in page  # and the audio clips' class labels
   assert sorted(p.name for p in out.iterdir()) == sorted(
     ['index.html']
     + [
@@ -240,8 +339,8 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
   assert set(scores) == expected  # FAD∞ needs 4 clips per group: only 'all' has them
   assert all(np.isfinite(v) for v in scores.values())
   assert scores['mel_l1/all'] > 0.1 and scores['fad/fake/all'] > 0
-  # 'hello world' for every clip: 0 edits / 2 words, 1 / 3, 4 / 4 ('good morning forty two')
-  assert scores['wer/generated'] == scores['wer/original'] == pytest.approx(5 / 9)
+  # 'hello world' for every clip: 0 edits / 2 words, 1 / 3, 3 / 3 ('good morning 42')
+  assert scores['wer/generated'] == scores['wer/original'] == pytest.approx(4 / 8)
   assert [c[0] for c in fake_models.calls] == [(3, 8000)] * 3  # 16 kHz, one batch per audio kind
   np.testing.assert_array_equal(fake_models.calls[0][1], [8000, 6000, 8000])
   assert [t['id'] for t in report['transcripts']] == [

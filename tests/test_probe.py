@@ -242,39 +242,101 @@ def test_spearman_and_top_k_overlap_known_cases():
   assert report['audio']['spearman'] == pytest.approx(-1.0)
 
 
-def test_ridge_probe_recovers_a_linear_teacher_and_repa_head_scores():
+def test_ridge_probe_recovers_a_linear_teacher_and_the_centered_score_separates_layers():
   rng = np.random.default_rng(0)
   features = rng.normal(size=(2, 40, 6))
   mixing = rng.normal(size=(6, 3))
   unit = features / np.linalg.norm(features, axis=-1, keepdims=True)
+  offset = np.array([20.0, -10.0, 5.0])  # a large shared mean, as teacher targets have
   targets = [
-    unit[1] @ mixing,
+    unit[1] @ mixing + offset,
     rng.normal(size=(40, 2)),
   ]  # layer 2 stores domain 0's teacher linearly
   domains = np.zeros(40, np.int64)
   scores = lasp.ridge_scores(features, targets, domains, fit_fraction=0.5, alpha=1e-6)
-  assert scores[1, 0] > 0.999 and scores[0, 0] < 0.6
-  assert np.isnan(scores[:, 1]).all()  # no clip of domain 1
+  assert scores['centered'][1, 0] > 0.999 and scores['centered'][0, 0] < 0.6
+  assert (scores['cosine'][:, 0] > 0.98).all()  # the mean alone: every layer looks the same
+  assert all(np.isnan(s[:, 1]).all() for s in scores.values())  # no clip of domain 1
 
+
+def test_centered_cosine_removes_the_given_mean_by_hand():
+  mean = np.array([10.0, 0.0])
+  prediction = mean + np.array([[1.0, 0.0], [0.0, 2.0]])
+  target = mean + np.array([[3.0, 0.0], [0.0, -1.0]])
+  got = lasp.cosine_measures(prediction, target, mean)
+  assert got['centered'] == pytest.approx((1.0 + -1.0) / 2)  # cos 0° and cos 180°
+  raw = [(11 * 13) / (11 * 13), (100 - 2) / (np.hypot(10, 2) * np.hypot(10, 1))]
+  assert got['cosine'] == pytest.approx(np.mean(raw))
+  # Predicting the training mean itself stores nothing: centered 0, raw cosine near 1.
+  only_mean = lasp.cosine_measures(np.broadcast_to(mean, target.shape), target, mean)
+  assert only_mean['centered'] == 0.0 and only_mean['cosine'] > 0.95
+
+
+def test_head_scores_apply_the_trained_heads_and_the_bitc_quirk():
+  rng = np.random.default_rng(1)
   heads = RepaHeads(CFG.num_layers, CFG.width, (6, 5), nnx.Rngs(0))
   pooled = rng.normal(size=(CFG.num_layers, 4, CFG.width)).astype(np.float32)
   head_targets = [rng.normal(size=(4, 6)), rng.normal(size=(4, 5))]
+  means = [rng.normal(size=6), rng.normal(size=5)]
   clip_domains = np.array([0, 1, 0, 1])
-  got = lasp.repa_head_scores(heads, pooled, head_targets, clip_domains)
+  got = lasp.repa_head_scores(heads, pooled, head_targets, clip_domains, means)
   prediction = np.asarray(heads(1, jnp.asarray(pooled[:, 1::2])))
+  target = head_targets[1][1::2][None]
+  np.testing.assert_allclose(got['cosine'][:, 1], lasp.mean_cosine(prediction, target), rtol=1e-5)
   np.testing.assert_allclose(
-    got[:, 1], lasp.mean_cosine(prediction, head_targets[1][1::2][None]), rtol=1e-5
+    got['centered'][:, 1],
+    lasp.mean_cosine(prediction - means[1], target - means[1]),
+    rtol=1e-5,
   )
 
   bitc = BitcHeads(CFG.width, (6, 5), nnx.Rngs(1))
-  got = lasp.bitc_head_scores(bitc, pooled, head_targets, clip_domains)
   unit = pooled[:, 0::2] / np.linalg.norm(pooled[:, 0::2], axis=-1, keepdims=True)
+  kernel = np.asarray(bitc.projections[0].kernel[...])
+  bias = np.asarray(bitc.projections[0].bias[...])
   mean, var = unit.mean(-1, keepdims=True), unit.var(-1, keepdims=True)
-  projected = (unit - mean) / np.sqrt(var + 1e-6) @ np.asarray(bitc.projections[0].kernel[...])
-  projected += np.asarray(bitc.projections[0].bias[...])
-  np.testing.assert_allclose(
-    got[:, 0], lasp.mean_cosine(projected, head_targets[0][0::2][None]), rtol=1e-4
+  normalized = (unit - mean) / np.sqrt(var + 1e-6)
+  target = head_targets[0][0::2][None]
+  for quirk, projected in ((False, normalized @ kernel + bias), (True, -(unit @ kernel + bias))):
+    got = lasp.bitc_head_scores(bitc, pooled, head_targets, clip_domains, means, quirk=quirk)
+    np.testing.assert_allclose(
+      got['cosine'][:, 0], lasp.mean_cosine(projected, target), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_lasp_quirk_reads_the_clean_mel_whatever_the_noise():
+  dit, batch = make_dit(), make_batch()
+  pooled = lambda seed, clean: lasp.pooled_hidden(
+    dit, batch, 0.8, jax.random.key(seed), batch_size=4, clean_input=clean
   )
+  np.testing.assert_allclose(pooled(0, True), pooled(1, True), rtol=1e-6)
+  assert np.abs(pooled(0, False) - pooled(1, False)).max() > 1e-3
+
+
+class FakeSplit:
+  """The part of a FeatureSplit that training_teacher_means reads: domains and stored records."""
+
+  def __init__(self, domain, teacher):
+    self.domain, self.teacher = np.asarray(domain), teacher
+
+  def indices_of_domain(self, d):
+    return np.flatnonzero(self.domain == d)
+
+  def record(self, i):
+    name = ('speech', 'audio')[self.domain[i]]
+    return {'teacher': self.teacher[name][i]}
+
+
+def test_training_teacher_means_average_each_domains_training_rows():
+  speech = np.array([[1.0, 2.0], [0, 0], [3.0, 4.0], [0, 0], [0, 0]])
+  audio = np.array([[0.0], [1.0], [0.0], [2.0], [6.0]])
+  split = FakeSplit([0, 1, 0, 1, 1], {'speech': speech, 'audio': audio})
+  means = lasp.training_teacher_means(split, ('speech', 'audio'))
+  np.testing.assert_allclose(means[0], [2.0, 3.0])
+  np.testing.assert_allclose(means[1], [3.0])
+  strided = lasp.training_teacher_means(split, ('speech', 'audio'), max_clips=2)
+  np.testing.assert_allclose(strided[1], [3.5])  # clips 1 and 4 of the audio rows 1, 3, 4
+  with pytest.raises(ValueError, match="no 'audio' clip"):
+    lasp.training_teacher_means(FakeSplit(np.zeros(5), split.teacher), ('speech', 'audio'))
 
 
 def test_reference_schedule_from_config():
@@ -353,13 +415,19 @@ def test_run_probe_writes_the_documented_files(tmp_path):
   assert len(fog) == 2 * 3 * 2 and {r['layer'] for r in fog} == {'1', '2', '3'}
   assert all(float(r['score']) > 0 for r in fog)
   lasp_rows = read('lasp.csv')
-  assert list(lasp_rows[0]) == ['domain', 'layer', 'probe', 'score']
-  assert len(lasp_rows) == 2 * 3 * 3 and {r['probe'] for r in lasp_rows} == {
+  assert list(lasp_rows[0]) == ['domain', 'layer', 'probe', 'measure', 'score']
+  assert len(lasp_rows) == 2 * 2 * 3 * 3 and {r['probe'] for r in lasp_rows} == {
     'bitc',
     'repa',
     'ridge',
   }
+  assert {r['measure'] for r in lasp_rows} == {'cosine', 'centered'}
   report = json.loads((out / 'scd.json').read_text())
+  assert report['storage_measure'] == 'centered'
+  centered = results['storage']['centered']['ridge'][:, 1]
+  assert report['probes']['ridge']['audio']['spearman'] == pytest.approx(
+    scd.dissociation(centered, results['contribution'][:, 1], k=2)['spearman']
+  )
   assert report['clips_per_domain'] == {'speech': 3, 'audio': 3} and report['step'] == 5
   assert set(report['probes']['ridge']['audio']) >= {'spearman', 'top_k_overlap'}
   chosen = selection.read_selection(out / 'selection.json')

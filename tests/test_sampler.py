@@ -92,6 +92,35 @@ def test_euler_converges_to_the_exact_gaussian_flow_endpoint_at_first_order(sway
   assert errors[-1] < 0.05
 
 
+@pytest.mark.parametrize(
+  'form, weight, expected',
+  [
+    ('official', 0.0, [1.0, -2.0]),  # w = 0: the unconditional velocity
+    ('official', 1.0, [3.0, 4.0]),  # w = 1: the conditional velocity
+    ('official', 3.0, [7.0, 16.0]),  # 1 + 3·(3 − 1), −2 + 3·(4 + 2)
+    ('f5', 0.0, [3.0, 4.0]),  # w = 0: the conditional velocity
+    ('f5', 3.0, [9.0, 22.0]),  # 3 + 3·(3 − 1), 4 + 3·(4 + 2)
+  ],
+)
+def test_guidance_forms_by_hand(form, weight, expected):
+  conditional, unconditional = jnp.array([3.0, 4.0]), jnp.array([1.0, -2.0])
+  np.testing.assert_allclose(sampler.guide(conditional, unconditional, weight, form), expected)
+
+
+def test_f5_guidance_is_official_guidance_one_weight_higher():
+  conditional, unconditional = jnp.array([0.3, -1.2]), jnp.array([-0.7, 0.4])
+  np.testing.assert_allclose(
+    sampler.guide(conditional, unconditional, 3.0, 'f5'),
+    sampler.guide(conditional, unconditional, 4.0, 'official'),
+    rtol=1e-6,
+  )
+
+
+def test_unknown_guidance_form_names_the_config_key():
+  with pytest.raises(ValueError, match='sample.cfg_form'):
+    sampler.guide(jnp.zeros(2), jnp.zeros(2), 1.0, 'f5tts')
+
+
 def test_cfg_is_one_batched_extrapolation_of_conditional_and_unconditional_velocities(
   backbone, conditioning
 ):
@@ -105,15 +134,22 @@ def test_cfg_is_one_batched_extrapolation_of_conditional_and_unconditional_veloc
     velocity(backbone, jnp.zeros(BATCH)),
   )
   assert float(jnp.abs(conditional - unconditional).max()) > 1e-3  # dropping tokens matters
-  guided = nnx.jit(sampler.cfg_velocity)
-  np.testing.assert_allclose(guided(backbone, *args, 0.0), conditional, atol=1e-5)
+  guided = nnx.jit(sampler.cfg_velocity, static_argnames='form')
+  np.testing.assert_allclose(guided(backbone, *args, 0.0), unconditional, atol=1e-5)
+  np.testing.assert_allclose(guided(backbone, *args, 1.0), conditional, atol=1e-5)
   np.testing.assert_allclose(
-    guided(backbone, *args, 3.0), conditional + 3.0 * (conditional - unconditional), atol=1e-4
+    guided(backbone, *args, 3.0), unconditional + 3.0 * (conditional - unconditional), atol=1e-4
+  )
+  np.testing.assert_allclose(
+    guided(backbone, *args, 3.0, form='f5'),
+    conditional + 3.0 * (conditional - unconditional),
+    atol=1e-4,
   )
 
 
 def python_loop_sample(backbone, c, key, num_points, sway, cfg_weight, noise_std):
-  """Reference: Euler steps in a Python loop over the sway grid, then the prompt frames copied in."""
+  """Reference: Euler steps in a Python loop over the sway grid, then the prompt frames copied
+  in."""
   reference = jnp.where(c['prompt_mask'][..., None], c['ref_mel'], 0.0)
   x = noise_std * jax.random.normal(key, reference.shape)
   grid = np.asarray(sampler.sway_time_grid(num_points, sway))

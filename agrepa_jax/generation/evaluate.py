@@ -1,5 +1,5 @@
-"""The sample and eval modes: generate held-out clips from a trained workdir, write a listening page,
-and score the generations.
+"""The sample and eval modes: generate held-out clips from a trained workdir, write a listening
+page, and score the generations.
 
 Both modes generate each held-out clip from its own tokens and a reference prompt cut from its own
 first frames (config.sample), and vocode with config.vocoder (Griffin-Lim without a checkpoint).
@@ -38,7 +38,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from agrepa_jax import audio, checkpoint, metrics, teachers  # noqa: E402
-from agrepa_jax.data import features  # noqa: E402
+from agrepa_jax.data import features, synth  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
 SAMPLES_DIR = 'samples'
@@ -117,6 +117,7 @@ def generate(
       num_points=sample_cfg.num_points,
       sway=sample_cfg.sway,
       cfg_weight=sample_cfg.cfg_weight,
+      cfg_form=sample_cfg.cfg_form,
       noise_std=noise_std,
       mesh=run.mesh,
     )
@@ -307,13 +308,22 @@ def restore(config, workdir: pathlib.Path, step: int) -> checkpoint.TrainedRun:
 
 
 def sampler_settings(config) -> dict:
-  keys = ('num_points', 'sway', 'cfg_weight', 'prompt_seconds', 'prompt_fraction', 'seed')
+  keys = (
+    'num_points',
+    'sway',
+    'cfg_weight',
+    'cfg_form',
+    'prompt_seconds',
+    'prompt_fraction',
+    'seed',
+  )
   return {**{k: config.sample[k] for k in keys}, 'noise_std': config.flow.noise_std}
 
 
 def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
-  """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated', real_kind
-  (the real mel through the same vocoder), and 'original' when the clips' files decode}."""
+  """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated',
+  real_kind (the real mel through the same vocoder), and 'original' when the clips' files
+  decode}."""
   generation = generate(run, rows, config.sample, config.flow.noise_std)
   vocoder = open_vocoder(config.vocoder.checkpoint)
   clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
@@ -390,6 +400,16 @@ def file_stem(clip_id: str) -> str:
   return re.sub(r'[^A-Za-z0-9._-]', '_', clip_id)
 
 
+def mel_color_range(
+  reference: np.ndarray, generated: np.ndarray, audio_frames: int, percentiles=(0.5, 99.5)
+) -> tuple[float, float]:
+  """One color range for both (T, n_mels) mels: the given percentiles of their frames that hold
+  audio, so that a loud clip keeps its detail and both panels read on the same scale."""
+  values = np.concatenate([reference[:audio_frames].ravel(), generated[:audio_frames].ravel()])
+  low, high = np.percentile(values, percentiles)
+  return float(low), float(max(high, low + 1e-3))
+
+
 def plot_mels(
   path: pathlib.Path,
   reference: np.ndarray,
@@ -398,47 +418,83 @@ def plot_mels(
   audio_frames: int,
   title: str,
 ):
-  """Reference and generated normalized mels side by side; lines mark the prompt's end and the audio's."""
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
+  """Reference and generated normalized mels side by side on one color scale; lines mark the
+  prompt's end and the audio's."""
+  vmin, vmax = mel_color_range(reference, generated, audio_frames)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 3), sharey=True)
   for ax, mel, name in zip(axes, (reference, generated), ('reference', 'generated')):
-    image = ax.imshow(mel.T, origin='lower', aspect='auto', vmin=-3, vmax=3, cmap='magma')
+    image = ax.imshow(mel.T, origin='lower', aspect='auto', vmin=vmin, vmax=vmax, cmap='magma')
     ax.axvline(prompt_frames - 0.5, color='cyan', lw=1)
     ax.axvline(audio_frames - 0.5, color='white', lw=1, ls='--')
     ax.set_title(name)
     ax.set_xlabel('frame')
   axes[0].set_ylabel('mel band')
-  fig.colorbar(image, ax=axes, fraction=0.03)
+  fig.colorbar(image, ax=axes, fraction=0.03, label='normalized log-mel')
   fig.suptitle(title, fontsize=9)
   fig.savefig(path, dpi=80, bbox_inches='tight')
   plt.close(fig)
 
 
+def read_manifest_labels(directory: pathlib.Path) -> dict[str, str]:
+  """{clip id: 'label, label'} of a corpus manifest (synth.MANIFEST_NAME) in `directory`, if any."""
+  manifest = directory / synth.MANIFEST_NAME
+  if not manifest.is_file():
+    return {}
+  entries = (json.loads(line) for line in manifest.read_text().splitlines() if line.strip())
+  return {e['id']: ', '.join(e['labels']) for e in entries if e.get('labels')}
+
+
+def clip_captions(clips: list[dict]) -> list[str]:
+  """Per clip what it should sound like: a speech clip's transcript, an audio clip's class labels
+  (its own 'labels' or 'label' entry, else its corpus manifest's), or ''."""
+  manifests = {}
+  captions = []
+  for clip in clips:
+    labels = clip.get('labels') or clip.get('label') or ''
+    if not isinstance(labels, str):
+      labels = ', '.join(labels)
+    if clip['domain'] != SPEECH_DOMAIN and not labels and clip.get('path'):
+      directory = pathlib.Path(clip['path']).parent
+      if directory not in manifests:
+        manifests[directory] = read_manifest_labels(directory)
+      labels = manifests[directory].get(clip['id'], '')
+    captions.append(clip.get('text') or (f'label: {labels}' if labels else ''))
+  return captions
+
+
+PAGE_STYLE = """body{font-family:sans-serif;margin:8px}
+.clip{display:flex;gap:12px;align-items:flex-start;border-bottom:1px solid #ccc;padding:6px 0}
+.info{flex:0 0 300px} .info audio{width:290px;display:block;margin:2px 0 6px}
+.mels{flex:1 1 auto;min-width:0} .mels img{width:100%;height:auto}"""
+
+
 def index_html(rows: list[dict], step: int, vocoder_name: str, settings: dict) -> str:
-  """The listening page: per clip its text, the audio players and the spectrogram image."""
+  """The listening page: per clip its transcript or class label, the audio players and the
+  spectrogram image, laid out to fit a 1400-px window without sideways scrolling."""
   players = lambda row: ''.join(
-    f'<td><audio controls preload="none" src="{html.escape(row[kind])}"></audio></td>'
-    if row.get(kind)
-    else '<td>—</td>'
+    f'{kind}<br><audio controls preload="none" src="{html.escape(row[kind])}"></audio>'
     for kind in ('original', 'reference', 'generated')
+    if row.get(kind)
   )
   body = '\n'.join(
-    f'<tr><td><b>{html.escape(r["id"])}</b><br>{html.escape(r["domain"])}<br>'
-    f'<i>{html.escape(r["text"])}</i><br>prompt {r["prompt_seconds"]:.2f} s</td>{players(r)}'
-    f'<td><img src="{html.escape(r["image"])}" width="600"></td></tr>'
+    f'<div class="clip"><div class="info"><b>{html.escape(r["id"])}</b>'
+    f' ({html.escape(r["domain"])}, prompt {r["prompt_seconds"]:.2f} s)<br>'
+    f'<i>{html.escape(r["caption"])}</i><br>{players(r)}'
+    f'</div><div class="mels"><img src="{html.escape(r["image"])}"></div></div>'
     for r in rows
   )
   settings_text = ', '.join(f'{k} {v}' for k, v in settings.items())
   return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>agrepa_jax samples, step {step}</title>
-<style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}}</style>
+<style>{PAGE_STYLE}</style>
 </head><body>
 <h1>Samples at step {step}</h1>
 <p>Vocoder: <b>{html.escape(vocoder_name)}</b>. Sampler: {html.escape(settings_text)}.</p>
 <p>original: the clip's audio; reference: its real mel through the same vocoder; generated: the
-model's mel from the clip's tokens and the reference prompt (left of the cyan line), vocoded.</p>
-<table><tr><th>clip</th><th>original</th><th>reference</th><th>generated</th><th>mels</th></tr>
+model's mel from the clip's tokens and the reference prompt (left of the cyan line), vocoded.
+Both mels of a clip share one color scale (0.5th to 99.5th percentile of their audio frames).</p>
 {body}
-</table></body></html>
+</body></html>
 """
 
 
@@ -458,12 +514,13 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
     return out
   out.mkdir(parents=True, exist_ok=True)
   page_rows = []
+  captions = clip_captions(generation.clips)
   for i, clip in enumerate(tqdm.tqdm(generation.clips, desc='write samples', unit='clip')):
     stem = file_stem(clip['id'])
     entry = {
       'id': clip['id'],
       'domain': clip['domain'],
-      'text': clip.get('text', ''),
+      'caption': captions[i],
       'prompt_seconds': generation.prompt_frames[i] * audio.HOP_LENGTH / audio.SAMPLE_RATE,
       'image': f'{stem}.png',
     }
@@ -481,7 +538,7 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
       generation.generated[i],
       generation.prompt_frames[i],
       math.ceil(num_samples[i] / audio.HOP_LENGTH),
-      f'{clip["id"]} ({clip["domain"]})',
+      f'{clip["id"]} ({clip["domain"]}) {captions[i]}',
     )
     page_rows.append(entry)
   (out / 'index.html').write_text(

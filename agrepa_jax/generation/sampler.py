@@ -1,9 +1,12 @@
-"""Sampling mels from the flow-matching DiT: Euler ODE integration with sway sampling and CFG (docs/method.md, sampling).
+"""Sampling mels from the flow-matching DiT: Euler ODE integration with sway sampling and CFG
+(docs/method.md, sampling).
 
 The ODE dx/dt = v_θ(x, t, c) runs from noise x0 ~ N(0, σ²I) at t = 0 to a mel at t = 1 over a
 time grid bent by sway sampling. Classifier-free guidance extrapolates away from the unconditional
-velocity, whose pass drops the tokens but keeps the reference prompt. The integration loop is one
-jitted `lax.scan`; the frames of the reference prompt are copied into the output.
+velocity, whose pass drops the tokens but keeps the reference prompt: the official form
+v_u + w·(v_c − v_u), or the F5-TTS form v_c + w·(v_c − v_u) (the official form at weight w + 1).
+The integration loop is one jitted `lax.scan`; the frames of the reference prompt are copied into
+the output.
 """
 
 import functools
@@ -40,8 +43,22 @@ def euler_integrate(
   return x1
 
 
-def cfg_velocity(backbone: DiT, x_t, t, tokens, ref_mel, domain, weight) -> jax.Array:
-  """v_c + w·(v_c − v_u) from one forward pass over the conditional and unconditional inputs.
+CFG_FORMS = ('official', 'f5')
+
+
+def guide(conditional: jax.Array, unconditional: jax.Array, weight, form: str) -> jax.Array:
+  """Guided velocity: official v_u + w·(v_c − v_u), or f5 v_c + w·(v_c − v_u)."""
+  if form not in CFG_FORMS:
+    raise ValueError(f'sample.cfg_form {form!r}: expected one of {CFG_FORMS}')
+  anchor = unconditional if form == 'official' else conditional
+  return anchor + weight * (conditional - unconditional)
+
+
+def cfg_velocity(
+  backbone: DiT, x_t, t, tokens, ref_mel, domain, weight, form: str = 'official'
+) -> jax.Array:
+  """Guided velocity (see `guide`) from one forward pass over the conditional and unconditional
+  inputs.
 
   t: (B,) times. The unconditional pass drops the tokens and keeps `ref_mel`. Each clip's two
   copies sit next to each other along the batch (not one half after the other), so a batch
@@ -55,7 +72,7 @@ def cfg_velocity(backbone: DiT, x_t, t, tokens, ref_mel, domain, weight) -> jax.
   )
   velocity = velocity.reshape(batch, 2, *velocity.shape[1:])
   conditional, unconditional = velocity[:, 0], velocity[:, 1]
-  return conditional + weight * (conditional - unconditional)
+  return guide(conditional, unconditional, weight, form)
 
 
 def leading_frames_mask(lengths, num_frames: int) -> np.ndarray:
@@ -81,7 +98,7 @@ def prompt_lengths(
   return np.clip(wanted, 0, valid - 1).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_points', 'mesh'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_points', 'cfg_form', 'mesh'))
 def _integrate(
   state,
   tokens,
@@ -95,6 +112,7 @@ def _integrate(
   *,
   graphdef,
   num_points,
+  cfg_form,
   mesh,
 ):
   backbone = nnx.merge(graphdef, state)
@@ -105,7 +123,8 @@ def _integrate(
   batch = x0.shape[0]
 
   def velocity(x, t):
-    return cfg_velocity(backbone, x, jnp.full((batch,), t), tokens, reference, domain, cfg_weight)
+    t = jnp.full((batch,), t)
+    return cfg_velocity(backbone, x, t, tokens, reference, domain, cfg_weight, cfg_form)
 
   x1 = euler_integrate(velocity, x0, sway_time_grid(num_points, sway))
   out = jnp.where(prompt_mask[..., None], reference, x1)
@@ -124,6 +143,7 @@ def sample(
   num_points: int = 32,
   sway: float = -1.0,
   cfg_weight: float = 3.0,
+  cfg_form: str = 'official',
   noise_std: float = 0.5,
   mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
@@ -131,7 +151,8 @@ def sample(
 
   tokens: (B, K, N); ref_mel: (B, T, n_mels) reference mel (frames outside the prompt are ignored);
   domain: (B,); prompt_mask: (B, T) bool, the reference-prompt frames (see `leading_frames_mask`).
-  sway, cfg_weight and noise_std are traced, so changing them does not recompile; num_points does.
+  cfg_form: 'official' or 'f5' (see `guide`). sway, cfg_weight and noise_std are traced, so
+  changing them does not recompile; num_points and cfg_form do.
   With a mesh, the batch (a multiple of the mesh size) is sharded over its ('data', 'fsdp') axes.
   """
   graphdef, state = nnx.split(backbone)
@@ -140,5 +161,12 @@ def sample(
     inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
   scalars = tuple(jnp.float32(x) for x in (sway, cfg_weight, noise_std))
   return _integrate(
-    state, *inputs, key, *scalars, graphdef=graphdef, num_points=num_points, mesh=mesh
+    state,
+    *inputs,
+    key,
+    *scalars,
+    graphdef=graphdef,
+    num_points=num_points,
+    cfg_form=cfg_form,
+    mesh=mesh,
   )

@@ -2,9 +2,9 @@
 
 Vocos (Siuzdak, 2023; gemelo-ai/vocos) predicts STFT magnitude and phase per mel frame with a
 ConvNeXt backbone and inverts them with an ISTFT whose "same" padding makes T frames give exactly
-T·hop samples. The "mel-24khz" checkpoint takes the natural-log mel of docs/method.md, audio front end, so our
-normalized mels only need `denormalize` first. Without a checkpoint, `load_vocoder` falls back to
-Griffin-Lim.
+T·hop samples. The "mel-24khz" checkpoint takes the natural-log mel of docs/method.md (audio front
+end), so our normalized mels only need `denormalize` first. Without a checkpoint, `load_vocoder`
+falls back to Griffin-Lim.
 """
 
 import dataclasses

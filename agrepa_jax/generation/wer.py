@@ -1,52 +1,21 @@
-"""Word error rate: English text normalization, word-level edit distance, corpus WER.
-
-Normalization (applied to references and hypotheses alike) is deliberately small, not Whisper's
-full EnglishTextNormalizer:
-  1. lowercase; thousands separators inside numbers dropped ("1,000" -> "1000");
-  2. apostrophes removed ("don't" -> "dont"), every other non-alphanumeric character is a space
-     (so "twenty-one" -> "twenty one", "3.5" -> "3 5");
-  3. digit runs split from letters and spelled out: 0–99 as words ("42" -> "forty two"), longer runs
-     digit by digit ("2024" -> "two zero two four"), so a number written either way matches;
-  4. whitespace collapsed.
+"""Word error rate: word-level edit distance and corpus WER of texts normalized by Whisper's
+English text normalizer (generation/normalizer.py), applied to references and hypotheses alike, so
+that "2024", "twenty twenty four" and "two thousand and twenty four" compare as they do in Whisper
+evaluations.
 """
 
 import dataclasses
-import re
 from typing import Protocol
 
 import numpy as np
 
-ONES = (
-  'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen '
-  'fifteen sixteen seventeen eighteen nineteen'
-).split()
-TENS = 'twenty thirty forty fifty sixty seventy eighty ninety'.split()
+from agrepa_jax.generation.normalizer import normalize_english
 
 
 class Transcriber(Protocol):
   def transcribe(self, audio_16k: np.ndarray, num_samples: np.ndarray) -> list[str]:
     """Text of each clip of (B, N) float32 16 kHz audio, zero-padded past its num_samples (B,)."""
     ...
-
-
-def spell_number(digits: str) -> str:
-  """'7' -> 'seven', '42' -> 'forty two', '07' / '123' -> digit by digit."""
-  if len(digits) > 2 or (len(digits) == 2 and digits[0] == '0'):
-    return ' '.join(ONES[int(d)] for d in digits)
-  value = int(digits)
-  if value < 20:
-    return ONES[value]
-  tens, ones = divmod(value, 10)
-  return TENS[tens - 2] + ('' if ones == 0 else ' ' + ONES[ones])
-
-
-def normalize_text(text: str) -> str:
-  text = text.lower()
-  text = re.sub(r'(?<=\d),(?=\d)', '', text)
-  text = text.replace("'", '').replace('\u2019', '')
-  text = re.sub(r'[^a-z0-9]+', ' ', text)
-  text = re.sub(r'\d+', lambda m: f' {spell_number(m.group())} ', text)
-  return ' '.join(text.split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +72,7 @@ def corpus_edits(references: list[str], hypotheses: list[str]) -> EditCounts:
     raise ValueError(f'{len(references)} references but {len(hypotheses)} hypotheses')
   total = EditCounts(0, 0, 0, 0)
   for reference, hypothesis in zip(references, hypotheses):
-    total += word_edits(normalize_text(reference).split(), normalize_text(hypothesis).split())
+    total += word_edits(normalize_english(reference).split(), normalize_english(hypothesis).split())
   return total
 
 

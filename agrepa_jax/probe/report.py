@@ -3,12 +3,15 @@
 Files (layers 1-based everywhere):
 - fog_a.csv: domain, layer, t, score — the per-domain mean FoG-A Δ (NaN for a domain without clips;
   0 for layers the schedule does not probe);
-- lasp.csv: domain, layer, probe, score — storage scores of the 'bitc', 'repa' and 'ridge' probes;
-- scd.json: the probe settings, clips per domain, and per probe kind and domain the Spearman
-  correlation, its p-value, the top-K overlap and both top-K lists;
+- lasp.csv: domain, layer, probe, measure, score — storage scores of the 'bitc', 'repa' and 'ridge'
+  probes by the paper's 'cosine' and the 'centered' cosine (lasp.py);
+- scd.json: the probe settings, clips per domain, the storage measure SCD ranks
+  (config.probe.storage_measure), and per probe kind and domain the Spearman correlation, its
+  p-value, the top-K overlap and both top-K lists;
 - selection.json: the rule and settings, and per domain the selected layers and their λ
   (`selection.read_selection` turns it into the input of `selection.dense_lambdas`);
-- fog_a_heatmap.png (layers × t, a panel per domain), storage_vs_contribution.png.
+- fog_a_heatmap.png (layers × t, a panel per domain), storage_vs_contribution.png (a row per
+  storage measure, a column per domain).
 """
 
 import csv
@@ -61,29 +64,45 @@ def plot_fog_a(table: np.ndarray, t_values, domains, path: pathlib.Path):
 def plot_storage_vs_contribution(
   contribution: np.ndarray, storage: dict, domains, path: pathlib.Path
 ):
-  figure, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
+  """Contribution (left axis) and every probe's storage score (right axis) over layers: a row per
+  storage measure, a column per domain; one legend below the panels."""
+  measures = list(storage)
+  figure, axes = plt.subplots(
+    len(measures), len(domains), figsize=(5 * len(domains), 3.2 * len(measures)), squeeze=False
+  )
   layers = np.arange(1, contribution.shape[0] + 1)
-  for d, (axis, domain) in enumerate(zip(axes[0], domains)):
-    axis.plot(layers, contribution[:, d], 'o-', color='tab:red', label='contribution (FoG-A)')
-    axis.set_xlabel('layer')
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_ylabel('contribution (FoG-A Δ)', color='tab:red')
-    twin = axis.twinx()
-    for kind, scores in storage.items():
-      twin.plot(layers, scores[:, d], 's--', label=f'storage ({kind})')
-    twin.set_ylabel('storage (cosine to teacher)')
-    axis.set_title(domain)
-    lines = axis.get_legend_handles_labels()
-    twin_lines = twin.get_legend_handles_labels()
-    axis.legend(lines[0] + twin_lines[0], lines[1] + twin_lines[1], fontsize='small', loc='best')
-  figure.tight_layout()
+  for row, measure in zip(axes, measures):
+    for d, (axis, domain) in enumerate(zip(row, domains)):
+      axis.plot(layers, contribution[:, d], 'o-', color='tab:red', label='contribution (FoG-A Δ)')
+      axis.set_xlabel('layer')
+      axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+      axis.set_ylabel('FoG-A Δ', color='tab:red')
+      twin = axis.twinx()
+      for kind, scores in storage[measure].items():
+        twin.plot(layers, scores[:, d], 's--', label=f'storage ({kind} probe)')
+      twin.set_ylabel(f'storage ({measure})')
+      axis.set_title(f'{domain}, storage = {measure}')
+  handles = [h for ax in (axis, twin) for h in ax.get_legend_handles_labels()[0]]
+  labels = [label for ax in (axis, twin) for label in ax.get_legend_handles_labels()[1]]
+  figure.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize='small')
+  figure.tight_layout(rect=(0, 0.03 + 0.06 / len(measures), 1, 1))
   figure.savefig(path, dpi=120)
   plt.close(figure)
 
 
+def lasp_time(config, schedule) -> float:
+  """probe.lasp_t, or the reference schedule's single t (0.8) under repa.quirks."""
+  return schedule.t_values[0] if config.repa.quirks else config.probe.lasp_t
+
+
 def run_probe(config, workdir: pathlib.Path) -> dict:
-  """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes workdir/probe/."""
+  """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes
+  workdir/probe/."""
   probe = config.probe
+  if probe.storage_measure not in lasp.MEASURES:
+    raise ValueError(
+      f'probe.storage_measure {probe.storage_measure!r}: expected one of {lasp.MEASURES}'
+    )
   schedule = schedule_from_config(config)
   run = checkpoint.restore_trained(
     config, workdir, None if probe.checkpoint_step < 0 else probe.checkpoint_step
@@ -115,21 +134,24 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   eligible = probed_layers(table.shape[0], schedule)
   table[~eligible] = 0.0
   contribution = selection.layer_scores(table, schedule.t_values, probe.selection_t)
+  lasp_t = lasp_time(config, schedule)
   storage = lasp.storage_scores(
     run.model,
     batch,
     domains,
     key,
-    t=probe.lasp_t,
+    lasp.training_teacher_means(run.train_source, domains),
+    t=lasp_t,
     prompt_fraction=probe.prompt_fraction,
     batch_size=probe.batch_size,
     fit_fraction=probe.ridge_fit_fraction,
     ridge_alpha=probe.ridge_alpha,
     noise_std=config.flow.noise_std,
+    quirks=config.repa.quirks,
   )
   dissociation = {
     kind: scd.scd_report(scores, contribution, domains, probe.top_k, eligible)
-    for kind, scores in storage.items()
+    for kind, scores in storage[probe.storage_measure].items()
   }
   chosen = selection.select_layers(
     contribution,
@@ -146,6 +168,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
     'clips_per_domain': counts,
     'contribution': contribution,
     'storage': storage,
+    'lasp_t': lasp_t,
     'scd': dissociation,
     'selection': chosen,
   }
@@ -169,10 +192,11 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
   )
   write_csv(
     out / 'lasp.csv',
-    ('domain', 'layer', 'probe', 'score'),
+    ('domain', 'layer', 'probe', 'measure', 'score'),
     [
-      (domain, layer + 1, kind, float(scores[layer, d]))
-      for kind, scores in results['storage'].items()
+      (domain, layer + 1, kind, measure, float(scores[layer, d]))
+      for measure, by_probe in results['storage'].items()
+      for kind, scores in by_probe.items()
       for d, domain in enumerate(domains)
       for layer in range(scores.shape[0])
     ],
@@ -189,7 +213,13 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
   clips = {domain: int(n) for domain, n in zip(domains, results['clips_per_domain'])}
   (out / 'scd.json').write_text(
     json.dumps(
-      {**settings, 'clips_per_domain': clips, 'lasp_t': probe.lasp_t, 'probes': results['scd']},
+      {
+        **settings,
+        'clips_per_domain': clips,
+        'lasp_t': results['lasp_t'],
+        'storage_measure': probe.storage_measure,
+        'probes': results['scd'],
+      },
       indent=2,
     )
   )

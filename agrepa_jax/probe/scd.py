@@ -1,8 +1,10 @@
-"""Store-Contribute Dissociation (docs/method.md, FoG-A and LASP): do the layers that store teacher information contribute?
+"""Store-Contribute Dissociation (docs/method.md, FoG-A and LASP): do the layers that store
+teacher information contribute?
 
-Per domain: the Spearman correlation between the storage (LASP) and contribution (FoG-A) scores over
-layers, and the overlap |A ∩ B| / K of their top-K layer sets. Layers outside `eligible` (not probed)
-take part in neither.
+Per domain: the Spearman correlation between the storage (LASP) and contribution (FoG-A) scores
+over layers, and the overlap |A ∩ B| / K of their top-K layer sets. Layers outside `eligible` (not
+probed) take part in neither. The storage score is LASP's config.probe.storage_measure: by default
+the centered cosine, since the raw cosine is nearly flat over layers (lasp.py).
 """
 
 import numpy as np
