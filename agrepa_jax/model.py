@@ -14,6 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from agrepa_jax import sharding
+
+# logical axes of the (B, T, width) block activations; the batch is split, frames and width not
+ACTIVATION_AXES = ('batch', 'frames', 'act_embed')
 HiddenOutput = Literal['none', 'utterance', 'frame']
 REMAT_POLICIES = {
   'none': None,
@@ -86,9 +90,23 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _dense(n_in, n_out, rngs, *, zero=False, dtype=None):
+def axes(*names) -> dict:
+  """Parameter metadata: logical axis `names`, which the config's mesh.rules map to mesh axes."""
+  return {'out_sharding': names, 'eager_sharding': False}
+
+
+def _dense(n_in, n_out, rngs, names, *, zero=False, dtype=None):
+  """Linear n_in → n_out; `names` = the kernel's logical axes (in, out), the bias has (out,)."""
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(n_in, n_out, kernel_init=init, dtype=dtype, rngs=rngs)
+  return nnx.Linear(
+    n_in,
+    n_out,
+    kernel_init=init,
+    kernel_metadata=axes(*names),
+    bias_metadata=axes(names[1]),
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 class DiTBlock(nnx.Module):
@@ -97,11 +115,11 @@ class DiTBlock(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, dtype = cfg.width, jnp.dtype(cfg.dtype)
     self.cfg = cfg
-    self.modulation = _dense(d, 6 * d, rngs, dtype=dtype)
-    self.qkv = _dense(d, 3 * d, rngs, dtype=dtype)
-    self.attn_out = _dense(d, d, rngs, zero=True, dtype=dtype)
-    self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, dtype=dtype)
-    self.mlp_out = _dense(cfg.mlp_ratio * d, d, rngs, zero=True, dtype=dtype)
+    self.modulation = _dense(d, 6 * d, rngs, ('embed', 'modulation'), dtype=dtype)
+    self.qkv = _dense(d, 3 * d, rngs, ('embed', 'heads'), dtype=dtype)
+    self.attn_out = _dense(d, d, rngs, ('heads', 'embed'), zero=True, dtype=dtype)
+    self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, ('embed', 'mlp'), dtype=dtype)
+    self.mlp_out = _dense(cfg.mlp_ratio * d, d, rngs, ('mlp', 'embed'), zero=True, dtype=dtype)
 
   def __call__(self, h, time_emb, gate, dropout_key=None):
     cfg = self.cfg
@@ -122,7 +140,7 @@ class DiTBlock(nnx.Module):
     return h + gate * gate2 * dropout(mlp, cfg.dropout, keys[1])
 
 
-@nnx.vmap(in_axes=(None, 0), out_axes=0)
+@nnx.vmap(in_axes=(None, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
 def _stacked_blocks(cfg, rngs):
   return DiTBlock(cfg, rngs)
 
@@ -137,15 +155,23 @@ class TokenEncoder(nnx.Module):
     self.cfg = cfg
     dt = cfg.token_dim
     self.embeddings = nnx.List(
-      [nnx.Embed(cfg.vocab_size, dt, rngs=rngs) for _ in range(cfg.num_codebooks)]
+      [
+        nnx.Embed(cfg.vocab_size, dt, embedding_metadata=axes('vocab', 'embed'), rngs=rngs)
+        for _ in range(cfg.num_codebooks)
+      ]
     )
     proj_init = nnx.initializers.xavier_uniform()
     if cfg.frozen_token_projection:
       proj_init = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
     self.domain_projection = nnx.Param(
-      proj_init(rngs.params(), (cfg.num_domains, dt, dt), jnp.float32)
+      proj_init(rngs.params(), (cfg.num_domains, dt, dt), jnp.float32),
+      **axes('domains', 'embed', 'hidden'),
     )
-    self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if cfg.num_codebooks > 1 else None
+    self.merge = (
+      _dense(cfg.num_codebooks * dt, dt, rngs, ('codebooks', 'embed'))
+      if cfg.num_codebooks > 1
+      else None
+    )
 
   def __call__(self, tokens, domain, num_frames):
     # Every clip through every P_d, then the clip's own: cheap at the token rate, and it never
@@ -169,14 +195,19 @@ class DiT(nnx.Module):
     self.cfg = cfg
     d = cfg.width
     self.token_encoder = TokenEncoder(cfg, rngs)
-    self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs)
-    self.time_mlp_in = _dense(cfg.time_freq_dim, d, rngs)
-    self.time_mlp_out = _dense(d, d, rngs)
+    self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs, ('inputs', 'embed'))
+    self.time_mlp_in = _dense(cfg.time_freq_dim, d, rngs, ('time_freq', 'embed'))
+    self.time_mlp_out = _dense(d, d, rngs, ('embed', 'hidden'))
     self.blocks = _stacked_blocks(
       cfg, nnx.Rngs(params=jax.random.split(rngs.params(), cfg.num_layers))
     )
-    self.output_norm = nnx.LayerNorm(d, rngs=rngs)
-    self.output_projection = _dense(d, cfg.n_mels, rngs)
+    self.output_norm = nnx.LayerNorm(
+      d,
+      scale_metadata=axes('embed'),
+      bias_metadata=axes('embed'),
+      rngs=rngs,
+    )
+    self.output_projection = _dense(d, cfg.n_mels, rngs, ('embed', 'mels'))
 
   def __call__(
     self,
@@ -218,6 +249,7 @@ class DiT(nnx.Module):
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
     h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
+    h = sharding.constrain(h, ACTIVATION_AXES)
     time_emb = self.time_mlp_out(
       jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim)))
     )
@@ -235,6 +267,7 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
   def body(h, layer):
     block_state, gate, key = layer
     h = nnx.merge(graphdef, block_state)(h, time_emb, gate, key)
+    h = sharding.constrain(h, ACTIVATION_AXES)
     out = {'none': None, 'utterance': h.mean(1), 'frame': h}[hidden]
     return h, out
 
@@ -250,7 +283,7 @@ class RepaHeads(nnx.Module):
 
   def __init__(self, num_layers: int, width: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
     def stacked(n_out):
-      @nnx.vmap(in_axes=0, out_axes=0)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make(rngs):
         return RepaMLP(width, n_out, rngs)
 
@@ -266,8 +299,8 @@ class RepaHeads(nnx.Module):
 
 class RepaMLP(nnx.Module):
   def __init__(self, width, n_out, rngs):
-    self.hidden = _dense(width, width, rngs)
-    self.out = _dense(width, n_out, rngs)
+    self.hidden = _dense(width, width, rngs, ('embed', 'hidden'))
+    self.out = _dense(width, n_out, rngs, ('hidden', 'teacher'))
 
   def __call__(self, z):
     return self.out(jax.nn.gelu(self.hidden(l2_normalize(z)), approximate=False))
@@ -277,10 +310,24 @@ class BitcHeads(nnx.Module):
   """Input-side alignment heads: LayerNorm → Linear (orthogonal init) from mean_t e to C_d."""
 
   def __init__(self, token_dim: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
-    self.norms = nnx.List([nnx.LayerNorm(token_dim, rngs=rngs) for _ in teacher_dims])
+    self.norms = nnx.List(
+      [
+        nnx.LayerNorm(
+          token_dim, scale_metadata=axes('embed'), bias_metadata=axes('embed'), rngs=rngs
+        )
+        for _ in teacher_dims
+      ]
+    )
     self.projections = nnx.List(
       [
-        nnx.Linear(token_dim, dim, kernel_init=nnx.initializers.orthogonal(), rngs=rngs)
+        nnx.Linear(
+          token_dim,
+          dim,
+          kernel_init=nnx.initializers.orthogonal(),
+          kernel_metadata=axes('embed', 'teacher'),
+          bias_metadata=axes('teacher'),
+          rngs=rngs,
+        )
         for dim in teacher_dims
       ]
     )
