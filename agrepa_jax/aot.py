@@ -49,9 +49,11 @@ def abstract_batch(config, teacher_dims, mesh):
   return batch
 
 
-def compile_train_step(config):
-  """Lowers and compiles the train step on the configured mesh. Returns (compiled, report)."""
-  mesh = sharding.make_mesh(config.mesh)
+def compile_train_step(config, devices=None):
+  """Lowers and compiles the train step on the configured mesh over `devices` (default: all).
+
+  Returns (compiled, report)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   teacher_dims = teacher_dims_from_config(config)
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)

@@ -16,8 +16,6 @@ from flax import nnx
 
 from agrepa_jax import sharding
 
-# logical axes of the (B, T, width) block activations; the batch is split, frames and width not
-ACTIVATION_AXES = ('batch', 'frames', 'act_embed')
 HiddenOutput = Literal['none', 'utterance', 'frame']
 REMAT_POLICIES = {
   'none': None,
@@ -245,14 +243,15 @@ class DiT(nnx.Module):
     """The blocks' input h0 (B, T, width), the time embedding (B, width) and e before token dropout."""
     cfg = self.cfg
     frames = x_t.shape[1]
-    e = self.token_encoder(tokens, domain, frames)
+    x_t, t, ref_mel = (sharding.constrain_batch(a) for a in (x_t, t, ref_mel))
+    e = sharding.constrain_batch(self.token_encoder(tokens, domain, frames))
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
     h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
-    h = sharding.constrain(h, ACTIVATION_AXES)
-    time_emb = self.time_mlp_out(
-      jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim)))
-    )
+    h = sharding.constrain_batch(h)
+    time_hidden = self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim))
+    time_emb = self.time_mlp_out(jax.nn.silu(sharding.constrain_batch(time_hidden)))
+    time_emb = sharding.constrain_batch(time_emb)
     return h, time_emb, e
 
   def output(self, h):
@@ -267,8 +266,9 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
   def body(h, layer):
     block_state, gate, key = layer
     h = nnx.merge(graphdef, block_state)(h, time_emb, gate, key)
-    h = sharding.constrain(h, ACTIVATION_AXES)
+    h = sharding.constrain_batch(h)
     out = {'none': None, 'utterance': h.mean(1), 'frame': h}[hidden]
+    out = None if out is None else sharding.constrain_batch(out)
     return h, out
 
   if remat not in REMAT_POLICIES:
@@ -294,7 +294,8 @@ class RepaHeads(nnx.Module):
   def __call__(self, domain_index: int, z):
     """z: (L, B, [T,] width) -> (L, B, [T,] C_d), layer ℓ through head (ℓ, d)."""
     graphdef, state = nnx.split(self.per_domain[domain_index])
-    return jax.vmap(lambda s, x: nnx.merge(graphdef, s)(x))(state, z)
+    # layer by layer, so FSDP gathers one head's weights at a time (as the depth scan does)
+    return jax.lax.map(lambda layer: nnx.merge(graphdef, layer[0])(layer[1]), (state, z))
 
 
 class RepaMLP(nnx.Module):
@@ -303,7 +304,8 @@ class RepaMLP(nnx.Module):
     self.out = _dense(width, n_out, rngs, ('hidden', 'teacher'))
 
   def __call__(self, z):
-    return self.out(jax.nn.gelu(self.hidden(l2_normalize(z)), approximate=False))
+    hidden = jax.nn.gelu(self.hidden(l2_normalize(sharding.constrain_batch(z))), approximate=False)
+    return sharding.constrain_batch(self.out(sharding.constrain_batch(hidden)))
 
 
 class BitcHeads(nnx.Module):
@@ -333,7 +335,10 @@ class BitcHeads(nnx.Module):
     )
 
   def __call__(self, domain_index: int, pooled_e):
-    return self.projections[domain_index](self.norms[domain_index](pooled_e))
+    pooled_e = sharding.constrain_batch(pooled_e)
+    return sharding.constrain_batch(
+      self.projections[domain_index](self.norms[domain_index](pooled_e))
+    )
 
 
 class AgRepaModel(nnx.Module):

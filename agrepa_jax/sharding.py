@@ -146,6 +146,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   )
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`constrain` for an activation whose leading axis is the batch and whose other axes are whole."""
+  return constrain(x, ('batch',) + (None,) * (x.ndim - 1))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
