@@ -147,7 +147,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-  """`constrain` for an activation whose leading axis is the batch and whose other axes are whole."""
+  """`constrain` for an activation whose leading axis is the batch; its other axes stay whole."""
   return constrain(x, ('batch',) + (None,) * (x.ndim - 1))
 
 
