@@ -8,6 +8,7 @@ boundaries through the same rules ('batch' → ('data', 'fsdp')), so XLA never s
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -127,6 +128,7 @@ def activation_rules(mesh: Mesh, rules: Rules):
 def traced_with_rules(fn, mesh: Mesh, rules: Rules):
   """`fn` whose tracing happens inside `activation_rules(mesh, rules)` (wrap it before jax.jit)."""
 
+  @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with activation_rules(mesh, rules):
       return fn(*args, **kwargs)
