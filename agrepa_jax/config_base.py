@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     time_freq_dim=256,  # sinusoidal features of the time embedding
     remat='none',  # none | full | dots: activation rematerialization in the depth scan
     dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
+    attention='',  # attention kernel: '' = XLA's choice | xla | cudnn (flash, GPU, bf16/fp16)
     frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
   )
   config.flow = _section(
@@ -122,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
       v5p_32=_section(devices=16, data=1, fsdp=16, tensor=1, hbm_gb=95.0),
       v5e_64=_section(devices=64, data=4, fsdp=16, tensor=1, hbm_gb=16.0),
     ),
+    aot_presets=(),  # presets --mode aot also compiles for, e.g. ('h100x8', 'v5p_32', 'v5e_64')
   )
   config.probe = _section(
     checkpoint_step=-1,  # checkpoint to probe; -1 = the latest

@@ -40,6 +40,7 @@ class ModelConfig:
   remat: str = 'none'  # a key of REMAT_POLICIES
   frozen_token_projection: bool = False  # reference quirk: P_d identity-initialized, no gradient
   dtype: str = 'float32'  # activation dtype; parameters stay float32
+  attention: str = ''  # jax.nn.dot_product_attention implementation: '' (XLA picks), xla, cudnn
 
   @classmethod
   def from_config(cls, config) -> 'ModelConfig':
@@ -129,7 +130,9 @@ class DiTBlock(nnx.Module):
     x = layer_norm(h) * (1 + scale1) + shift1
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     heads = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, -1)
-    attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))
+    attn = jax.nn.dot_product_attention(
+      heads(q), heads(k), heads(v), implementation=cfg.attention or None
+    )
     attn = self.attn_out(attn.reshape(h.shape))
     h = h + gate * gate1 * dropout(attn, cfg.dropout, keys[0])
 
