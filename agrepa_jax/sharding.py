@@ -8,7 +8,6 @@ boundaries through the same rules ('batch' → ('data', 'fsdp')), so XLA never s
 
 import contextlib
 import contextvars
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -128,12 +127,13 @@ def activation_rules(mesh: Mesh, rules: Rules):
 def traced_with_rules(fn, mesh: Mesh, rules: Rules):
   """`fn` whose tracing happens inside `activation_rules(mesh, rules)` (wrap it before jax.jit)."""
 
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
+  def traced(*args, **kwargs):
     with activation_rules(mesh, rules):
       return fn(*args, **kwargs)
 
-  return wrapped
+  # keeps the step's name in HLO dumps and profiles (fn is often a functools.partial)
+  traced.__name__ = getattr(fn, '__name__', getattr(getattr(fn, 'func', None), '__name__', 'step'))
+  return traced
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
