@@ -1,7 +1,12 @@
 """Ahead-of-time compilation of the train step from abstract shapes: sizes and memory, no arrays."""
 
 import json
+import os
 import pathlib
+import pickle
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -29,9 +34,11 @@ def abstract_batch(config, teacher_dims, mesh):
   )
 
 
-def compile_train_step(config):
-  """Lowers and compiles the train step on the configured mesh. Returns (compiled, report)."""
-  mesh = sharding.make_mesh(config.mesh)
+def compile_train_step(config, devices=None):
+  """Lowers and compiles the train step on the configured mesh over `devices` (default: all).
+
+  Returns (compiled, report)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   teacher_dims = teacher_dims_from_config(config)
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
@@ -43,7 +50,6 @@ def compile_train_step(config):
     abstract_batch(config, teacher_dims, mesh),
   ).compile()
   counts = state_lib.param_counts(shapes)
-  memory = compiled.memory_analysis()
   report = {
     'params_backbone': counts['backbone'],
     'params_heads': counts['repa_heads'] + counts['bitc_heads'],
@@ -54,16 +60,78 @@ def compile_train_step(config):
     'platform': jax.devices()[0].platform,
     'mesh': dict(mesh.shape),
     'batch_size': config.batch_size,
+    'clip_seconds': config.data.clip_seconds,
+    'remat': config.model.remat,
+    **memory_report(compiled),
+  }
+  return compiled, report
+
+
+def memory_report(compiled) -> dict[str, int]:
+  """Per-device bytes of the compiled step; peak = arguments + outputs − donated aliases + temps."""
+  memory = compiled.memory_analysis()
+  report = {
     'argument_bytes': int(memory.argument_size_in_bytes),
     'output_bytes': int(memory.output_size_in_bytes),
     'temp_bytes': int(memory.temp_size_in_bytes),
     'alias_bytes': int(memory.alias_size_in_bytes),
   }
-  return compiled, report
+  report['peak_bytes'] = (
+    report['argument_bytes'] + report['output_bytes'] - report['alias_bytes'] + report['temp_bytes']
+  )
+  return report
+
+
+def preset_config(config, name: str):
+  """`config` on the mesh of preset `name` (config.mesh.presets), and the preset."""
+  if name not in config.mesh.presets:
+    raise ValueError(
+      f'mesh.aot_presets: {name!r} is not one of mesh.presets {sorted(config.mesh.presets)}'
+    )
+  preset = config.mesh.presets[name]
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=preset.data, fsdp=preset.fsdp, tensor=preset.tensor)
+  return config, preset
+
+
+def preset_report(config, name: str) -> dict:
+  """Compiles the step for preset `name` in a subprocess with that many CPU devices.
+
+  The sizes are XLA's CPU buffer assignment for the preset's mesh and per-device batch: an
+  estimate of the accelerator's (fusion differs, layouts and padding of the real chip are not
+  modelled), good to tell a config that fits from one that does not by a margin.
+  """
+  config, preset = preset_config(config, name)
+  with tempfile.TemporaryDirectory() as scratch:
+    config_path, report_path = (
+      pathlib.Path(scratch, 'config.pkl'),
+      pathlib.Path(scratch, 'out.json'),
+    )
+    config_path.write_bytes(pickle.dumps(config))
+    env = {
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={preset.devices}',
+    }
+    subprocess.run(
+      [sys.executable, '-m', 'agrepa_jax.aot', str(config_path), str(report_path)],
+      env=env,
+      check=True,
+    )
+    report = json.loads(report_path.read_text())
+  hbm = int(preset.hbm_gb * 1e9)
+  return {**report, 'preset': name, 'hbm_bytes': hbm, 'fits': report['peak_bytes'] <= hbm}
 
 
 def run(config, workdir: pathlib.Path) -> dict:
+  """aot.json: the step compiled on this machine's devices, and on each of mesh.aot_presets."""
   _, report = compile_train_step(config)
+  report['presets'] = {name: preset_report(config, name) for name in config.mesh.aot_presets}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'aot.json').write_text(json.dumps(report, indent=2))
   return report
+
+
+if __name__ == '__main__':  # preset_report's subprocess: CONFIG_PICKLE REPORT_JSON
+  _config = pickle.loads(pathlib.Path(sys.argv[1]).read_bytes())
+  pathlib.Path(sys.argv[2]).write_text(json.dumps(compile_train_step(_config)[1]))

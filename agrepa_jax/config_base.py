@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     time_freq_dim=256,  # sinusoidal features of the time embedding
     remat='none',  # none | full | dots: activation rematerialization in the depth scan
     dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
+    attention='',  # attention kernel: '' = XLA's choice | xla | cudnn (flash, GPU, bf16/fp16)
     token_tables='per_domain',  # per_domain: one embedding table per domain (official) | shared
     codebook_fusion='merge',  # dual: merge (P_d, interpolate, Linear) | concat (official, docs)
     second_vocab_size=0,  # vocabulary of codebook 2 (official: 1024 BEATs labels); 0 = vocab_size
@@ -125,8 +126,26 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.mesh = _section(
     data=-1,  # data-parallel axis size; -1 = all remaining devices
-    fsdp=1,  # FSDP axis size (parameters and optimizer state sharded over it)
+    fsdp=1,  # FSDP axis size (parameters and optimizer state sharded over it, batch too)
+    tensor=1,  # tensor-parallel axis size (attention heads and MLP hidden units split over it)
     fsdp_min_size=2**14,  # parameters with fewer elements are replicated, not sharded
+    # logical axis -> mesh axes, first fitting rule wins (docs/scaling.md); unnamed = replicated
+    rules=(
+      ('batch', ('data', 'fsdp')),  # activations and inputs: batch over data and fsdp
+      ('layers', None),  # stacked layers: the depth scan gathers one layer at a time
+      ('embed', 'fsdp'),  # FSDP: every weight is split along its width axis
+      ('hidden', 'fsdp'),  # (width, width) kernels whose width axis is taken; head outputs
+      ('teacher', 'fsdp'),  # alignment-head outputs C_d when their input axis is taken
+      ('vocab', 'fsdp'),  # token embeddings when their width axis is taken
+      ('heads', 'tensor'),  # tensor parallelism: attention (q, k, v and output) by heads
+      ('mlp', 'tensor'),  # tensor parallelism: MLP hidden units
+    ),
+    presets=_section(  # --mode aot memory per device for these targets (docs/scaling.md)
+      h100x8=_section(devices=8, data=1, fsdp=8, tensor=1, hbm_gb=80.0),
+      v5p_32=_section(devices=16, data=1, fsdp=16, tensor=1, hbm_gb=95.0),
+      v5e_64=_section(devices=64, data=4, fsdp=16, tensor=1, hbm_gb=16.0),
+    ),
+    aot_presets=(),  # presets --mode aot also compiles for, e.g. ('h100x8', 'v5p_32', 'v5e_64')
   )
   config.probe = _section(
     checkpoint_step=-1,  # checkpoint to probe; -1 = the latest

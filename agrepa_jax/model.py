@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from agrepa_jax import sharding
+
 HiddenOutput = Literal['none', 'utterance', 'frame']
 REMAT_POLICIES = {
   'none': None,
@@ -37,6 +39,7 @@ class ModelConfig:
   time_freq_dim: int = 256
   remat: str = 'none'  # a key of REMAT_POLICIES
   dtype: str = 'float32'  # activation dtype; parameters stay float32
+  attention: str = ''  # jax.nn.dot_product_attention implementation: '' (XLA picks), xla, cudnn
   # Forms that differ from the paper's official code (docs/fidelity.md); the first choice is ours.
   token_tables: str = 'per_domain'  # shared | per_domain: one embedding table per domain
   codebook_fusion: str = 'merge'  # merge | concat: the official dual-codebook conditioning
@@ -132,9 +135,23 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _dense(n_in, n_out, rngs, *, zero=False, dtype=None, kernel_init=None):
+def axes(*names) -> dict:
+  """Parameter metadata: logical axis `names`, which the config's mesh.rules map to mesh axes."""
+  return {'out_sharding': names, 'eager_sharding': False}
+
+
+def _dense(n_in, n_out, rngs, names, *, zero=False, dtype=None, kernel_init=None):
+  """Linear n_in → n_out; `names` = the kernel's logical axes (in, out), the bias has (out,)."""
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(n_in, n_out, kernel_init=kernel_init or init, dtype=dtype, rngs=rngs)
+  return nnx.Linear(
+    n_in,
+    n_out,
+    kernel_init=kernel_init or init,
+    kernel_metadata=axes(*names),
+    bias_metadata=axes(names[1]),
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 def attention_with_probability_dropout(q, k, v, rate: float, key: jax.Array) -> jax.Array:
@@ -158,11 +175,13 @@ class DiTBlock(nnx.Module):
     d, dtype = cfg.width, jnp.dtype(cfg.dtype)
     self.cfg = cfg
     modulation_init = nnx.initializers.normal(0.02) if cfg.modulation_init == 'normal' else None
-    self.modulation = _dense(d, 6 * d, rngs, dtype=dtype, kernel_init=modulation_init)
-    self.qkv = _dense(d, 3 * d, rngs, dtype=dtype)
-    self.attn_out = _dense(d, d, rngs, zero=True, dtype=dtype)
-    self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, dtype=dtype)
-    self.mlp_out = _dense(cfg.mlp_ratio * d, d, rngs, zero=True, dtype=dtype)
+    self.modulation = _dense(
+      d, 6 * d, rngs, ('embed', 'modulation'), dtype=dtype, kernel_init=modulation_init
+    )
+    self.qkv = _dense(d, 3 * d, rngs, ('embed', 'heads'), dtype=dtype)
+    self.attn_out = _dense(d, d, rngs, ('heads', 'embed'), zero=True, dtype=dtype)
+    self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, ('embed', 'mlp'), dtype=dtype)
+    self.mlp_out = _dense(cfg.mlp_ratio * d, d, rngs, ('mlp', 'embed'), zero=True, dtype=dtype)
 
   def __call__(self, h, time_emb, gate, dropout_key=None):
     cfg = self.cfg
@@ -178,7 +197,9 @@ class DiTBlock(nnx.Module):
     if official and keys[0] is not None and cfg.dropout > 0:
       attn = attention_with_probability_dropout(heads(q), heads(k), heads(v), cfg.dropout, keys[0])
     else:
-      attn = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))
+      attn = jax.nn.dot_product_attention(
+        heads(q), heads(k), heads(v), implementation=cfg.attention or None
+      )
     attn = self.attn_out(attn.reshape(h.shape))
     if not official:
       attn = dropout(attn, cfg.dropout, keys[0])
@@ -192,7 +213,7 @@ class DiTBlock(nnx.Module):
     return h + gate * gate2 * mlp
 
 
-@nnx.vmap(in_axes=(None, 0), out_axes=0)
+@nnx.vmap(in_axes=(None, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
 def _stacked_blocks(cfg, rngs):
   return DiTBlock(cfg, rngs)
 
@@ -214,7 +235,9 @@ class TokenEncoder(nnx.Module):
     dt = cfg.token_dim
     self.embeddings = nnx.List(
       [
-        nnx.Embed(self.num_tables(k) * vocab, dt, rngs=rngs)
+        nnx.Embed(
+          self.num_tables(k) * vocab, dt, embedding_metadata=axes('vocab', 'embed'), rngs=rngs
+        )
         for k, vocab in enumerate(cfg.vocab_sizes)
       ]
     )
@@ -224,10 +247,13 @@ class TokenEncoder(nnx.Module):
       proj_init = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
     proj_in = cfg.num_codebooks * dt if concat else dt
     self.domain_projection = nnx.Param(
-      proj_init(rngs.params(), (cfg.num_domains, proj_in, dt), jnp.float32)
+      proj_init(rngs.params(), (cfg.num_domains, proj_in, dt), jnp.float32),
+      **axes('domains', 'embed', 'hidden'),
     )
     merges = cfg.num_codebooks > 1 and not concat
-    self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if merges else None
+    self.merge = (
+      _dense(cfg.num_codebooks * dt, dt, rngs, ('codebooks', 'embed')) if merges else None
+    )
     if cfg.frozen_token_conditioning:
       freeze(self)
 
@@ -267,17 +293,19 @@ class DiT(nnx.Module):
     self.cfg = cfg
     d = cfg.width
     self.token_encoder = TokenEncoder(cfg, rngs)
-    self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs)
+    self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs, ('inputs', 'embed'))
     # dit: features of 1000·t, MLP time_freq_dim → d → d; official: of t, MLP d → 4d → d.
     official_time = cfg.time_embedding == 'official'
     time_in, time_hidden = (d, 4 * d) if official_time else (cfg.time_freq_dim, d)
-    self.time_mlp_in = _dense(time_in, time_hidden, rngs)
-    self.time_mlp_out = _dense(time_hidden, d, rngs)
+    self.time_mlp_in = _dense(time_in, time_hidden, rngs, ('time_freq', 'embed'))
+    self.time_mlp_out = _dense(time_hidden, d, rngs, ('hidden', 'embed'))
     self.blocks = _stacked_blocks(
       cfg, nnx.Rngs(params=jax.random.split(rngs.params(), cfg.num_layers))
     )
-    self.output_norm = nnx.LayerNorm(d, rngs=rngs)
-    self.output_projection = _dense(d, cfg.n_mels, rngs)
+    self.output_norm = nnx.LayerNorm(
+      d, scale_metadata=axes('embed'), bias_metadata=axes('embed'), rngs=rngs
+    )
+    self.output_projection = _dense(d, cfg.n_mels, rngs, ('embed', 'mels'))
 
   def __call__(
     self,
@@ -315,11 +343,12 @@ class DiT(nnx.Module):
     """The blocks' input h0 (B, T, width), time embedding (B, width) and e before token dropout."""
     cfg = self.cfg
     frames = x_t.shape[1]
-    e = self.token_encoder(tokens, domain, frames)
+    x_t, t, ref_mel = (sharding.constrain_batch(a) for a in (x_t, t, ref_mel))
+    e = sharding.constrain_batch(self.token_encoder(tokens, domain, frames))
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
     h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
-    return h, self.time_embedding(t), e
+    return sharding.constrain_batch(h), sharding.constrain_batch(self.time_embedding(t)), e
 
   def time_embedding(self, t):
     """(B,) flow times in [0, 1] -> (B, width)."""
@@ -327,7 +356,8 @@ class DiT(nnx.Module):
       features = sinusoidal_features(t, self.cfg.width)
     else:
       features = sinusoidal_features(1000.0 * t, self.cfg.time_freq_dim)
-    return self.time_mlp_out(jax.nn.silu(self.time_mlp_in(features)))
+    hidden = sharding.constrain_batch(self.time_mlp_in(features))
+    return self.time_mlp_out(jax.nn.silu(hidden))
 
   def output(self, h):
     """Last block's output (B, T, width) -> velocity (B, T, n_mels)."""
@@ -340,8 +370,9 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
 
   def body(h, layer):
     block_state, gate, key = layer
-    h = nnx.merge(graphdef, block_state)(h, time_emb, gate, key)
+    h = sharding.constrain_batch(nnx.merge(graphdef, block_state)(h, time_emb, gate, key))
     out = {'none': None, 'utterance': h.mean(1), 'frame': h}[hidden]
+    out = None if out is None else sharding.constrain_batch(out)
     return h, out
 
   if remat not in REMAT_POLICIES:
@@ -356,7 +387,7 @@ class RepaHeads(nnx.Module):
 
   def __init__(self, num_layers: int, width: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
     def stacked(n_out):
-      @nnx.vmap(in_axes=0, out_axes=0)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make(rngs):
         return RepaMLP(width, n_out, rngs)
 
@@ -367,16 +398,18 @@ class RepaHeads(nnx.Module):
   def __call__(self, domain_index: int, z):
     """z: (L, B, [T,] width) -> (L, B, [T,] C_d), layer ℓ through head (ℓ, d)."""
     graphdef, state = nnx.split(self.per_domain[domain_index])
-    return jax.vmap(lambda s, x: nnx.merge(graphdef, s)(x))(state, z)
+    # layer by layer, so FSDP gathers one head's weights at a time (as the depth scan does)
+    return jax.lax.map(lambda layer: nnx.merge(graphdef, layer[0])(layer[1]), (state, z))
 
 
 class RepaMLP(nnx.Module):
   def __init__(self, width, n_out, rngs):
-    self.hidden = _dense(width, width, rngs)
-    self.out = _dense(width, n_out, rngs)
+    self.hidden = _dense(width, width, rngs, ('embed', 'hidden'))
+    self.out = _dense(width, n_out, rngs, ('hidden', 'teacher'))
 
   def __call__(self, z):
-    return self.out(jax.nn.gelu(self.hidden(l2_normalize(z)), approximate=False))
+    hidden = jax.nn.gelu(self.hidden(l2_normalize(sharding.constrain_batch(z))), approximate=False)
+    return sharding.constrain_batch(self.out(sharding.constrain_batch(hidden)))
 
 
 class BitcHeads(nnx.Module):
@@ -389,7 +422,14 @@ class BitcHeads(nnx.Module):
     self, token_dim: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs, official: bool = False
   ):
     norm = dict(use_scale=False, use_bias=False, epsilon=1e-5) if official else {}
-    self.norms = nnx.List([nnx.LayerNorm(token_dim, **norm, rngs=rngs) for _ in teacher_dims])
+    self.norms = nnx.List(
+      [
+        nnx.LayerNorm(
+          token_dim, **norm, scale_metadata=axes('embed'), bias_metadata=axes('embed'), rngs=rngs
+        )
+        for _ in teacher_dims
+      ]
+    )
     self.projections = nnx.List(
       [
         nnx.Linear(
@@ -397,6 +437,8 @@ class BitcHeads(nnx.Module):
           dim,
           use_bias=not official,
           kernel_init=nnx.initializers.orthogonal(),
+          kernel_metadata=axes('embed', 'teacher'),
+          bias_metadata=axes('teacher'),
           rngs=rngs,
         )
         for dim in teacher_dims
@@ -404,7 +446,9 @@ class BitcHeads(nnx.Module):
     )
 
   def __call__(self, domain_index: int, pooled_e):
-    return self.projections[domain_index](self.norms[domain_index](pooled_e))
+    pooled_e = sharding.constrain_batch(pooled_e)
+    projected = self.projections[domain_index](self.norms[domain_index](pooled_e))
+    return sharding.constrain_batch(projected)
 
 
 class AgRepaModel(nnx.Module):

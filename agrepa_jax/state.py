@@ -103,7 +103,11 @@ def sharded_init(config, teacher_dims, tx, mesh):
 def sharded_shapes(config, teacher_dims, tx, mesh):
   """(graphdef, abstract train state, its shardings) on `mesh`."""
   graphdef, shapes = abstract_state(config, teacher_dims, tx)
-  return graphdef, shapes, state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
+  return (
+    graphdef,
+    shapes,
+    state_shardings(shapes, mesh, config.mesh.rules, config.mesh.fsdp_min_size),
+  )
 
 
 def initialize(config, teacher_dims, tx, shardings) -> TrainState:
@@ -115,8 +119,8 @@ def initialize(config, teacher_dims, tx, shardings) -> TrainState:
   return init(config.seed)
 
 
-def state_shardings(shapes: TrainState, mesh, min_size: int):
-  tree = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=min_size)
+def state_shardings(shapes: TrainState, mesh, rules, min_size: int):
+  tree = functools.partial(sharding.tree_shardings, mesh=mesh, rules=rules, min_size=min_size)
   return shapes.replace(
     step=sharding.replicated(mesh),
     rng=sharding.replicated(mesh),

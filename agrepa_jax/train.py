@@ -28,10 +28,13 @@ class StepConfig:
 
   loss: losses.LossConfig
   ema_decay: float = 0.0  # > 0: keep a moving average of the parameters for inference
+  sharding_rules: tuple = ()  # mesh.rules: logical axes -> mesh axes, for activation constraints
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
-    return cls(losses.LossConfig.from_config(config), config.optim.ema_decay)
+    return cls(
+      losses.LossConfig.from_config(config), config.optim.ema_decay, tuple(config.mesh.rules)
+    )
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, step_cfg: StepConfig):
@@ -67,7 +70,7 @@ def jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh):
     train_step, graphdef=graphdef, tx=tx, schedule=schedule, step_cfg=step_cfg
   )
   return jax.jit(
-    step,
+    sharding.traced_with_rules(step, mesh, step_cfg.sharding_rules),
     in_shardings=(shardings, sharding.batch_sharding(mesh)),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -77,7 +80,7 @@ def jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh):
 def jit_eval_step(graphdef, step_cfg, shardings, mesh):
   step = functools.partial(eval_step, graphdef=graphdef, step_cfg=step_cfg)
   return jax.jit(
-    step,
+    sharding.traced_with_rules(step, mesh, step_cfg.sharding_rules),
     in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
     out_shardings=sharding.replicated(mesh),
   )

@@ -4,10 +4,25 @@
 # The repository must be checked out at the same path on every worker (REPO, default ~/agrepa_jax),
 # and WORKDIR and data.cache_dir must be on a filesystem every host sees (e.g. a Filestore/NFS or
 # gcsfuse mount). Re-running the same command resumes from the last checkpoint.
+# Each worker's output is kept apart in LOG_DIR/worker_<i>.log on this machine (default
+# logs/<TPU>/<time>); the job fails if any worker fails.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
 config=${1:?config file}; workdir=${2:?workdir}; shift 2
 repo=${REPO:-'~/agrepa_jax'}  # expanded on the workers, not here
+log_dir=${LOG_DIR:-logs/$TPU/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$log_dir"
+workers=$(gcloud compute tpus tpu-vm describe "$TPU" --zone "$ZONE" \
+  --format='value(networkEndpoints.len())')
 remote_args=$(printf ' %q' --config "$config" --workdir "$workdir" "$@")
-gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $repo && python -m agrepa_jax.main --distributed$remote_args"
+pids=()
+for ((i = 0; i < workers; i++)); do
+  gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker="$i" --command \
+    "cd $repo && python -m agrepa_jax.main --distributed$remote_args" \
+    >"$log_dir/worker_$i.log" 2>&1 &
+  pids+=($!)
+done
+echo "$workers workers; logs in $log_dir (worker_0.log has the progress bar)"
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

@@ -59,7 +59,7 @@ def test_train_step_on_8_devices_matches_one_device(config):
   assert all(np.isfinite(a['loss']) and a['loss_repa'] > 0 and a['loss_bitc'] > 0 for a in single)
   # the stacked block kernels really are split over the fsdp axis
   qkv = state.params['backbone']['blocks']['qkv']['kernel'][...]
-  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, 'fsdp')
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
 
 
 def test_new_lambda_values_do_not_recompile_and_change_the_repa_loss(config):

@@ -1,0 +1,89 @@
+"""Two JAX processes × 4 CPU devices train exactly like one process × 8, and resume like it.
+
+Each run goes through launch/local_multiprocess.py (a local coordinator, one OS process per JAX
+process), as a multi-host job would.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agrepa_jax import metrics
+from tests.helpers import tiny_config, write_fake_cache
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+LAUNCHER = REPOSITORY / 'launch' / 'local_multiprocess.py'
+NUM_STEPS = 12
+OVERRIDES = {
+  'log_every': 1,
+  'eval_every': 0,
+  'checkpoint_every': 100,
+  'optim.schedule_steps': NUM_STEPS,  # the same learning rates whether a run stops early or not
+  'mesh.data': -1,
+  'mesh.fsdp': 2,
+}
+
+
+def write_config_file(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A config file that the launched processes load: the tiny test config over a fake cache."""
+  write_fake_cache(tiny_config(tmp_path / 'cache'))
+  path = tmp_path / 'tiny.py'
+  path.write_text(
+    'import pathlib\n'
+    'from tests.helpers import tiny_config\n\n\n'
+    'def get_config():\n'
+    f'  return tiny_config(pathlib.Path({str(tmp_path / "cache")!r}), **{OVERRIDES!r})\n'
+  )
+  return path
+
+
+def train(config_file, workdir, processes: int, num_steps: int):
+  """Runs (or resumes) training to `num_steps` with `processes` × (8 / processes) CPU devices."""
+  env = {
+    **os.environ,
+    'PYTHONPATH': str(REPOSITORY),
+    'XLA_FLAGS': '',
+    'JAX_PLATFORMS': 'cpu',
+    # no compilation cache: gloo gives up when one process reaches the first collective 30 s
+    # before the other, as happens when only one of them finds its step in a cache
+    'JAX_ENABLE_COMPILATION_CACHE': 'false',
+  }
+  command = [
+    sys.executable,
+    str(LAUNCHER),
+    f'--processes={processes}',
+    f'--devices_per_process={8 // processes}',
+    f'--log_dir={workdir}/launcher',
+    '--',
+    f'--config={config_file}',
+    f'--workdir={workdir}',
+    f'--config.num_steps={num_steps}',
+  ]
+  result = subprocess.run(command, env=env, cwd=REPOSITORY, timeout=600)
+  logs = '\n'.join(p.read_text()[-20000:] for p in sorted((workdir / 'launcher').glob('*.log')))
+  assert result.returncode == 0, logs
+
+
+def losses(workdir) -> dict[int, tuple[float, float]]:
+  rows = metrics.read_metrics(workdir / 'metrics.jsonl')
+  return {row['step']: (row['loss'], row['grad_norm']) for row in rows}
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_like_one(tmp_path):
+  config_file = write_config_file(tmp_path)
+  train(config_file, tmp_path / 'one', processes=1, num_steps=NUM_STEPS)
+  train(config_file, tmp_path / 'two', processes=2, num_steps=NUM_STEPS // 2)
+  assert (tmp_path / 'two' / 'checkpoints' / str(NUM_STEPS // 2)).is_dir()
+  train(config_file, tmp_path / 'two', processes=2, num_steps=NUM_STEPS)  # resumes at step 6
+
+  one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == list(range(1, NUM_STEPS + 1))
+  np.testing.assert_allclose(
+    [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5
+  )
+  assert one[NUM_STEPS][0] < one[1][0]  # it trains
