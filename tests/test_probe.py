@@ -322,7 +322,7 @@ class FakeSplit:
     return np.flatnonzero(self.domain == d)
 
   def record(self, i):
-    name = ('speech', 'audio')[self.domain[i]]
+    name = ('speech', 'audio')[int(self.domain[i])]
     return {'teacher': self.teacher[name][i]}
 
 
