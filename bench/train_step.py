@@ -49,7 +49,17 @@ def paper_width_config():
   return config
 
 
-CONFIGS = {'default': default_config, 'paper_width': paper_width_config}
+def paper_day_config():
+  """configs/paper_day.py: 12 blocks × 512, batch 64 of 10 s clips, bf16, full remat."""
+  return config_base.config_from_file('configs/paper_day.py')
+
+
+# paper_day is for accelerators: it is not in the default --configs.
+CONFIGS = {
+  'default': default_config,
+  'paper_width': paper_width_config,
+  'paper_day': paper_day_config,
+}
 
 
 def with_bench_settings(config):
@@ -181,7 +191,7 @@ def bench(name: str, config, steps: int, matmul_peak: float) -> dict:
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--configs', default=','.join(CONFIGS))
+  parser.add_argument('--configs', default='default,paper_width')
   args = parser.parse_args(argv)
   matmul_peak = matmul_flops_per_second()
   for name in args.configs.split(','):
