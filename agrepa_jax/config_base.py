@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     remat='none',  # none | full | dots: activation rematerialization in the depth scan
     dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
     frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
+    dropout_rng='threefry',  # threefry | rbg: PRNG of the dropout masks (rbg: faster on GPU/TPU)
   )
   config.flow = _section(
     noise_std=0.5,  # σ of the source noise x0
@@ -77,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
     score_ema=0.9,  # fog_a online: decay of the moving average of the scores
     quirks=False,  # quirk: FoG-A at t=0.8 on 2 clips, dropout on, odd layers only, raw λ
+    max_layers=3,  # static K: at most this many layers per domain run their REPA heads per step
+    all_layer_heads=False,  # keep a REPA head on every layer, not only the selectable ones
   )
   config.teachers = _section(
     # name: whisper | beats; checkpoint: '' = the teacher's bundled default (Whisper tiny.en);

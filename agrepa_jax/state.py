@@ -44,7 +44,9 @@ def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
       f'model.n_mels={config.model.n_mels}: the target representation has {audio.N_MELS} mel bands'
     )
   cfg = ModelConfig.from_config({**config.model, 'num_domains': len(config.data.domains)})
-  model = AgRepaModel(cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)))
+  model = AgRepaModel(
+    cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)), selection.repa_head_layers(config)
+  )
   if cfg.frozen_token_projection:
     projection = model.backbone.token_encoder.domain_projection
     model.backbone.token_encoder.domain_projection = Frozen(projection[...])
