@@ -333,7 +333,8 @@ class RepaHeads(nnx.Module):
       def make(rngs):
         return RepaMLP(width, n_out, rngs)
 
-      return make(nnx.Rngs(params=jax.random.split(rngs.params(), count))) if count else None
+      key = rngs.params()  # drawn for every domain, so later modules' draws never depend on it
+      return make(nnx.Rngs(params=jax.random.split(key, count))) if count else None
 
     self.per_domain = nnx.List(
       [stacked(dim, len(chosen)) for dim, chosen in zip(teacher_dims, self.layers)]

@@ -149,6 +149,6 @@ def param_counts(shapes: TrainState) -> dict[str, int]:
   return {
     'backbone': count_params(params['backbone']),
     'blocks': count_params(params['backbone']['blocks']),
-    'repa_heads': count_params(params['repa_heads']),
+    'repa_heads': count_params(params.get('repa_heads', {})),  # none without a selection
     'bitc_heads': count_params(params['bitc_heads']),
   }
