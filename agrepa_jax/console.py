@@ -29,26 +29,29 @@ def _terminal_filter(verbose: bool):
   def keep(record: logging.LogRecord) -> bool:
     if record.levelno >= logging.WARNING:
       return True
-    return jax.process_index() == 0 and (verbose or record.pathname.startswith(PACKAGE_DIR))
+    if not (verbose or record.pathname.startswith(PACKAGE_DIR)):
+      return False
+    return jax.process_index() == 0
 
   return keep
 
 
 def configure_logging(workdir: pathlib.Path, verbose: bool = False) -> pathlib.Path:
   """Routes every record to the workdir's log file and this package's INFO to the terminal."""
-  log_path = workdir / 'logs' / f'process_{jax.process_index()}.log'
-  log_path.parent.mkdir(parents=True, exist_ok=True)
   root = logging.getLogger()
   for handler in list(root.handlers):
     root.removeHandler(handler)
   root.setLevel(logging.INFO)
-  to_file = logging.FileHandler(log_path)
-  to_file.setFormatter(logging.Formatter(FORMAT))
-  root.addHandler(to_file)
   terminal = _TqdmHandler()
   terminal.setFormatter(logging.Formatter('%(levelname).1s %(message)s'))
   terminal.addFilter(_terminal_filter(verbose))
   root.addHandler(terminal)
+  # Installed before the first jax call, whose backend start-up messages would otherwise print.
+  log_path = workdir / 'logs' / f'process_{jax.process_index()}.log'
+  log_path.parent.mkdir(parents=True, exist_ok=True)
+  to_file = logging.FileHandler(log_path)
+  to_file.setFormatter(logging.Formatter(FORMAT))
+  root.addHandler(to_file)
   return log_path
 
 

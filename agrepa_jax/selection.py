@@ -39,9 +39,6 @@ def dense_lambdas(per_domain: dict[str, dict[int, float]], num_layers: int, doma
   return lambdas
 
 
-LAMBDA_RULES = ('raw', 'normalized', 'softmax')
-
-
 def top_k_layers(scores: np.ndarray, k: int, eligible=None) -> np.ndarray:
   """0-based indices of the k highest finite scores among `eligible` layers, highest first.
 
@@ -55,19 +52,30 @@ def top_k_layers(scores: np.ndarray, k: int, eligible=None) -> np.ndarray:
   return candidates[np.argsort(-scores[candidates], kind='stable')][:k]
 
 
+def _raw(scores, total, temperature):
+  return scores
+
+
+def _normalized(scores, total, temperature):
+  if scores.sum() <= 0:
+    raise ValueError(f'normalized λ needs a positive score sum, got scores {scores.tolist()}')
+  return total * scores / scores.sum()
+
+
+def _softmax(scores, total, temperature):
+  weights = np.exp((scores - scores.max()) / temperature)
+  return total * weights / weights.sum()
+
+
+# λ rule name -> (scores, total, temperature) -> λ of the selected layers. A new rule is a new entry.
+LAMBDA_RULES = {'raw': _raw, 'normalized': _normalized, 'softmax': _softmax}
+
+
 def layer_lambdas(scores: np.ndarray, rule: str, total: float, temperature: float) -> np.ndarray:
   """λ of the selected layers from their scores."""
-  scores = np.asarray(scores, np.float64)
-  if rule == 'raw':
-    return scores
-  if rule == 'normalized':
-    if scores.sum() <= 0:
-      raise ValueError(f'normalized λ needs a positive score sum, got scores {scores.tolist()}')
-    return total * scores / scores.sum()
-  if rule == 'softmax':
-    weights = np.exp((scores - scores.max()) / temperature)
-    return total * weights / weights.sum()
-  raise ValueError(f'lambda_rule={rule!r}: expected one of {LAMBDA_RULES}')
+  if rule not in LAMBDA_RULES:
+    raise ValueError(f'lambda_rule={rule!r}: expected one of {tuple(LAMBDA_RULES)}')
+  return LAMBDA_RULES[rule](np.asarray(scores, np.float64), total, temperature)
 
 
 def layer_scores(table: np.ndarray, t_values, selection_t: float) -> np.ndarray:
@@ -123,8 +131,42 @@ def read_selection(path: pathlib.Path) -> dict[str, dict[int, float]]:
   return {domain: dict(zip(entry['layers'], entry['lambdas'])) for domain, entry in domains.items()}
 
 
+def _no_alignment(config) -> dict[str, dict[int, float]]:
+  return {}
+
+
+def _fixed_layers(config) -> dict[str, dict[int, float]]:
+  repa = config.repa
+  if repa.preset:
+    if repa.preset not in PAPER_PRESETS:
+      raise ValueError(
+        f'repa.preset={repa.preset!r}: expected one of {sorted(PAPER_PRESETS)} or empty'
+      )
+    return PAPER_PRESETS[repa.preset]
+  per_domain = {}
+  for domain in config.data.domains:
+    layers = list(repa.layers[domain])
+    weights = list(repa.lambdas[domain])
+    if len(weights) == 1:
+      weights = weights * len(layers)
+    if len(weights) != len(layers):
+      raise ValueError(f'repa.lambdas.{domain} has {len(weights)} values for {len(layers)} layers')
+    per_domain[domain] = dict(zip(layers, weights))
+  return per_domain
+
+
+def _fog_a_layers(config) -> dict[str, dict[int, float]]:
+  if measures_online(config):
+    return {}  # online FoG-A sets λ at its first measurement
+  return read_selection(config.repa.selection_file)
+
+
+# repa.selection -> config -> {domain: {layer (1-based): λ}}. A new selection rule is a new entry.
+SELECTIONS = {'none': _no_alignment, 'fixed': _fixed_layers, 'fog_a': _fog_a_layers}
+
+
 def lambdas_from_config(config) -> np.ndarray:
-  """The (L, domains) λ a run starts from, checked against its REPA heads and repa.max_layers."""
+  """The dense (L, domains) λ a run starts from, checked against its heads and repa.max_layers."""
   lambdas = configured_lambdas(config)
   check_active_lambdas(
     lambdas, repa_head_layers(config), config.repa.max_layers, config.data.domains
@@ -133,31 +175,11 @@ def lambdas_from_config(config) -> np.ndarray:
 
 
 def configured_lambdas(config) -> np.ndarray:
-  repa, domains, num_layers = config.repa, tuple(config.data.domains), config.model.num_layers
-  if repa.selection == 'none' or measures_online(config):
-    return np.zeros(
-      (num_layers, len(domains)), np.float32
-    )  # online FoG-A sets λ at its first measurement
-  if repa.selection == 'fog_a':
-    return dense_lambdas(read_selection(repa.selection_file), num_layers, domains)
-  if repa.selection != 'fixed':
-    raise ValueError(f"repa.selection={repa.selection!r}: expected 'none', 'fixed' or 'fog_a'")
-  if repa.preset:
-    if repa.preset not in PAPER_PRESETS:
-      raise ValueError(
-        f'repa.preset={repa.preset!r}: expected one of {sorted(PAPER_PRESETS)} or empty'
-      )
-    return dense_lambdas(PAPER_PRESETS[repa.preset], num_layers, domains)
-  per_domain = {}
-  for domain in domains:
-    layers = list(repa.layers[domain])
-    weights = list(repa.lambdas[domain])
-    if len(weights) == 1:
-      weights = weights * len(layers)
-    if len(weights) != len(layers):
-      raise ValueError(f'repa.lambdas.{domain} has {len(weights)} values for {len(layers)} layers')
-    per_domain[domain] = dict(zip(layers, weights))
-  return dense_lambdas(per_domain, num_layers, domains)
+  """The dense (L, domains) λ of `config.repa.selection`, unchecked."""
+  rule = config.repa.selection
+  if rule not in SELECTIONS:
+    raise ValueError(f'repa.selection={rule!r}: expected one of {tuple(SELECTIONS)}')
+  return dense_lambdas(SELECTIONS[rule](config), config.model.num_layers, config.data.domains)
 
 
 def repa_head_layers(config) -> tuple[tuple[int, ...], ...]:
