@@ -87,11 +87,13 @@ def repa_loss(
     (frame granularity: teacher frames (B, F, C_d) are interpolated to T and the distance is
     averaged over the (B, T) `valid_frames`).
   lambdas: dense (L, num_domains) weights; a zero entry switches that pair off, and changing the
-    values never recompiles. Only the heads of the `max_layers` (default L) largest λ per domain
-    run (selection.active_layers), so the cost does not grow with L.
+    values never recompiles. Only the heads of the `max_layers` (default L; at most as many as a
+    domain has heads) largest λ per domain run (selection.active_layers): the cost does not
+    grow with L.
   """
+  most_heads = max(map(len, repa_heads.layers), default=0)
   layers, weights = selection.active_layers(
-    lambdas, repa_heads.has_head(), max_layers or lambdas.shape[0]
+    lambdas, repa_heads.has_head(), min(max_layers or lambdas.shape[0], most_heads)
   )
   total = jnp.zeros(())
   for d, target in enumerate(teacher):
