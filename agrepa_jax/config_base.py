@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     remat='none',  # none | full | dots: activation rematerialization in the depth scan
     dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
     frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
-    dropout_rng='threefry',  # threefry | rbg: PRNG of the dropout masks (rbg: faster on GPU/TPU)
+    dropout_rng='threefry',  # threefry | rbg: PRNG of the dropout masks (rbg: XLA's own, for TPU)
   )
   config.flow = _section(
     noise_std=0.5,  # σ of the source noise x0
