@@ -1,7 +1,9 @@
 """Every config key, its default and a one-line meaning; configs/*.py override what defines them.
 
 Reference-code quirks (docs/method.md, "Reference quirks") are switches that default to the
-sound choice: model.frozen_token_projection, flow.loss_on_prompt, repa.quirks.
+sound choice: model.frozen_token_conditioning, flow.loss_on_prompt, repa.quirks. Where the official
+code's architecture differs from ours, a key names both forms (docs/fidelity.md): the paper configs
+take the official one, the embedded default ours where it is better.
 This module only builds ConfigDicts: it imports nothing that runs.
 """
 
@@ -41,7 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
     time_freq_dim=256,  # sinusoidal features of the time embedding
     remat='none',  # none | full | dots: activation rematerialization in the depth scan
     dtype='float32',  # activation dtype inside the blocks (bfloat16 on accelerators)
-    frozen_token_projection=False,  # quirk: P_d identity-initialized and never trained
+    token_tables='per_domain',  # per_domain: one embedding table per domain (official) | shared
+    codebook_fusion='merge',  # dual: merge (P_d, interpolate, Linear) | concat (official, docs)
+    second_vocab_size=0,  # vocabulary of codebook 2 (official: 1024 BEATs labels); 0 = vocab_size
+    time_embedding='dit',  # dit: 1000·t, time_freq_dim features, d→d | official: t, width, d→4d→d
+    dropout_positions='branch',  # branch outputs | official: attention probs, after GELU and MLP
+    modulation_init='xavier',  # adaLN modulation kernel: xavier | normal (official: N(0, 0.02))
+    frozen_token_conditioning=False,  # quirk: tables and P_d never train; P_d identity-initialized
     dropout_rng='threefry',  # threefry | rbg: PRNG of the dropout masks (rbg: XLA's own, for TPU)
   )
   config.flow = _section(
@@ -67,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bitc = _section(
     enabled=True,  # BiT-C: align the time-mean token embedding with the teacher
     weights={'speech': 0.5, 'audio': 1.0},  # BiT-C loss weight w_d per domain
+    form='affine',  # affine: all clips | official: no affine or bias, skips dropped-token clips
   )
   config.repa = _section(
     selection='none',  # none | fixed | fog_a (AG-REPA: λ from FoG-A)
@@ -77,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     selection_file='',  # fog_a: λ from a probe's selection.json; '' = re-measure online
     probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
     score_ema=0.9,  # fog_a online: decay of the moving average of the scores
-    quirks=False,  # quirk: FoG-A at t=0.8 on 2 clips, dropout on, odd layers only, raw λ
+    quirks=False,  # quirk: the official FoG-A schedule, raw λ, cumulative mean (docs/fidelity.md)
     max_layers=3,  # static K: at most this many layers per domain run their REPA heads per step
     all_layer_heads=False,  # keep a REPA head on every layer, not only the selectable ones
   )

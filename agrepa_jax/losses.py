@@ -64,16 +64,21 @@ def flow_matching_loss(velocity, target, frame_weights):
   return (per_frame * frame_weights).sum() / jnp.maximum(frame_weights.sum(), 1.0)
 
 
-def bitc_loss(bitc_heads, token_embedding, teacher, domain, domain_weights, valid_frames=None):
+def bitc_loss(
+  bitc_heads, token_embedding, teacher, domain, domain_weights, token_keep=None, valid_frames=None
+):
   """Σ_d w_d · mean over the batch of [clip in d] · (1 − cos(head_d(mean_t e), y_d)).
 
-  teacher: per-domain utterance targets, a sequence of (B, C_d); domain: (B,) indices;
+  teacher: per-domain utterance targets, a sequence of (B, C_d); domain: (B,) indices.
+  token_keep: (B,) 0/1; when given, clips whose tokens were dropped count as zero (the official
+  form; they still count in the batch size).
   valid_frames: (B, T) bool, the frames mean_t averages (default all).
   """
   pooled = masked_mean(token_embedding, valid_frames)
+  kept = 1.0 if token_keep is None else token_keep.astype(pooled.dtype)
   total = 0.0
   for d, (target, weight) in enumerate(zip(teacher, domain_weights)):
-    in_domain = (domain == d).astype(pooled.dtype)
+    in_domain = (domain == d).astype(pooled.dtype) * kept
     total += weight * (in_domain * cosine_distance(bitc_heads(d, pooled), target)).mean()
   return total
 
@@ -121,6 +126,7 @@ class LossConfig:
   bitc_weights: tuple[float, ...] | None  # None: no BiT-C loss
   granularity: str  # REPA: 'none' (off), 'utterance' (time-pooled, the paper's) or 'frame'
   domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
+  bitc_skips_dropped: bool = False  # bitc.form='official': clips whose tokens were dropped skip it
   max_layers: int = 3  # static K: REPA heads run for at most this many layers per domain
 
   @classmethod
@@ -138,8 +144,14 @@ class LossConfig:
       raise ValueError(
         "repa.granularity='frame' needs teacher frame features: set data.teacher_frames=True"
       )
-    repa_granularity = 'none' if config.repa.selection == 'none' else granularity
-    return cls(flow, bitc, repa_granularity, domains, config.repa.max_layers)
+    return cls(
+      flow,
+      bitc,
+      'none' if config.repa.selection == 'none' else granularity,
+      domains,
+      bitc_skips_dropped=config.bitc.form == 'official',
+      max_layers=config.repa.max_layers,
+    )
 
 
 def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> dict:
@@ -183,7 +195,8 @@ def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dr
       teacher,
       batch['domain'],
       cfg.bitc_weights,
-      valid,
+      inputs['token_keep'] if cfg.bitc_skips_dropped else None,
+      valid_frames=valid,
     )
   out['loss_repa'] = jnp.zeros(())
   if cfg.granularity != 'none':

@@ -37,14 +37,60 @@ class ModelConfig:
   num_domains: int = 2
   time_freq_dim: int = 256
   remat: str = 'none'  # a key of REMAT_POLICIES
-  frozen_token_projection: bool = False  # reference quirk: P_d identity-initialized, no gradient
   dtype: str = 'float32'  # activation dtype; parameters stay float32
+  # Forms that differ from the paper's official code (docs/fidelity.md); the first choice is ours.
+  token_tables: str = 'per_domain'  # shared | per_domain: one embedding table per domain
+  codebook_fusion: str = 'merge'  # merge | concat: the official dual-codebook conditioning
+  second_vocab_size: int = 0  # codebook 2 (official: 1024 BEATs labels); 0 = vocab_size
+  time_embedding: str = 'dit'  # dit | official
+  dropout_positions: str = 'branch'  # branch | official
+  modulation_init: str = 'xavier'  # xavier | normal: N(0, 0.02), the official
+  bitc_form: str = 'affine'  # affine | official: LayerNorm without affine, Linear without bias
+  frozen_token_conditioning: bool = False  # reference quirk: tables and projections never train
   dropout_rng: str = 'threefry'  # a key of DROPOUT_RNGS
+
+  def __post_init__(self):
+    for name, choices in FORM_CHOICES.items():
+      if getattr(self, name) not in choices:
+        key = 'bitc.form' if name == 'bitc_form' else f'model.{name}'
+        raise ValueError(f'{key}={getattr(self, name)!r}: expected one of {choices}')
+    if self.codebook_fusion == 'concat' and self.num_codebooks != 2:
+      raise ValueError(
+        f"model.codebook_fusion='concat' needs model.num_codebooks=2, got {self.num_codebooks}"
+      )
 
   @classmethod
   def from_config(cls, config) -> 'ModelConfig':
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in config.items() if k in fields})
+
+  @property
+  def vocab_sizes(self) -> tuple[int, ...]:
+    """Vocabulary of each codebook."""
+    second = self.second_vocab_size or self.vocab_size
+    return (self.vocab_size, second)[: self.num_codebooks]
+
+
+FORM_CHOICES = {
+  'token_tables': ('shared', 'per_domain'),
+  'codebook_fusion': ('merge', 'concat'),
+  'time_embedding': ('dit', 'official'),
+  'dropout_positions': ('branch', 'official'),
+  'modulation_init': ('xavier', 'normal'),
+  'bitc_form': ('affine', 'official'),
+}
+
+
+class Frozen(nnx.Variable):
+  """A model variable the optimizer never touches: no gradient and no weight decay."""
+
+
+def freeze(module: nnx.Module) -> None:
+  """Turns every nnx.Param of `module` (and its submodules) into a Frozen variable, in place."""
+  for _, child in nnx.iter_modules(module):
+    for name, value in list(vars(child).items()):
+      if isinstance(value, nnx.Param):
+        setattr(child, name, Frozen(value[...]))
 
 
 def sinusoidal_features(positions: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -56,7 +102,7 @@ def sinusoidal_features(positions: jax.Array, dim: int, max_period: float = 1000
 
 
 def interpolate_linear(x: jax.Array, length: int) -> jax.Array:
-  """Linear resampling of (B, N, C) along N to `length` with half-pixel centers (align_corners off)."""
+  """Linear resampling of (B, N, C) along N to `length`, half-pixel centers (align_corners off)."""
   n = x.shape[1]
   source = jnp.clip((jnp.arange(length) + 0.5) * (n / length) - 0.5, 0.0, n - 1)
   lower = jnp.floor(source).astype(jnp.int32)
@@ -120,18 +166,39 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _dense(n_in, n_out, rngs, *, zero=False, dtype=None):
+def _dense(n_in, n_out, rngs, *, zero=False, dtype=None, kernel_init=None):
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
-  return nnx.Linear(n_in, n_out, kernel_init=init, dtype=dtype, rngs=rngs)
+  return nnx.Linear(n_in, n_out, kernel_init=kernel_init or init, dtype=dtype, rngs=rngs)
+
+
+def attention_with_probability_dropout(
+  q, k, v, rate: float, key: jax.Array, lengths: jax.Array | None = None
+) -> jax.Array:
+  """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D), dropout on the probabilities.
+
+  The official dropout position; it materializes the (B, H, T, T) probabilities. Keys past a
+  clip's `lengths` (B,) are masked, as in `attention`.
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if lengths is not None:
+    keys_valid = valid_mask(jnp.maximum(lengths, 1), k.shape[1])[:, None, None, :]
+    logits = jnp.where(keys_valid, logits, jnp.finfo(jnp.float32).min)
+  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
 class DiTBlock(nnx.Module):
-  """adaLN-conditioned transformer block; attention output and last MLP linear start at zero."""
+  """adaLN-conditioned transformer block; attention output and last MLP linear start at zero.
+
+  Dropout sits on the attention and MLP branch outputs ('branch'), or, as in the official code, on
+  the attention probabilities, after the GELU and after the MLP ('official').
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, dtype = cfg.width, jnp.dtype(cfg.dtype)
     self.cfg = cfg
-    self.modulation = _dense(d, 6 * d, rngs, dtype=dtype)
+    modulation_init = nnx.initializers.normal(0.02) if cfg.modulation_init == 'normal' else None
+    self.modulation = _dense(d, 6 * d, rngs, dtype=dtype, kernel_init=modulation_init)
     self.qkv = _dense(d, 3 * d, rngs, dtype=dtype)
     self.attn_out = _dense(d, d, rngs, zero=True, dtype=dtype)
     self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, dtype=dtype)
@@ -140,7 +207,8 @@ class DiTBlock(nnx.Module):
   def __call__(self, h, time_emb, gate, dropout_key=None, lengths=None):
     """h (B, T, width) -> same; `lengths` (B,): valid frames, the keys attention may read."""
     cfg = self.cfg
-    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    official = cfg.dropout_positions == 'official'
+    keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
       self.modulation(jax.nn.silu(time_emb))[:, None, :].astype(h.dtype), 6, axis=-1
     )
@@ -148,13 +216,23 @@ class DiTBlock(nnx.Module):
     x = layer_norm(h) * (1 + scale1) + shift1
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     heads = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, -1)
-    attn = attention(heads(q), heads(k), heads(v), lengths)
+    if official and keys[0] is not None and cfg.dropout > 0:
+      attn = attention_with_probability_dropout(
+        heads(q), heads(k), heads(v), cfg.dropout, keys[0], lengths
+      )
+    else:
+      attn = attention(heads(q), heads(k), heads(v), lengths)
     attn = self.attn_out(attn.reshape(h.shape))
-    h = h + gate * gate1 * dropout(attn, cfg.dropout, keys[0])
+    if not official:
+      attn = dropout(attn, cfg.dropout, keys[0])
+    h = h + gate * gate1 * attn
 
     x = layer_norm(h) * (1 + scale2) + shift2
-    mlp = self.mlp_out(jax.nn.gelu(self.mlp_in(x), approximate=False))
-    return h + gate * gate2 * dropout(mlp, cfg.dropout, keys[1])
+    hidden = jax.nn.gelu(self.mlp_in(x), approximate=False)
+    if official:
+      hidden = dropout(hidden, cfg.dropout, keys[2])
+    mlp = dropout(self.mlp_out(hidden), cfg.dropout, keys[1])
+    return h + gate * gate2 * mlp
 
 
 @nnx.vmap(in_axes=(None, 0), out_axes=0)
@@ -165,22 +243,50 @@ def _stacked_blocks(cfg, rngs):
 class TokenEncoder(nnx.Module):
   """Tokens (B, K, N) -> per-frame conditioning e (B, T, token_dim), L2-normalized per frame.
 
-  Each codebook has its own embedding; the projection P_d is chosen by the clip's domain d.
+  Each codebook has its own embedding table, one per domain with `token_tables='per_domain'`
+  (stored as one (domains·vocab, token_dim) table). The clip's domain d picks the projection P_d.
+  codebook_fusion 'merge': every stream is projected by P_d (token_dim → token_dim), interpolated
+  to T frames, and the streams are concatenated and merged by a shared Linear. 'concat' (the
+  official dual codebook): the two embeddings are concatenated at the token rate and projected by
+  P_d (2·token_dim → token_dim, no bias) before interpolation; the second stream's table is shared
+  by the domains (it holds one tokenizer's labels for all audio).
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     dt = cfg.token_dim
     self.embeddings = nnx.List(
-      [nnx.Embed(cfg.vocab_size, dt, rngs=rngs) for _ in range(cfg.num_codebooks)]
+      [
+        nnx.Embed(self.num_tables(k) * vocab, dt, rngs=rngs)
+        for k, vocab in enumerate(cfg.vocab_sizes)
+      ]
     )
-    proj_init = nnx.initializers.xavier_uniform()
-    if cfg.frozen_token_projection:
+    concat = cfg.codebook_fusion == 'concat'
+    proj_init = nnx.initializers.xavier_uniform(batch_axis=0)
+    if cfg.frozen_token_conditioning and not concat:
       proj_init = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+    proj_in = cfg.num_codebooks * dt if concat else dt
     self.domain_projection = nnx.Param(
-      proj_init(rngs.params(), (cfg.num_domains, dt, dt), jnp.float32)
+      proj_init(rngs.params(), (cfg.num_domains, proj_in, dt), jnp.float32)
     )
-    self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if cfg.num_codebooks > 1 else None
+    merges = cfg.num_codebooks > 1 and not concat
+    self.merge = _dense(cfg.num_codebooks * dt, dt, rngs) if merges else None
+    if cfg.frozen_token_conditioning:
+      freeze(self)
+
+  def num_tables(self, codebook: int) -> int:
+    """Tables of a codebook: one per domain, or one for all."""
+    shared_second = self.cfg.codebook_fusion == 'concat' and codebook == 1
+    per_domain = self.cfg.token_tables == 'per_domain' and not shared_second
+    return self.cfg.num_domains if per_domain else 1
+
+  def embed(self, tokens, domain):
+    """(B, K, N) tokens -> K embedded streams (B, N, token_dim), each from its clip's table."""
+    streams = []
+    for k, (table, vocab) in enumerate(zip(self.embeddings, self.cfg.vocab_sizes)):
+      offset = domain[:, None] * vocab if self.num_tables(k) > 1 else 0
+      streams.append(table(tokens[:, k] + offset))
+    return streams
 
   def __call__(self, tokens, domain, num_frames):
     # Every clip through every P_d, then the clip's own: cheap at the token rate, and it never
@@ -189,10 +295,10 @@ class TokenEncoder(nnx.Module):
     project = lambda x: jnp.einsum(
       'bkne,bk->bne', jnp.einsum('bnd,kde->bkne', x, self.domain_projection[...]), in_domain
     )
-    streams = [
-      interpolate_linear(project(embed(tokens[:, k])), num_frames)
-      for k, embed in enumerate(self.embeddings)
-    ]
+    streams = self.embed(tokens, domain)
+    if self.cfg.codebook_fusion == 'concat':
+      return l2_normalize(interpolate_linear(project(jnp.concatenate(streams, -1)), num_frames))
+    streams = [interpolate_linear(project(x), num_frames) for x in streams]
     e = self.merge(jnp.concatenate(streams, -1)) if self.merge is not None else streams[0]
     return l2_normalize(e)
 
@@ -205,8 +311,11 @@ class DiT(nnx.Module):
     d = cfg.width
     self.token_encoder = TokenEncoder(cfg, rngs)
     self.input_projection = _dense(2 * cfg.n_mels + cfg.token_dim, d, rngs)
-    self.time_mlp_in = _dense(cfg.time_freq_dim, d, rngs)
-    self.time_mlp_out = _dense(d, d, rngs)
+    # dit: features of 1000·t, MLP time_freq_dim → d → d; official: of t, MLP d → 4d → d.
+    official_time = cfg.time_embedding == 'official'
+    time_in, time_hidden = (d, 4 * d) if official_time else (cfg.time_freq_dim, d)
+    self.time_mlp_in = _dense(time_in, time_hidden, rngs)
+    self.time_mlp_out = _dense(time_hidden, d, rngs)
     self.blocks = _stacked_blocks(
       cfg, nnx.Rngs(params=jax.random.split(rngs.params(), cfg.num_layers))
     )
@@ -252,17 +361,22 @@ class DiT(nnx.Module):
     return jax.random.split(dropout_rng_key(dropout_key, self.cfg.dropout_rng), self.cfg.num_layers)
 
   def embed_inputs(self, x_t, t, tokens, ref_mel, domain, token_keep=None):
-    """The blocks' input h0 (B, T, width), the time embedding (B, width) and e before token dropout."""
+    """The blocks' input h0 (B, T, width), time embedding (B, width) and e before token dropout."""
     cfg = self.cfg
     frames = x_t.shape[1]
     e = self.token_encoder(tokens, domain, frames)
     e_in = e if token_keep is None else e * token_keep[:, None, None].astype(e.dtype)
     h = self.input_projection(jnp.concatenate([x_t, e_in, ref_mel], -1))
     h = (h + sinusoidal_features(jnp.arange(frames), cfg.width)).astype(jnp.dtype(cfg.dtype))
-    time_emb = self.time_mlp_out(
-      jax.nn.silu(self.time_mlp_in(sinusoidal_features(1000.0 * t, cfg.time_freq_dim)))
-    )
-    return h, time_emb, e
+    return h, self.time_embedding(t), e
+
+  def time_embedding(self, t):
+    """(B,) flow times in [0, 1] -> (B, width)."""
+    if self.cfg.time_embedding == 'official':
+      features = sinusoidal_features(t, self.cfg.width)
+    else:
+      features = sinusoidal_features(1000.0 * t, self.cfg.time_freq_dim)
+    return self.time_mlp_out(jax.nn.silu(self.time_mlp_in(features)))
 
   def output(self, h):
     """Last block's output (B, T, width) -> velocity (B, T, n_mels)."""
@@ -372,13 +486,25 @@ class RepaMLP(nnx.Module):
 
 
 class BitcHeads(nnx.Module):
-  """Input-side alignment heads: LayerNorm → Linear (orthogonal init) from mean_t e to C_d."""
+  """Input-side alignment heads: LayerNorm → Linear (orthogonal init) from mean_t e to C_d.
 
-  def __init__(self, token_dim: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
-    self.norms = nnx.List([nnx.LayerNorm(token_dim, rngs=rngs) for _ in teacher_dims])
+  official: LayerNorm without affine parameters (ε = 1e-5) and Linear without bias.
+  """
+
+  def __init__(
+    self, token_dim: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs, official: bool = False
+  ):
+    norm = dict(use_scale=False, use_bias=False, epsilon=1e-5) if official else {}
+    self.norms = nnx.List([nnx.LayerNorm(token_dim, **norm, rngs=rngs) for _ in teacher_dims])
     self.projections = nnx.List(
       [
-        nnx.Linear(token_dim, dim, kernel_init=nnx.initializers.orthogonal(), rngs=rngs)
+        nnx.Linear(
+          token_dim,
+          dim,
+          use_bias=not official,
+          kernel_init=nnx.initializers.orthogonal(),
+          rngs=rngs,
+        )
         for dim in teacher_dims
       ]
     )
@@ -400,7 +526,9 @@ class AgRepaModel(nnx.Module):
     """repa_layers: per domain, the 0-based layers that get a REPA head (default: every layer)."""
     self.backbone = DiT(cfg, rngs)
     self.repa_heads = RepaHeads(cfg.num_layers, cfg.width, teacher_dims, rngs, repa_layers)
-    self.bitc_heads = BitcHeads(cfg.token_dim, teacher_dims, rngs)
+    self.bitc_heads = BitcHeads(
+      cfg.token_dim, teacher_dims, rngs, official=cfg.bitc_form == 'official'
+    )
 
 
 def count_params(tree) -> int:

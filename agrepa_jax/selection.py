@@ -249,11 +249,17 @@ def lambda_scalars(lambdas: np.ndarray, domains) -> dict[str, float]:
   }
 
 
+def cumulative_mean(old, new, count: int):
+  """Mean of `count` measurements: `old` the mean of the first count − 1, `new` the newest."""
+  return new if old is None else old + (new - old) / count
+
+
 class OnlineFogA:
-  """Re-measures FoG-A on a fixed held-out probe batch and turns the moving-average scores into λ.
+  """Re-measures FoG-A on a fixed held-out probe batch and turns the averaged scores into λ.
 
   The probe settings (t values, clips, top-K, λ rule) are `config.probe`'s, or the reference code's
-  with `repa.quirks`; `repa.score_ema` is the decay of the moving average.
+  with `repa.quirks`. The average is a moving one with decay `repa.score_ema`, or with
+  `repa.quirks` the official cumulative mean of every measurement so far.
   """
 
   def __init__(self, config, heldout_source):
@@ -291,17 +297,24 @@ class OnlineFogA:
       mesh=mesh,
       prompt_fraction=probe.prompt_fraction,
       dropout=self.schedule.dropout,
+      clean_input=self.schedule.clean_input,
       noise_std=self.config.flow.noise_std,
     )
     return layer_scores(table, self.schedule.t_values, probe.selection_t)
 
   def update(
-    self, scores: np.ndarray, previous: np.ndarray | None
+    self, scores: np.ndarray, previous: np.ndarray | None, count: int = 1
   ) -> tuple[np.ndarray, np.ndarray]:
-    """New (λ, moving-average scores) from fresh scores; a domain absent from the probe keeps its old scores."""
+    """New (λ, averaged scores) from fresh scores, the `count`-th measurement of the run.
+
+    A domain absent from the probe keeps its old scores.
+    """
     if previous is not None:
       scores = np.where(np.isfinite(scores), scores, previous)
-    averaged = ema_update(previous, scores, self.config.repa.score_ema)
+    if self.config.repa.quirks:
+      averaged = cumulative_mean(previous, scores, count)
+    else:
+      averaged = ema_update(previous, scores, self.config.repa.score_ema)
     probe = self.config.probe
     silent = ~(np.nan_to_num(averaged) > 0).any(
       0
@@ -325,8 +338,10 @@ class OnlineFogA:
     from agrepa_jax import sharding
 
     model = nnx.merge(graphdef, state.params, state.frozen)
-    scores = self.measure(model.backbone, int(state.step), mesh)
+    step = int(state.step)
+    scores = self.measure(model.backbone, step, mesh)
     previous = np.asarray(jax.device_get(state.scores))
-    lambdas, averaged = self.update(scores, previous if previous.any() else None)
+    count = step // self.config.repa.probe_every  # measurements so far, this one included
+    lambdas, averaged = self.update(scores, previous if previous.any() else None, count)
     put = lambda x: jax.device_put(np.asarray(x, np.float32), sharding.replicated(mesh))
     return state.replace(lambdas=put(lambdas), scores=put(averaged))

@@ -16,10 +16,6 @@ from agrepa_jax import audio, selection, sharding
 from agrepa_jax.model import AgRepaModel, ModelConfig, count_params
 
 
-class Frozen(nnx.Variable):
-  """A model variable the optimizer never touches (the reference-quirk token projection)."""
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -43,14 +39,12 @@ def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
     raise ValueError(
       f'model.n_mels={config.model.n_mels}: the target representation has {audio.N_MELS} mel bands'
     )
-  cfg = ModelConfig.from_config({**config.model, 'num_domains': len(config.data.domains)})
-  model = AgRepaModel(
+  cfg = ModelConfig.from_config(
+    {**config.model, 'num_domains': len(config.data.domains), 'bitc_form': config.bitc.form}
+  )
+  return AgRepaModel(
     cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)), selection.repa_head_layers(config)
   )
-  if cfg.frozen_token_projection:
-    projection = model.backbone.token_encoder.domain_projection
-    model.backbone.token_encoder.domain_projection = Frozen(projection[...])
-  return model
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -25,7 +25,9 @@ def get_config():
   config.eval_every = 5000
   config.checkpoint_every = 5000
 
-  # Model: 24 blocks of width 1024, 16 heads, one codebook of 4096 tokens; bf16, full remat.
+  # Model: 24 blocks of width 1024, 16 heads, one codebook of 4096 tokens; bf16, full remat; the
+  # official code's forms (docs/fidelity.md): a token table per domain, its time embedding, dropout
+  # positions and modulation init.
   config.model.update(
     num_layers=24,
     width=1024,
@@ -36,6 +38,10 @@ def get_config():
     dropout=0.2,
     remat='full',
     dtype='bfloat16',
+    token_tables='per_domain',
+    time_embedding='official',
+    dropout_positions='official',
+    modulation_init='normal',
   )
   # Schedule: AdamW 1e-4, β (0.9, 0.999), wd 0.1, clip 1.0; the official one-cycle over 3 epochs.
   config.optim.update(
@@ -54,7 +60,8 @@ def get_config():
   config.teachers.speech.update(name='whisper', checkpoint='', dim=1280)
   config.teachers.audio.update(name='beats', checkpoint='', dim=768)
 
-  # Alignment: BiT-C, and utterance-level REPA on the paper's FoG-A layers and λ.
+  # Alignment: BiT-C (official form), and utterance-level REPA on the paper's FoG-A layers and λ.
+  config.bitc.form = 'official'
   config.repa.update(selection='fixed', preset='paper_single', granularity='utterance')
 
   config.mesh.update(data=-1, fsdp=8)

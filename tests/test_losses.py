@@ -180,7 +180,9 @@ def test_bitc_loss_pools_valid_frames_only():
   )
   domain, weights = jnp.array([0, 1]), (0.5, 1.0)
   valid = jnp.arange(8)[None] < jnp.array([[5], [5]])
-  padded = losses.bitc_loss(heads, jnp.concatenate([e, junk], 1), teacher, domain, weights, valid)
+  padded = losses.bitc_loss(
+    heads, jnp.concatenate([e, junk], 1), teacher, domain, weights, valid_frames=valid
+  )
   np.testing.assert_allclose(
     padded, losses.bitc_loss(heads, e, teacher, domain, weights), rtol=1e-6
   )

@@ -6,11 +6,15 @@ from flax import nnx
 
 from agrepa_jax.model import (
   AgRepaModel,
+  BitcHeads,
   DiTBlock,
+  Frozen,
   ModelConfig,
   attention,
+  attention_with_probability_dropout,
   interpolate_linear,
   run_blocks,
+  sinusoidal_features,
 )
 
 CFG = ModelConfig(
@@ -74,7 +78,9 @@ def test_all_ones_gates_equal_ungated_model_and_an_unrolled_loop(model):
   )
   looped = h
   for layer in range(CFG.num_layers):
-    looped = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(looped, time_emb, 1.0)
+    looped = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], state))(
+      looped, time_emb, 1.0
+    )
     np.testing.assert_allclose(pooled[layer], looped.mean(1), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(scanned, looped, rtol=1e-4, atol=1e-5)
 
@@ -161,12 +167,122 @@ def test_zero_initialized_layers_make_fresh_blocks_identity():
   np.testing.assert_array_equal(out, h)
 
 
+def test_per_domain_tables_give_one_token_two_embeddings_and_shared_tables_one():
+  for tables, differs in (('per_domain', True), ('shared', False)):
+    cfg = ModelConfig(**{**CFG.__dict__, 'token_tables': tables})
+    encoder = AgRepaModel(cfg, (6, 5), nnx.Rngs(0)).backbone.token_encoder
+    tokens = jnp.array([[[3, 7, 1]], [[3, 7, 1]]])
+    streams = encoder.embed(tokens, jnp.array([0, 1]))
+    assert encoder.embeddings[0].embedding.shape == ((2 if differs else 1) * CFG.vocab_size, 16)
+    assert np.allclose(streams[0][0], streams[0][1]) != differs
+
+
+def test_concat_fusion_projects_both_streams_per_domain_before_interpolation():
+  cfg = ModelConfig(
+    **{**CFG.__dict__, 'num_codebooks': 2, 'codebook_fusion': 'concat', 'second_vocab_size': 7}
+  )
+  encoder = randomize(AgRepaModel(cfg, (6, 5), nnx.Rngs(0)).backbone.token_encoder)
+  assert encoder.domain_projection.shape == (2, 2 * cfg.token_dim, cfg.token_dim)
+  assert encoder.merge is None and encoder.embeddings[1].embedding.shape == (7, cfg.token_dim)
+  tokens = jnp.array([[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]])
+  domain = jnp.array([0, 1])
+  main, second = encoder.embed(tokens, domain)
+  np.testing.assert_array_equal(second[0], second[1])  # one table of second-stream labels
+  projected = jnp.einsum(
+    'bnd,bde->bne', jnp.concatenate([main, second], -1), encoder.domain_projection[...][domain]
+  )
+  expected = projected / jnp.linalg.norm(projected, axis=-1, keepdims=True)
+  np.testing.assert_allclose(encoder(tokens, domain, 3), expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='model.codebook_fusion'):
+    ModelConfig(**{**CFG.__dict__, 'codebook_fusion': 'concat'})
+
+
+def test_unknown_form_names_the_config_field():
+  with pytest.raises(ValueError, match='model.time_embedding'):
+    ModelConfig(**{**CFG.__dict__, 'time_embedding': 'sinusoid'})
+  with pytest.raises(ValueError, match='bitc.form'):
+    ModelConfig(**{**CFG.__dict__, 'bitc_form': 'plain'})
+
+
+def test_official_time_embedding_reads_raw_t_with_width_features():
+  cfg = ModelConfig(**{**CFG.__dict__, 'time_embedding': 'official'})
+  dit = randomize(AgRepaModel(cfg, (6, 5), nnx.Rngs(0)).backbone)
+  assert dit.time_mlp_in.kernel.shape == (cfg.width, 4 * cfg.width)
+  assert dit.time_mlp_out.kernel.shape == (4 * cfg.width, cfg.width)
+  t = jnp.array([0.0, 0.25])
+  hidden = jax.nn.silu(dit.time_mlp_in(sinusoidal_features(t, cfg.width)))
+  np.testing.assert_allclose(dit.time_embedding(t), dit.time_mlp_out(hidden), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'positions, shapes',
+  [
+    ('branch', [(2, 12, 32), (2, 12, 32)]),  # the attention and MLP branch outputs
+    ('official', [(2, 4, 12, 12), (2, 12, 128), (2, 12, 32)]),  # probabilities, GELU, MLP
+  ],
+)
+def test_dropout_positions(monkeypatch, positions, shapes):
+  import agrepa_jax.model as model_lib
+
+  seen = []
+  original = model_lib.dropout
+  monkeypatch.setattr(model_lib, 'dropout', lambda x, *a: seen.append(x.shape) or original(x, *a))
+  block = DiTBlock(ModelConfig(**{**CFG.__dict__, 'dropout_positions': positions}), nnx.Rngs(1))
+  h = jax.random.normal(jax.random.key(2), (2, 12, CFG.width))
+  block(h, jnp.ones((2, CFG.width)), jnp.float32(1.0), dropout_key=jax.random.key(3))
+  assert seen == shapes
+
+
+def test_modulation_init_normal_has_the_official_scale():
+  cfg = ModelConfig(**{**CFG.__dict__, 'width': 128, 'modulation_init': 'normal'})
+  kernel = np.asarray(DiTBlock(cfg, nnx.Rngs(0)).modulation.kernel[...])
+  assert abs(kernel.std() - 0.02) < 1e-3 and abs(kernel.mean()) < 1e-3
+
+
+def test_official_bitc_heads_have_no_affine_terms_and_skip_dropped_clips():
+  from agrepa_jax import losses
+
+  heads = BitcHeads(4, (3, 2), nnx.Rngs(0), official=True)
+  assert jax.tree.leaves(nnx.state(heads.norms)) == []
+  assert heads.projections[0].bias is None
+  e = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  teacher = (
+    jax.random.normal(jax.random.key(1), (3, 3)),
+    jax.random.normal(jax.random.key(2), (3, 2)),
+  )
+  domain = jnp.array([0, 0, 1])
+  keep = jnp.array([1.0, 0.0, 1.0])
+  pooled = e.mean(1)
+  centered = pooled - pooled.mean(-1, keepdims=True)
+  normed = centered / jnp.sqrt(centered.var(-1, keepdims=True) + 1e-5)
+  distance = lambda d, rows: losses.cosine_distance(
+    normed[rows] @ heads.projections[d].kernel[...], teacher[d][rows]
+  )
+  expected = (0.5 * distance(0, 0) + 1.0 * distance(1, 2)) / 3  # clip 1's tokens were dropped
+  got = losses.bitc_loss(heads, e, teacher, domain, (0.5, 1.0), keep)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_frozen_token_conditioning_freezes_every_token_variable():
+  cfg = ModelConfig(**{**CFG.__dict__, 'frozen_token_conditioning': True})
+  model = AgRepaModel(cfg, (6, 5), nnx.Rngs(0))
+  assert jax.tree.leaves(nnx.state(model.backbone.token_encoder, nnx.Param)) == []
+  frozen = nnx.state(model.backbone.token_encoder, Frozen)
+  assert len(jax.tree.leaves(frozen)) == 2  # the table and the projections
+  np.testing.assert_array_equal(
+    model.backbone.token_encoder.domain_projection[...], np.broadcast_to(np.eye(16), (2, 16, 16))
+  )
+
+
 def test_attention_with_lengths_equals_attention_on_the_unpadded_clip():
   q, k, v = (jax.random.normal(key, (2, 7, 2, 4)) for key in jax.random.split(jax.random.key(0), 3))
   out = attention(q, k, v, jnp.array([7, 4]))
   np.testing.assert_allclose(out[0], attention(q[:1], k[:1], v[:1], None)[0], rtol=1e-6)
   short = attention(q[1:, :4], k[1:, :4], v[1:, :4], None)[0]
   np.testing.assert_allclose(out[1, :4], short, rtol=1e-5, atol=1e-6)
+  # the official form (dropout on the probabilities; none at rate 0) masks the same keys
+  official = attention_with_probability_dropout(q, k, v, 0.0, jax.random.key(1), jnp.array([7, 4]))
+  np.testing.assert_allclose(official, out, rtol=1e-5, atol=1e-6)
 
 
 def test_utterance_pooling_averages_valid_frames_of_each_layer(model):

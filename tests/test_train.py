@@ -193,31 +193,35 @@ def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
   assert not np.allclose(leaf(state.inference_params()), after_one)
 
 
-def test_frozen_token_projection_quirk_keeps_the_identity(config):
+def token_encoder_arrays(graphdef, state):
+  """The token projections and the first embedding table of a train state."""
+  encoder = nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder
+  return np.asarray(encoder.domain_projection[...]), np.asarray(
+    encoder.embeddings[0].embedding[...]
+  )
+
+
+def test_frozen_token_conditioning_quirk_never_trains_tables_or_projections(config):
   batches = first_batches(config, 1)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  projections = {}
+  encoders = {}
   for frozen in (False, True):
-    config.model.frozen_token_projection = frozen
+    config.model.frozen_token_conditioning = frozen
     tx, schedule = state_lib.make_optimizer(config)
     graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
     step = train.jit_train_step(
       graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
     )
-    before = nnx.merge(
-      graphdef, state.params, state.frozen
-    ).backbone.token_encoder.domain_projection[...]
-    before = np.asarray(before)
+    before = token_encoder_arrays(graphdef, state)
     state, _ = step(state, sharding.global_batch(batches[0], mesh))
-    after = np.asarray(
-      nnx.merge(graphdef, state.params, state.frozen).backbone.token_encoder.domain_projection[...]
-    )
-    projections[frozen] = (before, after)
-  before, after = projections[True]
-  np.testing.assert_array_equal(before, np.broadcast_to(np.eye(16), (2, 16, 16)))
-  np.testing.assert_array_equal(after, before)  # no gradient and no weight decay
-  before, after = projections[False]
-  assert not np.allclose(after, before)
+    encoders[frozen] = (before, token_encoder_arrays(graphdef, state))
+  (projection, table), (projection_after, table_after) = encoders[True]
+  np.testing.assert_array_equal(projection, np.broadcast_to(np.eye(16), (2, 16, 16)))
+  np.testing.assert_array_equal(projection_after, projection)  # no gradient, no weight decay
+  np.testing.assert_array_equal(table_after, table)
+  (projection, table), (projection_after, table_after) = encoders[False]
+  assert not np.allclose(projection_after, projection)
+  assert not np.allclose(table_after, table)
 
 
 @pytest.mark.parametrize('ema_decay', [0.0, 0.9])

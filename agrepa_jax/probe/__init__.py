@@ -14,17 +14,24 @@ class ProbeSchedule:
 
   t_values: tuple[float, ...]
   num_clips: int
-  dropout: bool  # training mode: one dropout draw shared by all gate settings of a batch
+  dropout: bool  # training mode: a fresh dropout draw in every forward pass (the official)
+  clean_input: bool  # the model reads the clean mel x1 labelled t (the official), not x_t
   odd_layers_only: (
     bool  # only 1-based odd layers are probed; even layers score 0 and are never selected
   )
   lambda_rule: str  # how selected layers' scores become λ (selection.layer_lambdas)
 
 
-# Reference quirks (docs/method.md, reference quirks): the paper's code probes in training mode at t = 0.8 on 2 clips,
-# only odd-numbered layers, and uses the raw score as λ.
+# Reference quirks (docs/method.md, reference quirks): the paper's code probes in training mode
+# (fresh dropout per pass) at t = 0.8 on the clean mel of 2 clips, only odd-numbered layers, and
+# uses the raw score as λ.
 REFERENCE_SCHEDULE = ProbeSchedule(
-  t_values=(0.8,), num_clips=2, dropout=True, odd_layers_only=True, lambda_rule='raw'
+  t_values=(0.8,),
+  num_clips=2,
+  dropout=True,
+  clean_input=True,
+  odd_layers_only=True,
+  lambda_rule='raw',
 )
 
 
@@ -37,6 +44,7 @@ def schedule_from_config(config) -> ProbeSchedule:
     tuple(float(t) for t in probe.t_values),
     int(probe.num_clips),
     dropout=False,
+    clean_input=False,
     odd_layers_only=False,
     lambda_rule=probe.lambda_rule,
   )

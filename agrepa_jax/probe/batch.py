@@ -1,13 +1,15 @@
-"""The probe set (held-out clips stacked into arrays) and the fixed inputs every probe feeds the model.
+"""The probe set (held-out clips stacked into arrays) and the fixed inputs every probe feeds the
+model.
 
 Every probe draws the same quantities the same way, so FoG-A and LASP see identical x_t:
-- noise: x0 of clip i is `noise_std`·N(0, I) from fold_in(noise key, i), so it depends on the clip's
-  position in the probe set and not on how the set is split into batches; the noise key and the dropout
-  key are two fixed streams of the probe key;
-- prompt: deterministic, the first ⌊prompt_fraction · valid frames⌋ frames of x1 (at least one when the
-  fraction is positive). The default 0.15 is the mean prompt length of training, whose prompt is drawn
-  uniformly from 1..⌊0.3 · valid frames⌋; 0 gives no prompt;
-- tokens are always kept (no classifier-free-guidance drop).
+- noise: x0 of clip i is `noise_std`·N(0, I) from fold_in(noise key, i), so it depends on the
+  clip's position in the probe set and not on how the set is split into batches; the noise key and
+  the dropout key are two fixed streams of the probe key;
+- prompt: deterministic, the first ⌊prompt_fraction · valid frames⌋ frames of x1 (at least one when
+  the fraction is positive). The default 0.15 is the mean prompt length of training, whose prompt
+  is drawn uniformly from 1..⌊0.3 · valid frames⌋; 0 gives no prompt;
+- tokens are always kept (no classifier-free-guidance drop);
+- `clean=True` (the official probes' quirk) feeds the clean mel x1 itself, labelled with t.
 """
 
 import jax
@@ -29,7 +31,7 @@ MODEL_KEYS = (
 def balanced_indices(
   clip_domains: np.ndarray, num_domains: int, num_clips: int, seed: int
 ) -> np.ndarray:
-  """Up to `num_clips` clip indices, an equal share per domain (the remainder goes to the first domains).
+  """Up to `num_clips` clip indices, an equal share per domain (the remainder to the first domains).
 
   A domain with fewer clips than its share gives all it has. Indices are sorted, and the choice is a
   deterministic function of `seed`.
@@ -44,7 +46,10 @@ def balanced_indices(
 
 
 def stack_records(records: list[dict], domains: tuple[str, ...]) -> dict:
-  """Records of a CachedSplit -> one batch: mel (N, T, M), tokens, domain, num_samples, teacher {d: (N, C_d)}."""
+  """Records of a CachedSplit -> one batch.
+
+  mel (N, T, M), tokens, domain, num_samples, teacher {d: (N, C_d)}.
+  """
   stack = lambda key, dtype: np.stack([np.asarray(r[key], dtype) for r in records])
   return {
     'mel': stack('mel', np.float32),
@@ -78,8 +83,10 @@ def valid_frames(num_samples: jax.Array, num_frames: int) -> jax.Array:
   return losses.frame_mask(num_samples, num_frames, audio.HOP_LENGTH)
 
 
-def model_inputs(batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: float) -> dict:
-  """Keyword inputs of `DiT.__call__` for one batch at one scalar t."""
+def model_inputs(
+  batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: float, clean: bool = False
+) -> dict:
+  """Keyword inputs of `DiT.__call__` for one batch at one scalar t (x_t = x1 when `clean`)."""
   x1 = batch['mel']
   size, frames, _ = x1.shape
   valid = valid_frames(batch['num_samples'], frames).sum(1)
@@ -88,7 +95,7 @@ def model_inputs(batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: f
   in_prompt = jnp.arange(frames)[None, :] < prompt[:, None]
   t = jnp.full((size,), t, x1.dtype)
   return dict(
-    x_t=(1 - t[:, None, None]) * noise + t[:, None, None] * x1,
+    x_t=x1 if clean else (1 - t[:, None, None]) * noise + t[:, None, None] * x1,
     t=t,
     tokens=batch['tokens'],
     ref_mel=jnp.where(in_prompt[..., None], x1, 0.0),

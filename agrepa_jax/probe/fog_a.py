@@ -1,8 +1,9 @@
-"""FoG-A, forward-only gate ablation (docs/method.md, FoG-A and LASP): how far the velocity moves when one block is off.
+"""FoG-A, forward-only gate ablation (docs/method.md, FoG-A and LASP): how far the velocity moves
+when one block is off.
 
-Δ_ℓ(t) = RMS(v_¬ℓ − v) / RMS(v) per clip, over the frames that hold audio and all mel bins, where v has
-every gate at 1 and v_¬ℓ has g = 1 − e_ℓ. Two implementations, each one jitted function of all L+1
-gate settings:
+Δ_ℓ(t) = RMS(v_¬ℓ − v) / RMS(v) per clip, over the frames that hold audio and all mel bins, where v
+has every gate at 1 and v_¬ℓ has g = 1 − e_ℓ. Two implementations, each one jitted function of all
+L+1 gate settings:
 
 - `naive_clip_scores`: the model vmapped over the L+1 gate masks: (L+1)·L block evaluations and
   (L+1)× the activations. The reference in tests and the baseline of bench/fog_a.py.
@@ -10,11 +11,13 @@ gate settings:
   block i (0-based) equals the clean run up to block i's input, and continues from that clean hidden
   state through blocks i+1..L−1. Those continuations are packed into lanes of exactly L block
   evaluations (`ablation_lanes`): ⌊L/2⌋ lanes, so about L²/2 block evaluations with the clean pass.
-  The lanes are split over all devices of the mesh (shard_map) and run at most `chunk_size` at a time
-  on each, so memory holds the L clean hidden states plus `chunk_size` lanes' activations.
+  The lanes are split over all devices of the mesh (shard_map) and run at most `chunk_size` at a
+  time on each, so memory holds the L clean hidden states plus `chunk_size` lanes' activations.
 
-With dropout (the reference schedule's training mode), every gate setting of a batch uses the same key:
-block ℓ draws the same mask in the clean and the ablated runs, so the score isolates the ablation.
+With a dropout key, `clip_scores` gives every gate setting of a batch the same key: block ℓ draws
+the same mask in the clean and the ablated runs, so the score isolates the ablation. The official
+code instead draws fresh dropout in every forward pass (`naive_clip_scores(fresh_dropout=True)`,
+what `fog_a_table(dropout=True)` runs; prefix sharing does not hold then).
 """
 
 import functools
@@ -33,7 +36,10 @@ from agrepa_jax.probe.batch import MODEL_KEYS, model_inputs, valid_frames
 
 
 def relative_rms(v_ablated: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
-  """(..., B, T, M) against (B, T, M) over the (B, T) valid frames -> (..., B) RMS(v_ablated − v) / RMS(v)."""
+  """(..., B, T, M) against (B, T, M) over the (B, T) valid frames -> (..., B) Δ.
+
+  Δ = RMS(v_ablated − v) / RMS(v).
+  """
   weights = valid[..., None].astype(v.dtype)
   change = (jnp.square(v_ablated - v) * weights).sum((-2, -1))
   return jnp.sqrt(
@@ -64,7 +70,7 @@ def lane_layout(num_lanes: int, num_devices: int, chunk_size: int) -> tuple[int,
 
 
 def clean_pass(dit: DiT, inputs: dict, dropout_key, lengths=None):
-  """The clean velocity (B, T, M), every block's input (L, B, T, W), the time embedding, the layer keys.
+  """The clean velocity (B, T, M), every block's input (L, B, T, W), time embedding, layer keys.
 
   lengths: (B,) valid frames, the keys attention reads (default all).
   """
@@ -132,12 +138,14 @@ def _lane_scores(
   return scores.reshape(-1, *scores.shape[2:])
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'chunk_size', 'mesh', 'prompt_fraction'))
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'chunk_size', 'mesh', 'prompt_fraction', 'clean_input')
+)
 def _clip_scores(
-  state, batch, t, noise, dropout_key, *, graphdef, chunk_size, mesh, prompt_fraction
+  state, batch, t, noise, dropout_key, *, graphdef, chunk_size, mesh, prompt_fraction, clean_input
 ):
   dit = nnx.merge(graphdef, state)
-  inputs = model_inputs(batch, t, noise, prompt_fraction)
+  inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
   valid = valid_frames(batch['num_samples'], noise.shape[1])
   v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key, valid.sum(1))
   num_layers = block_inputs.shape[0]
@@ -179,11 +187,13 @@ def clip_scores(
   prompt_fraction: float = 0.15,
   chunk_size: int = 1,
   mesh: jax.sharding.Mesh | None = None,
+  clean_input: bool = False,
 ):
   """Δ (L, B) of every block for every clip of `batch` at one t, prefix-shared and lane-sharded.
 
   batch: 'mel' x1 (B, T, M), 'tokens', 'domain', 'num_samples'; noise: x0 (B, T, M).
   mesh: the lanes are split over all its devices (default: one device).
+  clean_input: the model reads x1 labelled t instead of x_t (the official probe's quirk).
   """
   graphdef, state = nnx.split(dit)
   return _clip_scores(
@@ -196,20 +206,29 @@ def clip_scores(
     chunk_size=chunk_size,
     mesh=mesh or single_device_mesh(),
     prompt_fraction=prompt_fraction,
+    clean_input=clean_input,
   )
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction'))
-def _naive_clip_scores(state, batch, t, noise, dropout_key, *, graphdef, prompt_fraction):
-  inputs = model_inputs(batch, t, noise, prompt_fraction)
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'prompt_fraction', 'clean_input', 'fresh_dropout')
+)
+def _naive_clip_scores(
+  state, batch, t, noise, dropout_key, *, graphdef, prompt_fraction, clean_input, fresh_dropout
+):
+  inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
   valid = valid_frames(batch['num_samples'], noise.shape[1])
   num_layers = nnx.merge(graphdef, state).cfg.num_layers
   masks = jnp.concatenate([jnp.ones((1, num_layers)), 1 - jnp.eye(num_layers)])
-  velocities = jax.vmap(
-    lambda gates: nnx.merge(graphdef, state)(
-      **inputs, gates=gates, dropout_key=dropout_key, lengths=valid.sum(1)
-    )[0]
-  )(masks)
+  forward = lambda gates, key: nnx.merge(graphdef, state)(
+    **inputs, gates=gates, dropout_key=key, lengths=valid.sum(1)
+  )[0]
+  if dropout_key is None:
+    velocities = jax.vmap(lambda gates: forward(gates, None))(masks)
+  elif fresh_dropout:
+    velocities = jax.vmap(forward)(masks, jax.random.split(dropout_key, num_layers + 1))
+  else:
+    velocities = jax.vmap(lambda gates: forward(gates, dropout_key))(masks)
   return relative_rms(velocities[1:], velocities[0], valid)
 
 
@@ -221,8 +240,14 @@ def naive_clip_scores(
   *,
   dropout_key: jax.Array | None = None,
   prompt_fraction: float = 0.15,
+  clean_input: bool = False,
+  fresh_dropout: bool = False,
 ):
-  """Δ (L, B) like `clip_scores`, from the model vmapped over all L+1 gate masks."""
+  """Δ (L, B) like `clip_scores`, from the model vmapped over all L+1 gate masks.
+
+  fresh_dropout: each of the L+1 forward passes draws its own dropout from `dropout_key` (the
+  official code's training-mode probe); otherwise they share it, as in `clip_scores`.
+  """
   graphdef, state = nnx.split(dit)
   return _naive_clip_scores(
     state,
@@ -232,11 +257,13 @@ def naive_clip_scores(
     dropout_key,
     graphdef=graphdef,
     prompt_fraction=prompt_fraction,
+    clean_input=clean_input,
+    fresh_dropout=fresh_dropout,
   )
 
 
 def domain_means(per_clip: np.ndarray, clip_domains: np.ndarray, num_domains: int):
-  """(..., N) per-clip values -> (..., D) means per domain (NaN for a domain without clips), (D,) counts."""
+  """(..., N) per-clip values -> (..., D) means per domain (NaN for no clips), (D,) counts."""
   counts = np.bincount(clip_domains, minlength=num_domains)
   one_hot = (clip_domains[:, None] == np.arange(num_domains)).astype(np.float64)
   with np.errstate(invalid='ignore', divide='ignore'):
@@ -256,13 +283,16 @@ def fog_a_table(
   mesh: jax.sharding.Mesh | None = None,
   prompt_fraction: float = 0.15,
   dropout: bool = False,
+  clean_input: bool = False,
   progress: bool = False,
   noise_std: float = probe_batch.NOISE_STD,
 ):
-  """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) clip counts.
+  """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) counts.
 
   batch: the stacked probe set (`batch.stack_records`); it is run `batch_size` clips at a time.
-  key: draws the fixed noise (per clip, see batch.py) and, with `dropout`, the training-mode dropout.
+  key: draws the fixed noise (per clip, see batch.py) and, with `dropout`, the training-mode
+  dropout, fresh in every forward pass (the official probe; L+1 full passes, no prefix sharing).
+  clean_input: the model reads the clean mel labelled t (the official probe's quirk).
   """
   num_clips = len(batch['domain'])
   noise = probe_batch.clip_noise(key, num_clips, batch['mel'].shape[1:], noise_std)
@@ -271,17 +301,21 @@ def fog_a_table(
   jobs = [(b, j) for b in range(len(starts)) for j in range(len(t_values))]
   for b, j in tqdm.tqdm(jobs, desc='FoG-A', unit='forward set', disable=not progress):
     rows = slice(starts[b], starts[b] + batch_size)
-    key_bj = probe_batch.dropout_key(key, b, j) if dropout else None
-    per_clip[:, j, rows] = np.asarray(
-      clip_scores(
+    clips = {k: batch[k][rows] for k in MODEL_KEYS}
+    settings = dict(prompt_fraction=prompt_fraction, clean_input=clean_input)
+    if dropout:
+      scores = naive_clip_scores(
         dit,
-        {k: batch[k][rows] for k in MODEL_KEYS},
+        clips,
         t_values[j],
         noise[rows],
-        dropout_key=key_bj,
-        prompt_fraction=prompt_fraction,
-        chunk_size=chunk_size,
-        mesh=mesh,
+        dropout_key=probe_batch.dropout_key(key, b, j),
+        fresh_dropout=True,
+        **settings,
       )
-    )
+    else:
+      scores = clip_scores(
+        dit, clips, t_values[j], noise[rows], chunk_size=chunk_size, mesh=mesh, **settings
+      )
+    per_clip[:, j, rows] = np.asarray(scores)
   return domain_means(per_clip, np.asarray(batch['domain']), num_domains)

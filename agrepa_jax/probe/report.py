@@ -108,6 +108,7 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
     mesh=run.mesh,
     prompt_fraction=probe.prompt_fraction,
     dropout=schedule.dropout,
+    clean_input=schedule.clean_input,
     progress=jax.process_index() == 0,
     noise_std=config.flow.noise_std,
   )
