@@ -1,16 +1,15 @@
-"""Checkpoints of a run: orbax save/restore of the train state and data position, the run's
-config record, stopping on SIGTERM/Ctrl-C, and restoring a trained model for probing, sampling and
+"""Checkpoints of a run: orbax save/restore of the train state and data position, stopping on
+SIGTERM/Ctrl-C, and restoring a trained model for probing, sampling and
 evaluation (which therefore never import the trainer)."""
 
 import dataclasses
-import json
 import logging
+import os
 import pathlib
 import signal
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -20,10 +19,12 @@ from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
 
 
-def checkpoint_manager(workdir: pathlib.Path, config, create: bool = True) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  """Keeps the newest `config.keep_checkpoints` (the trainer saves only finite states, so the
+  newest checkpoint is always a finite one) and removes checkpoints left half-written by a kill."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=config.keep_checkpoints,
-    create=create,
+    preservation_policy=ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
+    cleanup_tmp_directories=True,  # safe: the trainer holds the workdir lock
     enable_async_checkpointing=config.async_checkpointing,
   )
   # orbax needs an absolute path
@@ -51,39 +52,52 @@ def restore_checkpoint(manager, step: int, abstract: TrainState, data_iterator) 
   return restored['state']
 
 
-class StopRequest:
-  """Turns SIGTERM (preemption) and a first Ctrl-C into a flag the loop checks between steps.
+def preemption_service_running() -> bool:
+  """Whether JAX's preemption notifier owns SIGTERM (multi-process runs, jax.distributed)."""
+  return jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
 
-  Stopping between steps matters: the step donates the train state, so an exception raised
-  inside it would leave no valid state to save. A second Ctrl-C interrupts at once.
+
+class StopRequest:
+  """Stops every process after the same step on SIGTERM (preemption) or Ctrl-C.
+
+  Checked every `check_every` steps, with no host sync in between. Multi-process runs go through
+  JAX's preemption sync point (orbax's `reached_preemption`): JAX's notifier receives SIGTERM and
+  tells every process, and a Ctrl-C is forwarded to it as SIGTERM. A single process sets a flag.
+  Stopping between steps matters: the step donates the train state, so an exception raised inside
+  it would leave no valid state to save. A second Ctrl-C interrupts at once, without saving.
   """
 
-  def __init__(self):
+  def __init__(self, check_every: int):
+    self.check_every = max(1, check_every)
+    self.distributed = preemption_service_running()
     self.requested = False
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._checks = 0  # the sync point protocol needs consecutive ids, the same on every process
+    handled = (signal.SIGINT,) if self.distributed else (signal.SIGINT, signal.SIGTERM)
+    self._previous = {s: signal.signal(s, self._handle) for s in handled}
 
   def _handle(self, signum, frame):
-    logging.warning('%s received: saving a checkpoint after this step', signal.Signals(signum).name)
-    self.requested = True
+    logging.warning(
+      '%s received: saving a checkpoint and stopping (a second Ctrl-C exits at once, unsaved)',
+      signal.Signals(signum).name,
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if self.distributed:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
+    else:
+      self.requested = True
 
-  def agreed(self) -> bool:
-    """Whether any process was asked to stop: every process then stops after the same step."""
-    if jax.process_count() == 1:
+  def reached(self, step: int) -> bool:
+    """Whether every process stops after `step` (always False between checks)."""
+    if step % self.check_every:
+      return False
+    if not self.distributed:
       return self.requested
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+    self._checks += 1
+    return ocp.multihost.reached_preemption(self._checks)
 
   def restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
-
-
-def write_config(config, workdir: pathlib.Path):
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
 
 @dataclasses.dataclass
@@ -98,23 +112,22 @@ class TrainedRun:
   meta: dict
 
 
-def checkpoint_step(workdir: pathlib.Path, config, step: int | None = None) -> int:
+def saved_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps of the finished checkpoints in `workdir` (none while one is still being written)."""
+  directory = workdir / 'checkpoints'
+  return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
+
+
+def checkpoint_step(workdir: pathlib.Path, step: int | None = None) -> int:
   """`step`, or the latest checkpoint's step; a clear error if the workdir has no checkpoint."""
-  missing = FileNotFoundError(
-    f'no checkpoint in {workdir / "checkpoints"}: train this workdir first'
-  )
-  if not (workdir / 'checkpoints').is_dir():
-    raise missing
-  manager = checkpoint_manager(workdir, config, create=False)
-  steps = manager.all_steps()
-  manager.close()
+  steps = saved_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {workdir / "checkpoints"}: train this workdir first')
   if step is None:
-    if not steps:
-      raise missing
-    return max(steps)
+    return steps[-1]
   if step not in steps:
     raise FileNotFoundError(
-      f'no checkpoint of step {step} in {workdir / "checkpoints"} (has {sorted(steps)})'
+      f'no checkpoint of step {step} in {workdir / "checkpoints"} (has {steps})'
     )
   return step
 
@@ -123,7 +136,7 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   """Opens the data and restores the model parameters of `step` (default: the latest checkpoint)."""
   from agrepa_jax.data import prepare
 
-  step = checkpoint_step(workdir, config, step)  # before any data is built or read
+  step = checkpoint_step(workdir, step)  # before any data is built or read
   mesh = sharding.make_mesh(config.mesh)
   train_source, heldout_source, meta = prepare.prepare(config)
   teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)

@@ -18,7 +18,7 @@ matplotlib.use('Agg')
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import checkpoint, config_base, metrics, selection, train  # noqa: E402
+from agrepa_jax import config_base, metrics, selection, train  # noqa: E402
 from agrepa_jax.data import cache  # noqa: E402
 
 PHASE_ONE = 'none'
@@ -32,13 +32,12 @@ def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
   ]
 
 
-def run_compare(config, workdir: pathlib.Path) -> list[dict]:
+def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False) -> list[dict]:
   """Runs (or resumes) the whole workflow in `workdir`; writes compare.csv and compare_curves.png."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
   phase_one = config_base.variant_config(config, PHASE_ONE)
-  checkpoint.write_config(phase_one, workdirs[PHASE_ONE])
-  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE])
+  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE], allow_config_change)
   selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
   if not selection_file.exists():
     from agrepa_jax.probe import report
@@ -51,8 +50,7 @@ def run_compare(config, workdir: pathlib.Path) -> list[dict]:
     logging.info('compare: Phase II variant %s', variant)
     workdirs[variant] = workdir / variant.replace(':', '')
     variant_cfg = config_base.variant_config(config, variant, str(selection_file))
-    checkpoint.write_config(variant_cfg, workdirs[variant])
-    train.train_and_evaluate(variant_cfg, workdirs[variant])
+    train.train_and_evaluate(variant_cfg, workdirs[variant], allow_config_change)
   if config.compare.eval_clips:
     for variant, variant_dir in workdirs.items():
       evaluate_variant(

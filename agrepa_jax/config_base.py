@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
   config.keep_checkpoints = 3  # checkpoints kept on disk
   config.async_checkpointing = True  # write checkpoints in the background
+  config.stop_check_every = 10  # steps between checks for SIGTERM/Ctrl-C (all processes agree)
 
   config.model = _section(
     num_layers=24,  # DiT blocks L

@@ -15,6 +15,12 @@ PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s'
 
 
+class RunError(RuntimeError):
+  """A failure the command line reports as its message alone, with its own exit status."""
+
+  exit_code = 1
+
+
 class _TqdmHandler(logging.StreamHandler):
   """Writes through tqdm, so log lines do not break a progress bar."""
 

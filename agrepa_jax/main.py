@@ -4,12 +4,13 @@
 import importlib
 import logging
 import pathlib
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import checkpoint, console
+from agrepa_jax import console
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
 MODES = {
@@ -21,6 +22,7 @@ MODES = {
   'sample': ('agrepa_jax.generation.evaluate', 'run_sample'),
   'eval': ('agrepa_jax.generation.evaluate', 'run_eval'),
 }
+TRAINING_MODES = ('train', 'compare')  # they hold the workdir and check its config record
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string(
   'workdir', None, 'Directory for everything the run writes; re-running resumes it.'
@@ -43,6 +45,13 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
   'verbose', False, 'Also print library INFO lines (orbax, absl, jax); they always go to DIR/logs/.'
 )
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'train: resume although settings that shape the parameters or the data (model, teachers, data) '
+  'differ from the ones stored with the checkpoints; the change is logged in '
+  'DIR/config_history.jsonl.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -55,10 +64,13 @@ def main(argv):
   log_path = console.configure_logging(workdir, FLAGS.verbose)
   mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
-  if mode in ('train', 'compare'):
-    checkpoint.write_config(config, workdir)
   module, function = MODES[mode]
-  result = getattr(importlib.import_module(module), function)(config, workdir)
+  options = {'allow_config_change': FLAGS.allow_config_change} if mode in TRAINING_MODES else {}
+  try:
+    result = getattr(importlib.import_module(module), function)(config, workdir, **options)
+  except console.RunError as e:
+    logging.error('%s', e)
+    sys.exit(e.exit_code)
   if mode in ('aot', 'features', 'eval'):
     logging.info('%s: %s', mode, result)
 

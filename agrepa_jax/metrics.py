@@ -1,6 +1,8 @@
-"""Metric output for one run: metrics.jsonl, TensorBoard event files and PNG plots (process 0 only)."""
+"""Metric output for one run: metrics.jsonl, TensorBoard event files and PNG plots (process 0
+only)."""
 
 import json
+import logging
 import pathlib
 
 import jax
@@ -15,7 +17,8 @@ class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
   def __init__(self, workdir: pathlib.Path, after_step: int | None = None):
-    """With `after_step` (the step a run resumes from), rows logged past it before the run died are dropped."""
+    """With `after_step` (the step a run resumes from), rows logged past it before the run died
+    are dropped."""
     self.enabled = jax.process_index() == 0
     self.path = workdir / 'metrics.jsonl'
     if self.enabled:
@@ -41,9 +44,19 @@ class MetricWriter:
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The rows of a metrics.jsonl; a last line torn by a kill mid-write is dropped with a warning."""
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number < len(lines):
+        raise ValueError(f'{path}, line {number}: not a JSON row ({e})') from e
+      logging.warning('%s: dropping its last line, torn by an interrupted write: %r', path, line)
+  return rows
 
 
 def plot_loss_curves(

@@ -10,6 +10,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
@@ -17,6 +18,7 @@ from flax import nnx
 
 from agrepa_jax import checkpoint, console, losses, metrics, selection, sharding
 from agrepa_jax import state as state_lib
+from agrepa_jax import workdir as workdir_lib
 from agrepa_jax.state import TrainState
 
 
@@ -81,11 +83,50 @@ def jit_eval_step(graphdef, step_cfg, shardings, mesh):
   )
 
 
-def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
-  """Trains (or resumes) the run in `workdir`; returns the final train state."""
+class NonFiniteTraining(console.RunError):
+  exit_code = 5
+
+
+def track_nonfinite(first_bad, step, loss, grad_norm):
+  """The first step whose loss or gradient norm was not finite (0: none yet); stays on device."""
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return jnp.where((first_bad == 0) & ~finite, step, first_bad)
+
+
+def check_finite(first_bad: int, step: int, manager):
+  """Raises NonFiniteTraining, naming the steps lost and the checkpoint to go back to."""
+  if not first_bad:
+    return
+  latest = manager.latest_step()
+  last_good = (
+    f'step {latest} in {manager.directory}' if latest is not None else 'none (nothing was saved)'
+  )
+  lost = f'steps {first_bad}-{step} were' if step > first_bad else f'step {step} was'
+  raise NonFiniteTraining(
+    f'non-finite loss or gradients from step {first_bad} (found after step {step}); {lost} not '
+    f'saved. Last good checkpoint: {last_good}. '
+    'Lower optim.learning_rate or raise optim.grad_clip, then rerun to resume from it.'
+  )
+
+
+def train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool = False):
+  """Trains (or resumes) the run in `workdir`; returns the final train state.
+
+  Holds `workdir` for the run (workdir.WorkdirLocked if another run holds it), checks the config
+  against the one stored with its checkpoints (workdir.ConfigChanged, unless
+  `allow_config_change`), and stops with NonFiniteTraining when the loss or gradients stop being
+  finite, saving nothing after the last finite checkpoint.
+  """
+  workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lib.exclusive(workdir):
+    return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool) -> TrainState:
   from agrepa_jax.data import pipeline, prepare
 
-  workdir.mkdir(parents=True, exist_ok=True)
+  resumes = bool(checkpoint.saved_steps(workdir))
+  workdir_lib.record_config(config, workdir, resumes, allow_config_change)
 
   # ----- Mesh and data -----
   mesh = sharding.make_mesh(config.mesh)
@@ -130,7 +171,7 @@ def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
   # ----- The loop -----
   start_step = int(state.step)
   writer = metrics.MetricWriter(workdir, after_step=start_step)
-  stop = checkpoint.StopRequest()
+  stop = checkpoint.StopRequest(config.stop_check_every)
   progress = tqdm.tqdm(
     total=config.num_steps,
     initial=start_step,
@@ -140,6 +181,8 @@ def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
     dynamic_ncols=True,
   )
   eval_key = jax.random.key_data(jax.random.key(config.seed + 2))
+  track = jax.jit(track_nonfinite)
+  first_bad = jax.device_put(np.int32(0), sharding.replicated(mesh))
 
   def evaluate():
     parts = [
@@ -148,17 +191,29 @@ def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
     ]
     return {f'eval_{k}': float(np.mean([p[k] for p in parts])) for k in ('loss', 'loss_fm')}
 
+  def save_final():
+    if state.step.is_deleted():  # an error inside the donated step: no consistent state to save
+      logging.error(
+        'the train state was lost inside a step; the run resumes from step %s',
+        manager.latest_step(),
+      )
+    elif int(first_bad):
+      logging.error('the train state is not finite: not saved')
+    elif manager.latest_step() != int(state.step):
+      checkpoint.save_checkpoint(manager, int(state.step), state, data_iterator, force=True)
+
   last_log, last_step, step = time.perf_counter(), start_step, start_step
   try:
     for step in range(start_step + 1, config.num_steps + 1):
       state, parts = train_step_fn(state, sharding.global_batch(next(data_iterator), mesh))
+      first_bad = track(first_bad, state.step, parts['loss'], parts['grad_norm'])
       progress.update(1)
       if online_fog_a and step % config.repa.probe_every == 0:
         state = online_fog_a.reselect(state, graphdef, mesh)
       is_last = step == config.num_steps
       evaluates = eval_batches and config.eval_every and (step % config.eval_every == 0 or is_last)
       if evaluates or step % config.log_every == 0 or is_last:
-        scalars = jax.device_get(parts)
+        scalars, bad = jax.device_get((parts, first_bad))
         now = time.perf_counter()
         scalars['steps_per_sec'] = (step - last_step) / (now - last_log)
         scalars.update(selection.lambda_scalars(jax.device_get(state.lambdas), domains))
@@ -168,25 +223,32 @@ def train_and_evaluate(config, workdir: pathlib.Path) -> TrainState:
           fm=f'{scalars["loss_fm"]:.4f}',
           steps_per_s=f'{scalars["steps_per_sec"]:.2f}',
         )
-        if evaluates:
+        if evaluates and not bad:
           scalars.update(evaluate())
           last_log = time.perf_counter()  # throughput counts training steps only
           console.log_evaluation(step, scalars)
         writer.write(step, scalars)
+        check_finite(int(bad), step, manager)
       if step % config.checkpoint_every == 0:
+        check_finite(int(first_bad), step, manager)
         checkpoint.save_checkpoint(manager, step, state, data_iterator)
-      if stop.agreed() or manager.reached_preemption(step):
+      if stop.reached(step):
+        logging.info('stopping after step %d', step)
         break
+    check_finite(int(first_bad), step, manager)
+  except KeyboardInterrupt:
+    logging.warning('interrupted: not saved; the run resumes from step %s', manager.latest_step())
+    raise
+  except NonFiniteTraining:
+    raise
+  except Exception:
+    save_final()
+    raise
+  else:
+    save_final()
   finally:
     progress.close()
     stop.restore()
-    if state.step.is_deleted():  # an error inside the donated step: no consistent state to save
-      logging.error(
-        'the train state was lost inside a step; the run resumes from step %s',
-        manager.latest_step(),
-      )
-    elif manager.latest_step() != int(state.step):
-      checkpoint.save_checkpoint(manager, int(state.step), state, data_iterator, force=True)
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -10,16 +10,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, devices=1, timeout=900):
-  env = {
+def main_env(devices=1):
+  return {
     **os.environ,
     'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
     'JAX_PLATFORMS': 'cpu',
   }
+
+
+def run_main(*args, devices=1, timeout=900):
   return subprocess.run(
     [sys.executable, '-m', 'agrepa_jax.main', *args],
     cwd=REPO,
-    env=env,
+    env=main_env(devices),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -97,16 +100,10 @@ def metric_rows(workdir):
 
 
 def run_main_in(directory, *args, devices=1):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-    'JAX_PLATFORMS': 'cpu',
-    'PYTHONPATH': REPO,
-  }
   return subprocess.run(
     [sys.executable, '-m', 'agrepa_jax.main', *args],
     cwd=directory,
-    env=env,
+    env={**main_env(devices), 'PYTHONPATH': REPO},
     capture_output=True,
     text=True,
     timeout=900,
@@ -141,11 +138,6 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
   import time
 
   workdir = tmp_path / 'run'
-  env = {
-    **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-    'JAX_PLATFORMS': 'cpu',
-  }
   no_scheduled_checkpoints = tiny_config_file(tmp_path, 100000, checkpoint_every=10**6)
   process = subprocess.Popen(
     [
@@ -158,7 +150,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
       str(workdir),
     ],
     cwd=REPO,
-    env=env,
+    env=main_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
