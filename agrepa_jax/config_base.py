@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     dropout_positions='branch',  # branch outputs | official: attention probs, after GELU and MLP
     modulation_init='xavier',  # adaLN modulation kernel: xavier | normal (official: N(0, 0.02))
     frozen_token_conditioning=False,  # quirk: tables and P_d never train; P_d identity-initialized
+    dropout_rng='threefry',  # threefry | rbg: PRNG of the dropout masks (rbg: XLA's own, for TPU)
   )
   config.flow = _section(
     noise_std=0.5,  # σ of the source noise x0
@@ -88,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
     score_ema=0.9,  # fog_a online: decay of the moving average of the scores
     quirks=False,  # quirk: the official FoG-A schedule, raw λ, cumulative mean (docs/fidelity.md)
+    max_layers=3,  # static K: at most this many layers per domain run their REPA heads per step
+    all_layer_heads=False,  # keep a REPA head on every layer, not only the selectable ones
   )
   config.teachers = _section(
     # name: whisper | beats; checkpoint: '' = the teacher's bundled default (Whisper tiny.en);

@@ -5,8 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from agrepa_jax import audio
-from agrepa_jax.model import interpolate_linear
+from agrepa_jax import audio, selection
+from agrepa_jax.model import interpolate_linear, masked_mean
 
 GRANULARITIES = ('utterance', 'frame')
 
@@ -64,14 +64,17 @@ def flow_matching_loss(velocity, target, frame_weights):
   return (per_frame * frame_weights).sum() / jnp.maximum(frame_weights.sum(), 1.0)
 
 
-def bitc_loss(bitc_heads, token_embedding, teacher, domain, domain_weights, token_keep=None):
+def bitc_loss(
+  bitc_heads, token_embedding, teacher, domain, domain_weights, token_keep=None, valid_frames=None
+):
   """Σ_d w_d · mean over the batch of [clip in d] · (1 − cos(head_d(mean_t e), y_d)).
 
   teacher: per-domain utterance targets, a sequence of (B, C_d); domain: (B,) indices.
   token_keep: (B,) 0/1; when given, clips whose tokens were dropped count as zero (the official
   form; they still count in the batch size).
+  valid_frames: (B, T) bool, the frames mean_t averages (default all).
   """
-  pooled = token_embedding.mean(1)
+  pooled = masked_mean(token_embedding, valid_frames)
   kept = 1.0 if token_keep is None else token_keep.astype(pooled.dtype)
   total = 0.0
   for d, (target, weight) in enumerate(zip(teacher, domain_weights)):
@@ -80,29 +83,39 @@ def bitc_loss(bitc_heads, token_embedding, teacher, domain, domain_weights, toke
   return total
 
 
-def repa_loss(repa_heads, hidden, teacher, domain, lambdas, valid_frames=None):
+def repa_loss(
+  repa_heads, hidden, teacher, domain, lambdas, valid_frames=None, max_layers: int | None = None
+):
   """Σ_ℓ λ_ℓ,d · (1 − cos(head_ℓ,d(h_ℓ), y_d)), averaged over the batch.
 
   hidden: (L, B, W) time-pooled block outputs (utterance granularity), or (L, B, T, W) per frame
     (frame granularity: teacher frames (B, F, C_d) are interpolated to T and the distance is
     averaged over the (B, T) `valid_frames`).
-  lambdas: dense (L, num_domains) weights; a zero column entry switches that pair off, and
-    changing the values never recompiles.
+  lambdas: dense (L, num_domains) weights; a zero entry switches that pair off, and changing the
+    values never recompiles. Only the heads of the `max_layers` (default L; at most as many as a
+    domain has heads) largest λ per domain run (selection.active_layers): the cost does not
+    grow with L.
   """
-  per_layer = 0.0
+  most_heads = max(map(len, repa_heads.layers), default=0)
+  layers, weights = selection.active_layers(
+    lambdas, repa_heads.has_head(), min(max_layers or lambdas.shape[0], most_heads)
+  )
+  total = jnp.zeros(())
   for d, target in enumerate(teacher):
-    prediction = repa_heads(d, hidden)
+    if not repa_heads.layers[d]:
+      continue
+    prediction = repa_heads(d, hidden[layers[d]], layers[d])
     if hidden.ndim == 4:
       target = interpolate_linear(target, hidden.shape[2])
-      weights = valid_frames.astype(prediction.dtype)
-      distance = (cosine_distance(prediction, target[None]) * weights).sum(-1) / jnp.maximum(
-        weights.sum(-1), 1
+      weights_t = valid_frames.astype(prediction.dtype)
+      distance = (cosine_distance(prediction, target[None]) * weights_t).sum(-1) / jnp.maximum(
+        weights_t.sum(-1), 1
       )
     else:
       distance = cosine_distance(prediction, target[None])
     in_domain = (domain == d).astype(distance.dtype)
-    per_layer += lambdas[:, d, None] * in_domain[None] * distance  # (L, B)
-  return per_layer.sum(0).mean()
+    total += (weights[d, :, None] * in_domain[None] * distance).sum(0).mean()  # (K, B) -> ()
+  return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +127,7 @@ class LossConfig:
   granularity: str  # REPA: 'none' (off), 'utterance' (time-pooled, the paper's) or 'frame'
   domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
   bitc_skips_dropped: bool = False  # bitc.form='official': clips whose tokens were dropped skip it
+  max_layers: int = 3  # static K: REPA heads run for at most this many layers per domain
 
   @classmethod
   def from_config(cls, config) -> 'LossConfig':
@@ -136,6 +150,7 @@ class LossConfig:
       'none' if config.repa.selection == 'none' else granularity,
       domains,
       bitc_skips_dropped=config.bitc.form == 'official',
+      max_layers=config.repa.max_layers,
     )
 
 
@@ -148,6 +163,16 @@ def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> 
   valid = frame_mask(batch['num_samples'], mel.shape[1], audio.HOP_LENGTH)
   sample_key, dropout_key = jax.random.split(key)
   inputs = flow_matching_inputs(sample_key, mel, valid.sum(1), cfg.flow)
+  return losses_given_draws(
+    model, batch, inputs, valid, lambdas, cfg, dropout_key if train else None
+  )
+
+
+def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dropout_key=None):
+  """`compute_losses` for given draws `inputs` (flow_matching_inputs) and (B, T) valid frames.
+
+  Padding frames (valid False) reach no loss: attention, L_FM and every time mean skip them.
+  """
   velocity, extras = model.backbone(
     inputs['x_t'],
     inputs['t'],
@@ -155,10 +180,12 @@ def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> 
     inputs['ref_mel'],
     batch['domain'],
     token_keep=inputs['token_keep'],
-    dropout_key=dropout_key if train else None,
+    dropout_key=dropout_key,
     hidden=cfg.granularity,
+    lengths=valid.sum(1),
   )
-  out = {'loss_fm': flow_matching_loss(velocity, inputs['u'], inputs['loss_weights'])}
+  fm_weights = inputs['loss_weights'] * valid
+  out = {'loss_fm': flow_matching_loss(velocity, inputs['u'], fm_weights)}
   teacher = tuple(batch['teacher'][d] for d in cfg.domains)
   out['loss_bitc'] = jnp.zeros(())
   if cfg.bitc_weights:
@@ -169,13 +196,20 @@ def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> 
       batch['domain'],
       cfg.bitc_weights,
       inputs['token_keep'] if cfg.bitc_skips_dropped else None,
+      valid_frames=valid,
     )
   out['loss_repa'] = jnp.zeros(())
   if cfg.granularity != 'none':
     if cfg.granularity == 'frame':
       teacher = tuple(batch['teacher_frames'][d] for d in cfg.domains)
     out['loss_repa'] = repa_loss(
-      model.repa_heads, extras['hidden'], teacher, batch['domain'], lambdas, valid
+      model.repa_heads,
+      extras['hidden'],
+      teacher,
+      batch['domain'],
+      lambdas,
+      valid,
+      cfg.max_layers,
     )
   out['loss'] = out['loss_fm'] + out['loss_bitc'] + out['loss_repa']
   return out

@@ -22,6 +22,7 @@ REMAT_POLICIES = {
   'full': jax.checkpoint_policies.nothing_saveable,
   'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+DROPOUT_RNGS = ('threefry', 'rbg')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ModelConfig:
   modulation_init: str = 'xavier'  # xavier | normal: N(0, 0.02), the official
   bitc_form: str = 'affine'  # affine | official: LayerNorm without affine, Linear without bias
   frozen_token_conditioning: bool = False  # reference quirk: tables and projections never train
+  dropout_rng: str = 'threefry'  # a key of DROPOUT_RNGS
 
   def __post_init__(self):
     for name, choices in FORM_CHOICES.items():
@@ -124,6 +126,40 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def valid_mask(lengths: jax.Array, num_frames: int) -> jax.Array:
+  """(B,) valid-frame counts -> (B, T) bool, True on each clip's first `lengths` frames."""
+  return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean of (B, T, ...) over the frames where the (B, T) `mask` is True (all frames if None).
+
+  Accumulates in float32; a clip without a valid frame gives zeros.
+  """
+  if mask is None:
+    return x.mean(1)
+  weights = mask.astype(jnp.float32).reshape(*mask.shape, *(1,) * (x.ndim - 2))
+  total = (x.astype(jnp.float32) * weights).sum(1)
+  return (total / jnp.maximum(weights.sum(1), 1.0)).astype(x.dtype)
+
+
+def attention(q, k, v, lengths: jax.Array | None, implementation: str = '') -> jax.Array:
+  """Self-attention over (B, T, heads, head_dim); keys past a clip's `lengths` (B,) are masked.
+
+  implementation '' chooses: the key-padding form runs as cuDNN flash attention on GPU in half
+  precision, XLA elsewhere; 'xla' or 'cudnn' force one (model.attention).
+  Queries on padding frames still get an output; nothing downstream reads it.
+  """
+  if lengths is not None:
+    lengths = jnp.maximum(lengths, 1).astype(jnp.int32)  # a fully padded clip: no empty softmax
+  if not implementation:
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+  return jax.nn.dot_product_attention(
+    q, k, v, key_value_seq_lengths=lengths, implementation=implementation
+  )
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm without affine parameters (the adaLN modulation supplies scale and shift).
 
@@ -154,12 +190,18 @@ def _dense(n_in, n_out, rngs, names, *, zero=False, dtype=None, kernel_init=None
   )
 
 
-def attention_with_probability_dropout(q, k, v, rate: float, key: jax.Array) -> jax.Array:
+def attention_with_probability_dropout(
+  q, k, v, rate: float, key: jax.Array, lengths: jax.Array | None = None
+) -> jax.Array:
   """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D), dropout on the probabilities.
 
-  The official dropout position; it materializes the (B, H, T, T) probabilities.
+  The official dropout position; it materializes the (B, H, T, T) probabilities. Keys past a
+  clip's `lengths` (B,) are masked, as in `attention`.
   """
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if lengths is not None:
+    keys_valid = valid_mask(jnp.maximum(lengths, 1), k.shape[1])[:, None, None, :]
+    logits = jnp.where(keys_valid, logits, jnp.finfo(jnp.float32).min)
   probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
@@ -183,7 +225,8 @@ class DiTBlock(nnx.Module):
     self.mlp_in = _dense(d, cfg.mlp_ratio * d, rngs, ('embed', 'mlp'), dtype=dtype)
     self.mlp_out = _dense(cfg.mlp_ratio * d, d, rngs, ('mlp', 'embed'), zero=True, dtype=dtype)
 
-  def __call__(self, h, time_emb, gate, dropout_key=None):
+  def __call__(self, h, time_emb, gate, dropout_key=None, lengths=None):
+    """h (B, T, width) -> same; `lengths` (B,): valid frames, the keys attention may read."""
     cfg = self.cfg
     official = cfg.dropout_positions == 'official'
     keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
@@ -195,11 +238,11 @@ class DiTBlock(nnx.Module):
     q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     heads = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, -1)
     if official and keys[0] is not None and cfg.dropout > 0:
-      attn = attention_with_probability_dropout(heads(q), heads(k), heads(v), cfg.dropout, keys[0])
-    else:
-      attn = jax.nn.dot_product_attention(
-        heads(q), heads(k), heads(v), implementation=cfg.attention or None
+      attn = attention_with_probability_dropout(
+        heads(q), heads(k), heads(v), cfg.dropout, keys[0], lengths
       )
+    else:
+      attn = attention(heads(q), heads(k), heads(v), lengths, cfg.attention)
     attn = self.attn_out(attn.reshape(h.shape))
     if not official:
       attn = dropout(attn, cfg.dropout, keys[0])
@@ -319,25 +362,31 @@ class DiT(nnx.Module):
     gates=None,
     dropout_key=None,
     hidden: HiddenOutput = 'none',
+    lengths=None,
   ):
     """Returns (velocity (B, T, n_mels), extras).
 
     token_keep: (B,) 0/1, 0 drops a clip's tokens (classifier-free guidance); default keeps all.
     gates: (L,) ablation gates, default all ones.
+    lengths: (B,) frames holding audio, a prefix of T (losses.frame_mask); default all T. Padding
+      frames are masked out of attention and of the time-pooled hidden states.
     extras: 'token_embedding' e (B, T, token_dim) before token dropout, and 'hidden' —
-      per-layer block outputs, time-pooled (L, B, width) or per frame (L, B, T, width).
+      per-layer block outputs, time-pooled over valid frames (L, B, width) or per frame
+      (L, B, T, width).
     """
     cfg = self.cfg
     h, time_emb, e = self.embed_inputs(x_t, t, tokens, ref_mel, domain, token_keep)
     gates = jnp.ones((cfg.num_layers,), h.dtype) if gates is None else gates.astype(h.dtype)
     h, per_layer = run_blocks(
-      self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat
+      self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat, lengths
     )
     return self.output(h), {'token_embedding': e, 'hidden': per_layer}
 
   def layer_keys(self, dropout_key):
-    """Per-block dropout keys (L,), or None in evaluation mode."""
-    return None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
+    """Per-block dropout keys (L,) in the `dropout_rng` implementation, or None in evaluation."""
+    if dropout_key is None:
+      return None
+    return jax.random.split(dropout_rng_key(dropout_key, self.cfg.dropout_rng), self.cfg.num_layers)
 
   def embed_inputs(self, x_t, t, tokens, ref_mel, domain, token_keep=None):
     """The blocks' input h0 (B, T, width), time embedding (B, width) and e before token dropout."""
@@ -364,14 +413,37 @@ class DiT(nnx.Module):
     return self.output_projection(self.output_norm(h.astype(jnp.float32)))
 
 
-def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenOutput, remat: str):
-  """Scans the stacked blocks over depth, emitting what `hidden` asks for at every layer."""
+def dropout_rng_key(key: jax.Array, impl: str) -> jax.Array:
+  """`key` as a key of PRNG implementation `impl` (rbg: derived from its bits, deterministic)."""
+  if impl not in DROPOUT_RNGS:
+    raise ValueError(f'model.dropout_rng={impl!r}: expected one of {DROPOUT_RNGS}')
+  if impl == 'threefry':
+    return key
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
+
+
+def run_blocks(
+  blocks: DiTBlock,
+  h,
+  time_emb,
+  gates,
+  layer_keys,
+  hidden: HiddenOutput,
+  remat: str,
+  lengths=None,
+):
+  """Scans the stacked blocks over depth, emitting what `hidden` asks for at every layer.
+
+  lengths: (B,) valid frames (None: all); 'utterance' pools each layer over them only.
+  """
   graphdef, state = nnx.split(blocks)
+  mask = None if lengths is None else valid_mask(lengths, h.shape[1])
 
   def body(h, layer):
     block_state, gate, key = layer
-    h = sharding.constrain_batch(nnx.merge(graphdef, block_state)(h, time_emb, gate, key))
-    out = {'none': None, 'utterance': h.mean(1), 'frame': h}[hidden]
+    h = nnx.merge(graphdef, block_state)(h, time_emb, gate, key, lengths)
+    h = sharding.constrain_batch(h)
+    out = {'none': None, 'utterance': masked_mean(h, mask), 'frame': h}[hidden]
     out = None if out is None else sharding.constrain_batch(out)
     return h, out
 
@@ -383,21 +455,56 @@ def run_blocks(blocks: DiTBlock, h, time_emb, gates, layer_keys, hidden: HiddenO
 
 
 class RepaHeads(nnx.Module):
-  """Per (layer, domain) MLP width → width → GELU → C_d applied to L2-normalized hidden states."""
+  """Per (layer, domain) MLP width → width → GELU → C_d applied to L2-normalized hidden states.
 
-  def __init__(self, num_layers: int, width: int, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
-    def stacked(n_out):
+  Only the layers in `layers[d]` (0-based, ascending) have a head for domain d: those a selection
+  can pick. Each domain's heads are stacked in that order.
+  """
+
+  def __init__(
+    self,
+    num_layers: int,
+    width: int,
+    teacher_dims: tuple[int, ...],
+    rngs: nnx.Rngs,
+    layers: tuple[tuple[int, ...], ...] | None = None,
+  ):
+    if layers is None:
+      layers = tuple(tuple(range(num_layers)) for _ in teacher_dims)
+    self.num_layers = num_layers
+    self.layers = tuple(tuple(sorted(set(map(int, chosen)))) for chosen in layers)
+
+    def stacked(n_out, count):
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def make(rngs):
         return RepaMLP(width, n_out, rngs)
 
-      return make(nnx.Rngs(params=jax.random.split(rngs.params(), num_layers)))
+      key = rngs.params()  # drawn for every domain, so later modules' draws never depend on it
+      return make(nnx.Rngs(params=jax.random.split(key, count))) if count else None
 
-    self.per_domain = nnx.List([stacked(dim) for dim in teacher_dims])
+    self.per_domain = nnx.List(
+      [stacked(dim, len(chosen)) for dim, chosen in zip(teacher_dims, self.layers)]
+    )
 
-  def __call__(self, domain_index: int, z):
-    """z: (L, B, [T,] width) -> (L, B, [T,] C_d), layer ℓ through head (ℓ, d)."""
+  def has_head(self) -> np.ndarray:
+    """(num_layers, domains) bool: which (layer, domain) pairs have a head."""
+    table = np.zeros((self.num_layers, len(self.layers)), bool)
+    for d, chosen in enumerate(self.layers):
+      table[list(chosen), d] = True
+    return table
+
+  def __call__(self, domain_index: int, z, layers=None):
+    """z: (K, B, [T,] width) states of the 0-based `layers` (K,) -> (K, B, [T,] C_d).
+
+    `layers` may be traced; each must have a head for this domain. Without `layers`, z holds every
+    head layer of the domain, in `self.layers[domain_index]` order.
+    """
     graphdef, state = nnx.split(self.per_domain[domain_index])
+    if layers is not None:
+      slot_of_layer = np.zeros((self.num_layers,), np.int32)
+      slot_of_layer[list(self.layers[domain_index])] = np.arange(len(self.layers[domain_index]))
+      slots = jnp.asarray(slot_of_layer)[layers]
+      state = jax.tree.map(lambda p: p[slots], state)
     # layer by layer, so FSDP gathers one head's weights at a time (as the depth scan does)
     return jax.lax.map(lambda layer: nnx.merge(graphdef, layer[0])(layer[1]), (state, z))
 
@@ -454,9 +561,16 @@ class BitcHeads(nnx.Module):
 class AgRepaModel(nnx.Module):
   """Everything that trains: the DiT backbone and the alignment heads (counted apart)."""
 
-  def __init__(self, cfg: ModelConfig, teacher_dims: tuple[int, ...], rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    teacher_dims: tuple[int, ...],
+    rngs: nnx.Rngs,
+    repa_layers: tuple[tuple[int, ...], ...] | None = None,
+  ):
+    """repa_layers: per domain, the 0-based layers that get a REPA head (default: every layer)."""
     self.backbone = DiT(cfg, rngs)
-    self.repa_heads = RepaHeads(cfg.num_layers, cfg.width, teacher_dims, rngs)
+    self.repa_heads = RepaHeads(cfg.num_layers, cfg.width, teacher_dims, rngs, repa_layers)
     self.bitc_heads = BitcHeads(
       cfg.token_dim, teacher_dims, rngs, official=cfg.bitc_form == 'official'
     )

@@ -11,6 +11,8 @@ A selection is {domain: {layer (1-based): λ}}, what `dense_lambdas` takes.
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model (docs/method.md, FoG-A and LASP).
@@ -164,11 +166,72 @@ SELECTIONS = {'none': _no_alignment, 'fixed': _fixed_layers, 'fog_a': _fog_a_lay
 
 
 def lambdas_from_config(config) -> np.ndarray:
-  """The dense (L, domains) λ that `config.repa.selection` gives at the start of training."""
+  """The dense (L, domains) λ a run starts from, checked against its heads and repa.max_layers."""
+  lambdas = configured_lambdas(config)
+  check_active_lambdas(
+    lambdas, repa_head_layers(config), config.repa.max_layers, config.data.domains
+  )
+  return lambdas
+
+
+def configured_lambdas(config) -> np.ndarray:
+  """The dense (L, domains) λ of `config.repa.selection`, unchecked."""
   rule = config.repa.selection
   if rule not in SELECTIONS:
     raise ValueError(f'repa.selection={rule!r}: expected one of {tuple(SELECTIONS)}')
   return dense_lambdas(SELECTIONS[rule](config), config.model.num_layers, config.data.domains)
+
+
+def repa_head_layers(config) -> tuple[tuple[int, ...], ...]:
+  """Per domain, the 0-based layers that get a REPA head: the layers its selection can pick.
+
+  fixed: the layers with λ ≠ 0; fog_a: every layer FoG-A probes (odd layers only under
+  repa.quirks); none: no layer; repa.all_layer_heads: every layer.
+  """
+  repa, domains, num_layers = config.repa, tuple(config.data.domains), config.model.num_layers
+  if repa.all_layer_heads:
+    return tuple(tuple(range(num_layers)) for _ in domains)
+  if repa.selection == 'fog_a':
+    from agrepa_jax import probe
+
+    if config.probe.top_k > repa.max_layers:
+      raise ValueError(
+        f'probe.top_k={config.probe.top_k} selects more layers than repa.max_layers='
+        f'{repa.max_layers}'
+      )
+    eligible = probe.probed_layers(num_layers, probe.schedule_from_config(config))
+    return tuple(tuple(np.flatnonzero(eligible).tolist()) for _ in domains)
+  lambdas = configured_lambdas(config)
+  return tuple(tuple(np.flatnonzero(lambdas[:, d]).tolist()) for d in range(len(domains)))
+
+
+def check_active_lambdas(lambdas: np.ndarray, head_layers, max_layers: int, domains) -> None:
+  """Raises unless each domain's non-zero λ are at most `max_layers` layers that have a head."""
+  for d, domain in enumerate(domains):
+    chosen = np.flatnonzero(lambdas[:, d])
+    if len(chosen) > max_layers:
+      raise ValueError(
+        f'repa: {len(chosen)} layers selected for domain {domain!r}, more than '
+        f'repa.max_layers={max_layers}'
+      )
+    headless = sorted(set(chosen.tolist()) - set(head_layers[d]))
+    if headless:
+      raise ValueError(
+        f'repa: layers {[layer + 1 for layer in headless]} of domain {domain!r} have no REPA '
+        'head (repa.quirks keeps heads on odd layers only; repa.all_layer_heads keeps all)'
+      )
+
+
+def active_layers(lambdas: jax.Array, has_head: np.ndarray, max_layers: int):
+  """Dense λ (L, domains) -> the layers whose REPA heads run: (domains, K) 0-based indices, their λ.
+
+  K = min(max_layers, L) is static; the indices are traced, so a new λ never recompiles. Per domain
+  the K largest |λ| among layers with a head (`has_head` (L, domains) bool), ties to the shallower
+  layer; unused slots carry λ = 0. λ outside that set is ignored (check_active_lambdas).
+  """
+  usable = jnp.where(jnp.asarray(has_head), lambdas, 0.0).T
+  _, layers = jax.lax.top_k(jnp.abs(usable), min(max_layers, usable.shape[1]))
+  return layers, jnp.take_along_axis(usable, layers, axis=1)
 
 
 def measures_online(config) -> bool:

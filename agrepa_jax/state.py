@@ -42,7 +42,9 @@ def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
   cfg = ModelConfig.from_config(
     {**config.model, 'num_domains': len(config.data.domains), 'bitc_form': config.bitc.form}
   )
-  return AgRepaModel(cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)))
+  return AgRepaModel(
+    cfg, teacher_dims, nnx.Rngs(params=jax.random.key(seed)), selection.repa_head_layers(config)
+  )
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -145,6 +147,6 @@ def param_counts(shapes: TrainState) -> dict[str, int]:
   return {
     'backbone': count_params(params['backbone']),
     'blocks': count_params(params['backbone']['blocks']),
-    'repa_heads': count_params(params['repa_heads']),
+    'repa_heads': count_params(params.get('repa_heads', {})),  # none without a selection
     'bitc_heads': count_params(params['bitc_heads']),
   }

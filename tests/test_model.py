@@ -10,6 +10,8 @@ from agrepa_jax.model import (
   DiTBlock,
   Frozen,
   ModelConfig,
+  attention,
+  attention_with_probability_dropout,
   interpolate_linear,
   run_blocks,
   sinusoidal_features,
@@ -270,3 +272,47 @@ def test_frozen_token_conditioning_freezes_every_token_variable():
   np.testing.assert_array_equal(
     model.backbone.token_encoder.domain_projection[...], np.broadcast_to(np.eye(16), (2, 16, 16))
   )
+
+
+def test_attention_with_lengths_equals_attention_on_the_unpadded_clip():
+  q, k, v = (jax.random.normal(key, (2, 7, 2, 4)) for key in jax.random.split(jax.random.key(0), 3))
+  out = attention(q, k, v, jnp.array([7, 4]))
+  np.testing.assert_allclose(out[0], attention(q[:1], k[:1], v[:1], None)[0], rtol=1e-6)
+  short = attention(q[1:, :4], k[1:, :4], v[1:, :4], None)[0]
+  np.testing.assert_allclose(out[1, :4], short, rtol=1e-5, atol=1e-6)
+  # the official form (dropout on the probabilities; none at rate 0) masks the same keys
+  official = attention_with_probability_dropout(q, k, v, 0.0, jax.random.key(1), jnp.array([7, 4]))
+  np.testing.assert_allclose(official, out, rtol=1e-5, atol=1e-6)
+
+
+def test_utterance_pooling_averages_valid_frames_of_each_layer(model):
+  graphdef, state = nnx.split(model.blocks)
+  h = jax.random.normal(jax.random.key(5), (2, 12, CFG.width))
+  time_emb = jax.random.normal(jax.random.key(6), (2, CFG.width))
+  lengths = jnp.array([12, 5])
+  _, pooled = run_blocks(
+    model.blocks, h, time_emb, jnp.ones(CFG.num_layers), None, 'utterance', 'none', lengths
+  )
+  looped = h
+  for layer in range(CFG.num_layers):
+    block = nnx.merge(graphdef, jax.tree.map(lambda a, layer=layer: a[layer], state))
+    looped = block(looped, time_emb, 1.0, None, lengths)
+    np.testing.assert_allclose(pooled[layer, 0], looped[0].mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(pooled[layer, 1], looped[1, :5].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_rbg_dropout_is_deterministic_per_key(model):
+  x = inputs()
+  graphdef, state = nnx.split(model)
+  rbg = nnx.merge(graphdef, state)
+  rbg.cfg = ModelConfig(**{**CFG.__dict__, 'dropout_rng': 'rbg'})
+  a, _ = rbg(**x, dropout_key=jax.random.key(0))
+  b, _ = rbg(**x, dropout_key=jax.random.key(0))
+  c, _ = rbg(**x, dropout_key=jax.random.key(1))
+  threefry, _ = model(**x, dropout_key=jax.random.key(0))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, threefry)
+  np.testing.assert_array_equal(rbg(**x)[0], model(**x)[0])  # evaluation draws nothing
+  rbg.cfg = ModelConfig(**{**CFG.__dict__, 'dropout_rng': 'philox'})
+  with pytest.raises(ValueError, match='model.dropout_rng'):
+    rbg(**x, dropout_key=jax.random.key(0))

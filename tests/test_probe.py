@@ -67,10 +67,11 @@ def looped_scores(dit, batch, t, noise, dropout_key):
   """Δ (L, B) from L+1 separate model calls, one gate mask each: FoG-A by its definition."""
   graphdef, state = nnx.split(dit)
   inputs = probe_batch.model_inputs(batch, t, noise, 0.15)
+  lengths = probe_batch.valid_frames(batch['num_samples'], FRAMES).sum(1)
   forward = jax.jit(
-    lambda state, gates: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=dropout_key)[
-      0
-    ]
+    lambda state, gates: nnx.merge(graphdef, state)(
+      **inputs, gates=gates, dropout_key=dropout_key, lengths=lengths
+    )[0]
   )
   num_layers = dit.cfg.num_layers
   clean = np.asarray(forward(state, jnp.ones(num_layers)))

@@ -31,11 +31,13 @@ def test_fresh_dropout_draws_a_new_mask_in_every_forward_pass():
   masks = np.concatenate([np.ones((1, CFG.num_layers)), 1 - np.eye(CFG.num_layers)])
   keys = jax.random.split(key, CFG.num_layers + 1)
   graphdef, state = nnx.split(dit)
+  valid = probe_batch.valid_frames(batch['num_samples'], FRAMES)
   forward = jax.jit(
-    lambda gates, k: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=k)[0]
+    lambda gates, k: nnx.merge(graphdef, state)(
+      **inputs, gates=gates, dropout_key=k, lengths=valid.sum(1)
+    )[0]
   )
   velocities = [forward(jnp.asarray(m, jnp.float32), k) for m, k in zip(masks, keys)]
-  valid = probe_batch.valid_frames(batch['num_samples'], FRAMES)
   expected = fog_a.relative_rms(jnp.stack(velocities[1:]), velocities[0], valid)
   fresh = fog_a.naive_clip_scores(
     dit, batch, 0.8, noise, dropout_key=key, clean_input=True, fresh_dropout=True

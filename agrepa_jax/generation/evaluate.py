@@ -37,7 +37,7 @@ import tqdm
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import audio, checkpoint, metrics, teachers  # noqa: E402
+from agrepa_jax import audio, checkpoint, losses, metrics, teachers  # noqa: E402
 from agrepa_jax.data import features, synth  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
@@ -99,6 +99,7 @@ def generate(
     num_samples, sample_cfg.prompt_seconds, sample_cfg.prompt_fraction
   )
   prompt_mask = sampler.leading_frames_mask(prompt_frames, real.shape[1])
+  lengths = np.asarray(losses.frame_mask(num_samples, real.shape[1], audio.HOP_LENGTH)).sum(1)
   devices = run.mesh.size
   batch_size = (
     -(-sample_cfg.batch_size // devices) * devices
@@ -108,7 +109,7 @@ def generate(
   for b, s in enumerate(
     tqdm.tqdm(batch_slices(len(rows), batch_size), desc='sample', unit='batch')
   ):
-    inputs = [pad_rows(x[s], batch_size) for x in (tokens, real, domain, prompt_mask)]
+    inputs = [pad_rows(x[s], batch_size) for x in (tokens, real, domain, prompt_mask, lengths)]
     mels = sampler.sample(
       run.model.backbone,
       *inputs[:3],
@@ -120,6 +121,7 @@ def generate(
       cfg_form=sample_cfg.cfg_form,
       noise_std=noise_std,
       mesh=run.mesh,
+      lengths=inputs[4],
     )
     generated.append(np.asarray(mels)[: s.stop - s.start])
   return Generation(

@@ -55,12 +55,13 @@ def guide(conditional: jax.Array, unconditional: jax.Array, weight, form: str) -
 
 
 def cfg_velocity(
-  backbone: DiT, x_t, t, tokens, ref_mel, domain, weight, form: str = 'official'
+  backbone: DiT, x_t, t, tokens, ref_mel, domain, weight, form: str = 'official', lengths=None
 ) -> jax.Array:
   """Guided velocity (see `guide`) from one forward pass over the conditional and unconditional
   inputs.
 
-  t: (B,) times. The unconditional pass drops the tokens and keeps `ref_mel`. Each clip's two
+  t: (B,) times; lengths: (B,) frames holding audio (default all). The unconditional pass drops
+  the tokens and keeps `ref_mel`. Each clip's two
   copies sit next to each other along the batch (not one half after the other), so a batch
   sharded over devices stays where it is.
   """
@@ -68,7 +69,13 @@ def cfg_velocity(
   batch = x_t.shape[0]
   token_keep = jnp.tile(jnp.array([1.0, 0.0], x_t.dtype), batch)
   velocity, _ = backbone(
-    twice(x_t), twice(t), twice(tokens), twice(ref_mel), twice(domain), token_keep=token_keep
+    twice(x_t),
+    twice(t),
+    twice(tokens),
+    twice(ref_mel),
+    twice(domain),
+    token_keep=token_keep,
+    lengths=None if lengths is None else twice(lengths),
   )
   velocity = velocity.reshape(batch, 2, *velocity.shape[1:])
   conditional, unconditional = velocity[:, 0], velocity[:, 1]
@@ -105,6 +112,7 @@ def _integrate(
   ref_mel,
   domain,
   prompt_mask,
+  lengths,
   key,
   sway,
   cfg_weight,
@@ -124,7 +132,7 @@ def _integrate(
 
   def velocity(x, t):
     t = jnp.full((batch,), t)
-    return cfg_velocity(backbone, x, t, tokens, reference, domain, cfg_weight, cfg_form)
+    return cfg_velocity(backbone, x, t, tokens, reference, domain, cfg_weight, cfg_form, lengths)
 
   x1 = euler_integrate(velocity, x0, sway_time_grid(num_points, sway))
   out = jnp.where(prompt_mask[..., None], reference, x1)
@@ -146,17 +154,20 @@ def sample(
   cfg_form: str = 'official',
   noise_std: float = 0.5,
   mesh: jax.sharding.Mesh | None = None,
+  lengths=None,
 ) -> jax.Array:
   """Generated normalized mels (B, T, n_mels), prompt frames equal to the reference.
 
   tokens: (B, K, N); ref_mel: (B, T, n_mels) reference mel (frames outside the prompt are ignored);
-  domain: (B,); prompt_mask: (B, T) bool, the reference-prompt frames (see `leading_frames_mask`).
+  domain: (B,); prompt_mask: (B, T) bool, the reference-prompt frames (see `leading_frames_mask`);
+  lengths: (B,) frames holding audio, the only ones attention reads (default all T).
   cfg_form: 'official' or 'f5' (see `guide`). sway, cfg_weight and noise_std are traced, so
   changing them does not recompile; num_points and cfg_form do.
   With a mesh, the batch (a multiple of the mesh size) is sharded over its ('data', 'fsdp') axes.
   """
   graphdef, state = nnx.split(backbone)
   inputs = tuple(jnp.asarray(x) for x in (tokens, ref_mel, domain, prompt_mask))
+  inputs += (None if lengths is None else jnp.asarray(lengths, jnp.int32),)
   if mesh is not None:
     inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
   scalars = tuple(jnp.float32(x) for x in (sway, cfg_weight, noise_std))

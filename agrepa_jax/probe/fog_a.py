@@ -69,20 +69,30 @@ def lane_layout(num_lanes: int, num_devices: int, chunk_size: int) -> tuple[int,
   return num_devices * chunk * -(-per_device // chunk), chunk
 
 
-def clean_pass(dit: DiT, inputs: dict, dropout_key):
-  """The clean velocity (B, T, M), every block's input (L, B, T, W), time embedding, layer keys."""
+def clean_pass(dit: DiT, inputs: dict, dropout_key, lengths=None):
+  """The clean velocity (B, T, M), every block's input (L, B, T, W), time embedding, layer keys.
+
+  lengths: (B,) valid frames, the keys attention reads (default all).
+  """
   cfg = dit.cfg
   h0, time_emb, _ = dit.embed_inputs(
     inputs['x_t'], inputs['t'], inputs['tokens'], inputs['ref_mel'], inputs['domain']
   )
   layer_keys = dit.layer_keys(dropout_key)
   h, outputs = run_blocks(
-    dit.blocks, h0, time_emb, jnp.ones((cfg.num_layers,), h0.dtype), layer_keys, 'frame', cfg.remat
+    dit.blocks,
+    h0,
+    time_emb,
+    jnp.ones((cfg.num_layers,), h0.dtype),
+    layer_keys,
+    'frame',
+    cfg.remat,
+    lengths,
   )
   return dit.output(h), jnp.concatenate([h0[None], outputs[:-1]]), time_emb, layer_keys
 
 
-def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second):
+def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second, lengths=None):
   """Final hidden states (C, B, T, W) of the `first` and the `second` ablation of C lanes."""
   num_layers = block_inputs.shape[0]
   graphdef, stacked = nnx.split(blocks)
@@ -92,7 +102,7 @@ def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second):
 
   def apply_block(index, h):
     block = nnx.merge(graphdef, jax.tree.map(lambda p: p[index], stacked))
-    return block(h, time_emb, gate, None if layer_keys is None else layer_keys[index])
+    return block(h, time_emb, gate, None if layer_keys is None else layer_keys[index], lengths)
 
   def step(carry, s):
     h, first_final = carry
@@ -116,7 +126,9 @@ def _lane_scores(
   dit = nnx.merge(graphdef, state)
 
   def chunk(lanes):
-    finals = jnp.stack(run_lanes(dit.blocks, block_inputs, time_emb, layer_keys, *lanes), 1)
+    finals = jnp.stack(
+      run_lanes(dit.blocks, block_inputs, time_emb, layer_keys, *lanes, valid.sum(1)), 1
+    )
     velocity = dit.output(finals.reshape(-1, *finals.shape[-2:])).reshape(
       *finals.shape[:3], *v.shape[-2:]
     )
@@ -135,7 +147,7 @@ def _clip_scores(
   dit = nnx.merge(graphdef, state)
   inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
   valid = valid_frames(batch['num_samples'], noise.shape[1])
-  v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key)
+  v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key, valid.sum(1))
   num_layers = block_inputs.shape[0]
   last = relative_rms(dit.output(block_inputs[-1]), v, valid)
   first, second = ablation_lanes(num_layers)
@@ -205,18 +217,19 @@ def _naive_clip_scores(
   state, batch, t, noise, dropout_key, *, graphdef, prompt_fraction, clean_input, fresh_dropout
 ):
   inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
+  valid = valid_frames(batch['num_samples'], noise.shape[1])
   num_layers = nnx.merge(graphdef, state).cfg.num_layers
   masks = jnp.concatenate([jnp.ones((1, num_layers)), 1 - jnp.eye(num_layers)])
-  forward = lambda gates, key: nnx.merge(graphdef, state)(**inputs, gates=gates, dropout_key=key)[0]
+  forward = lambda gates, key: nnx.merge(graphdef, state)(
+    **inputs, gates=gates, dropout_key=key, lengths=valid.sum(1)
+  )[0]
   if dropout_key is None:
     velocities = jax.vmap(lambda gates: forward(gates, None))(masks)
   elif fresh_dropout:
     velocities = jax.vmap(forward)(masks, jax.random.split(dropout_key, num_layers + 1))
   else:
     velocities = jax.vmap(lambda gates: forward(gates, dropout_key))(masks)
-  return relative_rms(
-    velocities[1:], velocities[0], valid_frames(batch['num_samples'], noise.shape[1])
-  )
+  return relative_rms(velocities[1:], velocities[0], valid)
 
 
 def naive_clip_scores(

@@ -31,13 +31,16 @@ from flax import nnx
 from sklearn.linear_model import Ridge
 
 from agrepa_jax.model import AgRepaModel, DiT
-from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inputs
+from agrepa_jax.probe.batch import MODEL_KEYS, NOISE_STD, clip_noise, model_inputs, valid_frames
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'prompt_fraction', 'clean_input'))
 def _pooled_hidden(state, batch, t, noise, *, graphdef, prompt_fraction, clean_input):
+  lengths = valid_frames(batch['num_samples'], noise.shape[1]).sum(1)
   _, extras = nnx.merge(graphdef, state)(
-    **model_inputs(batch, t, noise, prompt_fraction, clean_input), hidden='utterance'
+    **model_inputs(batch, t, noise, prompt_fraction, clean_input),
+    hidden='utterance',
+    lengths=lengths,
   )
   return extras['hidden']
 
@@ -125,8 +128,16 @@ def head_scores(
 
 
 def repa_head_scores(repa_heads, pooled, targets, clip_domains, teacher_means) -> dict:
-  """Scores of REPA head (ℓ, d) applied to layer ℓ."""
-  return head_scores(repa_heads, pooled, targets, clip_domains, teacher_means)
+  """Scores of REPA head (ℓ, d) applied to layer ℓ; NaN where layer ℓ has no head for d."""
+
+  def apply_head(d, z):
+    layers = np.asarray(repa_heads.layers[d], np.int64)
+    prediction = np.full((*z.shape[:2], targets[d].shape[-1]), np.nan, np.float32)
+    if len(layers):
+      prediction[layers] = np.asarray(repa_heads(d, z[layers]))
+    return prediction
+
+  return head_scores(apply_head, pooled, targets, clip_domains, teacher_means)
 
 
 def bitc_head_scores(
