@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model (docs/method.md, FoG-A and LASP).
+# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model.
 PAPER_PRESETS = {
   'paper_single': {
     'speech': {1: 0.334, 9: 0.139, 5: 0.118},
@@ -67,7 +67,7 @@ def _softmax(scores, total, temperature):
   return total * weights / weights.sum()
 
 
-# λ rule name -> (scores, total, temperature) -> λ of the selected layers. A new rule is a new entry.
+# λ rule -> (scores, total, temperature) -> λ of the selected layers. A new rule is a new entry.
 LAMBDA_RULES = {'raw': _raw, 'normalized': _normalized, 'softmax': _softmax}
 
 
@@ -79,7 +79,7 @@ def layer_lambdas(scores: np.ndarray, rule: str, total: float, temperature: floa
 
 
 def layer_scores(table: np.ndarray, t_values, selection_t: float) -> np.ndarray:
-  """(L, n_t, D) FoG-A table -> (L, D): the mean over t (selection_t < 0) or the column at selection_t."""
+  """(L, n_t, D) FoG-A table -> (L, D): the mean over t (selection_t < 0) or selection_t's column."""
   if selection_t < 0:
     return table.mean(1)
   matches = np.flatnonzero(np.isclose(np.asarray(t_values, np.float64), selection_t))
@@ -100,7 +100,7 @@ def select_layers(
   temperature: float = 0.1,
   eligible=None,
 ) -> dict[str, dict[int, float]]:
-  """{domain: {layer (1-based): λ}} from (L, D) scores; a domain without finite scores selects nothing."""
+  """{domain: {layer (1-based): λ}} from (L, D) scores; no finite score: the domain selects nothing."""
   selection = {}
   for d, domain in enumerate(domains):
     chosen = top_k_layers(scores[:, d], top_k, eligible)
@@ -110,12 +110,13 @@ def select_layers(
 
 
 def ema_update(old, new, decay: float):
-  """Exponential moving average of scores re-measured during training; `old=None` starts at `new`."""
+  """Exponential moving average of scores re-measured in training; `old=None` starts at `new`."""
   return new if old is None else decay * old + (1 - decay) * new
 
 
 def selection_json(selection: dict[str, dict[int, float]], **settings) -> dict:
-  """The JSON form of a selection: settings plus {'domains': {domain: {'layers': [...], 'lambdas': [...]}}}."""
+  """The JSON form of a selection: settings plus
+  {'domains': {domain: {'layers': [...], 'lambdas': [...]}}}."""
   return {
     **settings,
     'domains': {

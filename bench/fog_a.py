@@ -1,5 +1,5 @@
-"""FoG-A cost: one prefix-shared probe (all L+1 gate settings, one t) against one forward pass and the
-naive loop of L+1 forward calls, on the default model and on a 24-layer narrow model.
+"""FoG-A cost: one prefix-shared probe (all L+1 gate settings, one t) against one forward pass and
+the naive loop of L+1 forward calls, on the default model and on a 24-layer narrow model.
 
 python bench/fog_a.py [--batch 16] [--repeats 3] [--chunk-sizes 1,2,4]
 
@@ -83,7 +83,7 @@ def measure(cfg: ModelConfig, batch_size: int, repeats: int, chunk_sizes: list[i
     ),
     **{
       f'fog_a_chunk{c}': median_seconds(
-        lambda: fog_a.clip_scores(dit, batch, T_PROBE, noise, chunk_size=c), repeats
+        lambda c=c: fog_a.clip_scores(dit, batch, T_PROBE, noise, chunk_size=c), repeats
       )
       for c in chunk_sizes
     },
@@ -112,7 +112,8 @@ def main():
   args = parser.parse_args()
   chunk_sizes = [int(c) for c in args.chunk_sizes.split(',')]
   print(
-    f'device: {jax.devices()[0].device_kind}, batch {args.batch}, t={T_PROBE}, chunk sizes {chunk_sizes}'
+    f'device: {jax.devices()[0].device_kind}, batch {args.batch}, t={T_PROBE}, '
+    f'chunk sizes {chunk_sizes}'
   )
   results = {}
   for name, cfg in model_configs().items():

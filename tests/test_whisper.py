@@ -1,4 +1,4 @@
-"""Whisper teacher: CTranslate2 reader, front end, encoder against CTranslate2, loaders, Teacher API."""
+"""Whisper teacher: CTranslate2 reader, front end, encoder vs CTranslate2, loaders, Teacher API."""
 
 import copy
 import dataclasses
@@ -19,7 +19,7 @@ TINY_EN = bundled_whisper_tiny_en()
 
 
 def synthetic_utterance(seconds: float, seed: int = 0) -> np.ndarray:
-  """Deterministic speech-like 16 kHz signal: a gliding harmonic tone in syllable bursts plus noise."""
+  """Deterministic speech-like 16 kHz signal: a gliding harmonic tone in syllable bursts + noise."""
   rng = np.random.default_rng(seed)
   t = np.arange(round(seconds * whisper.SAMPLE_RATE)) / whisper.SAMPLE_RATE
   pitch_phase = 2 * np.pi * (120 * t + 15 * np.sin(2 * np.pi * 0.7 * t))
@@ -30,7 +30,7 @@ def synthetic_utterance(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def write_ct2_file(path, spec_name: str, variables: dict, aliases: dict = (), version: int = 6):
-  """Writes a CTranslate2 model.bin by the published layout (dtype ids: f32 0, i8 1, i16 2, f16 4)."""
+  """Writes a CTranslate2 model.bin by its published layout (dtype ids: f32 0, i8 1, i16 2, f16 4)."""
   type_ids = {
     np.dtype('float32'): 0,
     np.dtype('int8'): 1,
@@ -294,7 +294,7 @@ def test_registry_beats_entry_needs_its_module_and_a_checkpoint():
       load_teacher('beats')
 
 
-# --- Front end against transformers -----------------------------------------------------------------
+# --- Front end against transformers ---
 
 
 @pytest.mark.parametrize('n_mels', [80, 128])
@@ -311,7 +311,7 @@ def test_log_mel_matches_transformers_feature_extractor(n_mels):
   assert np.abs(ours - reference).max() < 2e-5
 
 
-# --- Encoder against transformers, and the openai / Hugging Face loaders ------------------------------
+# --- Encoder against transformers, and the openai / Hugging Face loaders ---
 
 # (Hugging Face name inside the encoder, openai-whisper name) for the parameters of block i.
 HF_OPENAI_BLOCK_NAMES = [

@@ -1,4 +1,4 @@
-"""Probing a trained baseline (docs/method.md, FoG-A and LASP): FoG-A contribution, LASP storage, SCD, and layer selection.
+"""Probing a trained baseline (docs/method.md): FoG-A contribution, LASP storage, SCD, selection.
 
 `config.probe` holds the settings (config_base.py); `report.run_probe` runs it all.
 """

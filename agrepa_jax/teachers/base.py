@@ -1,4 +1,4 @@
-"""The interface every frozen teacher (Whisper, BEATs, ...) offers to training, probing and features."""
+"""The interface every frozen teacher (Whisper, BEATs, ...) offers to training, probes, features."""
 
 import dataclasses
 from typing import Protocol

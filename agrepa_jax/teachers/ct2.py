@@ -1,4 +1,4 @@
-"""Reader for CTranslate2 `model.bin` files, so converted checkpoints load without the ctranslate2 runtime.
+"""Reader for CTranslate2 `model.bin` files: converted checkpoints load without ctranslate2.
 
 Layout (binary versions 4–6, all little-endian): uint32 version; string spec name; uint32 spec
 revision; uint32 variable count; per variable: string name, uint8 rank, rank × uint32 dims, uint8

@@ -1,10 +1,10 @@
-"""Whisper encoder as a frozen teacher: the log-mel front end, the encoder in Flax NNX, weight loaders.
+"""Whisper encoder as a frozen teacher: log-mel front end, the encoder in Flax NNX, weight loaders.
 
 The encoder is the one of Radford et al. (2022): two GELU convolutions (the second halves the frame
-rate to 50 per second), sinusoidal positions, pre-LN transformer blocks, a final LayerNorm. The blocks'
-parameters are stacked on a leading layer axis and scanned, so compile time does not grow with depth.
-Loaders read official openai-whisper .pt files, Hugging Face transformers directories (safetensors or
-pytorch_model.bin) and CTranslate2 directories, all mapped to the openai parameter names first.
+rate to 50 per second), sinusoidal positions, pre-LN transformer blocks, a final LayerNorm. The
+blocks' parameters are stacked on a leading layer axis and scanned, so compile time does not grow
+with depth. Loaders read official openai-whisper .pt files, Hugging Face transformers directories
+(safetensors or pytorch_model.bin) and CTranslate2 directories, all mapped to the openai parameter names first.
 """
 
 import dataclasses
@@ -365,7 +365,7 @@ def _openai_params_from_ct2(dims: WhisperDims, variables: dict[str, np.ndarray])
 
 
 def read_ct2_model_checked(model_dir: str) -> ct2.CT2Model:
-  """The variables of a CTranslate2 Whisper model directory; WhisperCheckpointError if it is not one."""
+  """The variables of a CTranslate2 Whisper model directory; WhisperCheckpointError if not one."""
   try:
     model = ct2.read_ct2_model(model_dir)
   except (ct2.CT2FormatError, OSError) as e:
@@ -601,7 +601,7 @@ def model_name(dims: WhisperDims) -> str:
 
 
 def encoder_frames_holding_audio(num_samples: np.ndarray) -> np.ndarray:
-  """Encoder frame k covers samples [320k, 320(k+1)); a clip's frames holding audio are the first ones."""
+  """Encoder frame k covers samples [320k, 320(k+1)); a clip's audio frames are the first ones."""
   return -(-np.asarray(num_samples) // SAMPLES_PER_ENCODER_FRAME)
 
 

