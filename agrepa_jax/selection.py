@@ -79,7 +79,7 @@ def layer_lambdas(scores: np.ndarray, rule: str, total: float, temperature: floa
 
 
 def layer_scores(table: np.ndarray, t_values, selection_t: float) -> np.ndarray:
-  """(L, n_t, D) FoG-A table -> (L, D): the mean over t (selection_t < 0) or selection_t's column."""
+  """(L, n_t, D) FoG-A table -> (L, D): the mean over t (selection_t < 0) or one t's column."""
   if selection_t < 0:
     return table.mean(1)
   matches = np.flatnonzero(np.isclose(np.asarray(t_values, np.float64), selection_t))
@@ -100,7 +100,7 @@ def select_layers(
   temperature: float = 0.1,
   eligible=None,
 ) -> dict[str, dict[int, float]]:
-  """{domain: {layer (1-based): λ}} from (L, D) scores; no finite score: the domain selects nothing."""
+  """{domain: {layer (1-based): λ}} from (L, D) scores; no finite score: nothing selected."""
   selection = {}
   for d, domain in enumerate(domains):
     chosen = top_k_layers(scores[:, d], top_k, eligible)

@@ -30,7 +30,7 @@ def synthetic_utterance(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def write_ct2_file(path, spec_name: str, variables: dict, aliases: dict = (), version: int = 6):
-  """Writes a CTranslate2 model.bin by its published layout (dtype ids: f32 0, i8 1, i16 2, f16 4)."""
+  """Writes a CTranslate2 model.bin by its published layout (dtype ids f32 0 i8 1 i16 2 f16 4)."""
   type_ids = {
     np.dtype('float32'): 0,
     np.dtype('int8'): 1,

@@ -4,7 +4,8 @@ The encoder is the one of Radford et al. (2022): two GELU convolutions (the seco
 rate to 50 per second), sinusoidal positions, pre-LN transformer blocks, a final LayerNorm. The
 blocks' parameters are stacked on a leading layer axis and scanned, so compile time does not grow
 with depth. Loaders read official openai-whisper .pt files, Hugging Face transformers directories
-(safetensors or pytorch_model.bin) and CTranslate2 directories, all mapped to the openai parameter names first.
+(safetensors or pytorch_model.bin) and CTranslate2 directories, all mapped to the openai parameter
+names first.
 """
 
 import dataclasses

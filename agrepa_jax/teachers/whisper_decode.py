@@ -1,10 +1,10 @@
 """Whisper's text decoder and greedy transcription in JAX, from CTranslate2 model directories.
 
 Greedy decoding follows CTranslate2's `generate(beam_size=1)` with its defaults: the tokens listed
-as `suppress_ids` in config.json are never chosen, and `suppress_ids_begin` (blank and end of text) are
-also barred from the first position. The prompt is the start-of-transcript sequence without
-timestamps (English-only models: <|startoftranscript|> <|notimestamps|>; multilingual ones add
-<|en|> <|transcribe|>). The loop is one jitted lax.scan over a fixed number of steps with a
+as `suppress_ids` in config.json are never chosen, and `suppress_ids_begin` (blank and end of
+text) are also barred from the first position. The prompt is the start-of-transcript sequence
+without timestamps (English-only models: <|startoftranscript|> <|notimestamps|>; multilingual
+ones add <|en|> <|transcribe|>). The loop is one jitted lax.scan over a fixed number of steps with a
 key/value cache; finished sequences keep emitting end of text.
 """
 
