@@ -2,7 +2,7 @@
 LibriSpeech 960 h + AudioSet under a 1:1 sampler, Whisper large-v3 and BEATs teachers, REPA on the
 paper's FoG-A layers with its λ.
 
-  python -m agrepa_jax.main --config configs/paper_single.py --workdir gs://BUCKET/runs/single \
+  python -m agrepa_jax.main --config configs/paper_single.py --workdir /shared/runs/single \
     --config.data.speech_dir=... --config.data.audio_dir=... \
     --config.teachers.speech.checkpoint=large-v3.pt \
     --config.teachers.audio.checkpoint=BEATs_iter3_plus_AS2M.pt
