@@ -1,4 +1,4 @@
-"""The paper's single-codebook experiment: 24 blocks × 1024 (≈ 462 M backbone parameters),
+"""The paper's single-codebook experiment: 24 blocks × 1024 (≈ 474 M backbone parameters),
 LibriSpeech 960 h + AudioSet under a 1:1 sampler, Whisper large-v3 and BEATs teachers, REPA on the
 paper's FoG-A layers with its λ.
 
