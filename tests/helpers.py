@@ -8,6 +8,7 @@ from etils import epath
 
 from agrepa_jax import config_base
 from agrepa_jax.data import features, prepare, spec
+from agrepa_jax.model import ModelConfig
 
 TEACHER_DIMS = {'speech': 6, 'audio': 5}
 
@@ -107,3 +108,18 @@ def write_fake_cache(config, num_clips: int = 40, seed: int = 0) -> epath.Path:
       for i in range(n)
     ]
   return write_fake_store(config, splits, {d: TEACHER_DIMS[d] for d in domains})
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+  """A DiT small enough for unit tests: width 32, 4 heads, 8 mel bands, vocab 11."""
+  fields = dict(
+    num_layers=3,
+    width=32,
+    num_heads=4,
+    token_dim=16,
+    vocab_size=11,
+    n_mels=8,
+    time_freq_dim=16,
+    dropout=0.2,
+  )
+  return ModelConfig(**{**fields, **overrides})

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from agrepa_jax import audio, config_base, losses, selection
-from agrepa_jax.model import AgRepaModel, BitcHeads, ModelConfig, RepaHeads, masked_mean
+from agrepa_jax.model import AgRepaModel, BitcHeads, RepaHeads, masked_mean
+from tests.helpers import tiny_model_config
 from tests.test_model import randomize
 
 DIMS = (3, 2)  # teacher widths of domain 0 and domain 1
@@ -279,16 +280,7 @@ def test_new_layer_selection_does_not_recompile_with_max_layers():
     )
 
 
-PADDING_CFG = ModelConfig(
-  num_layers=3,
-  width=32,
-  num_heads=4,
-  token_dim=16,
-  vocab_size=11,
-  n_mels=8,
-  time_freq_dim=16,
-  dropout=0.0,
-)
+PADDING_CFG = tiny_model_config(dropout=0.0)
 
 
 def pad_frames(x, frames, key):

@@ -16,17 +16,9 @@ from agrepa_jax.model import (
   run_blocks,
   sinusoidal_features,
 )
+from tests.helpers import tiny_model_config
 
-CFG = ModelConfig(
-  num_layers=3,
-  width=32,
-  num_heads=4,
-  token_dim=16,
-  vocab_size=11,
-  n_mels=8,
-  time_freq_dim=16,
-  dropout=0.2,
-)
+CFG = tiny_model_config()
 
 
 def randomize(module, seed=0, scale=0.1):

@@ -22,18 +22,9 @@ from agrepa_jax.probe import (
 )
 from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe.report import run_probe
-from tests.helpers import fake_record, write_fake_store
+from tests.helpers import fake_record, tiny_model_config, write_fake_store
 
-CFG = ModelConfig(
-  num_layers=5,
-  width=32,
-  num_heads=4,
-  token_dim=16,
-  vocab_size=11,
-  n_mels=8,
-  time_freq_dim=16,
-  dropout=0.2,
-)
+CFG = tiny_model_config(num_layers=5)
 FRAMES = 12
 
 

@@ -6,18 +6,10 @@ from flax import nnx
 
 from agrepa_jax import sharding
 from agrepa_jax.generation import sampler
-from agrepa_jax.model import DiT, ModelConfig
+from agrepa_jax.model import DiT
+from tests.helpers import tiny_model_config
 
-CFG = ModelConfig(
-  num_layers=2,
-  width=32,
-  num_heads=4,
-  token_dim=16,
-  vocab_size=11,
-  n_mels=8,
-  time_freq_dim=16,
-  dropout=0.2,
-)
+CFG = tiny_model_config(num_layers=2)
 BATCH, FRAMES = 8, 12
 
 
