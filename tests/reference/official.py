@@ -4,8 +4,10 @@ It follows the equations, shapes and layouts of the official code (zpforlove/AG-
 `Fusion_*` and `REPA_*` models), not its text: adaLN DiT blocks on torch.nn.MultiheadAttention,
 a sinusoidal time embedding of raw t, interleaved sin/cos positions, one token table per domain
 (plus one BEATs-label table shared by the domains in the dual-codebook model), BiT-C, REPA heads,
-FoG-A and the Euler sampler with sway sampling and guidance v_u + w·(v_c − v_u). Tensors follow
-the official layout: mels (B, n_mels, T), conditioning (B, D_tok + n_mels, T).
+FoG-A and the Euler sampler with sway sampling and guidance v_u + w·(v_c − v_u), and the official
+training step (`train_step`: token conditioning without gradients, the draws, the three losses,
+backward, global-norm clipping, AdamW on a one-cycle schedule). Tensors follow the official
+layout: mels (B, n_mels, T), conditioning (B, D_tok + n_mels, T).
 """
 
 import dataclasses
@@ -131,7 +133,7 @@ class FlowModel(nn.Module):
 
   # ----- Velocity -----
   def predict_velocity(self, xt, t, cond, skip_layers=()):
-    """v (B, n_mels, T) and every block's output h (L, B, T, width); skipped blocks pass h on."""
+    """v (B, n_mels, T) and every block's output h, L × (B, T, width); skipped blocks pass h on."""
     h = self.input_proj(torch.cat([xt, cond], dim=1).permute(0, 2, 1))
     h = h + self.pos_emb[: xt.shape[-1]][None]
     te = self.time_embed(timestep_embedding(t, h.shape[-1]))
@@ -140,7 +142,7 @@ class FlowModel(nn.Module):
       if index not in skip_layers:
         h = block(h, te)
       hidden.append(h)
-    return self.output_layer(h).permute(0, 2, 1), torch.stack(hidden)
+    return self.output_layer(h).permute(0, 2, 1), hidden
 
   # ----- Losses, with the random draws given -----
   def losses(self, x, t, noise, fused, ref_mel, kept, domain_ids, teachers, lambdas, bitc_weights):
@@ -208,3 +210,75 @@ class FlowModel(nn.Module):
       x = states[-1]
       states.append(x + (t_next - t) * self.guided_velocity(x, t, fused, ref_mel, cfg_scale))
     return torch.stack(states)
+
+
+# ----- Training -----
+@dataclasses.dataclass(frozen=True)
+class FlowDraws:
+  """The distributions of the per-step draws (the defaults of our flow config)."""
+
+  noise_std: float = 0.5
+  max_prompt_fraction: float = 0.3
+  token_drop_prob: float = 0.1
+  reference_drop_prob: float = 0.1
+
+
+def draw_inputs(x: torch.Tensor, draws: FlowDraws, generator=None) -> dict:
+  """t, noise, the reference prompt (a random prefix, dropped at random) and the token-keep flags.
+
+  x: (B, n_mels, T) target mel whose every frame holds audio.
+  """
+  batch, _, frames = x.shape
+  uniform = lambda *shape: torch.rand(*shape, generator=generator)
+  t = uniform(batch)
+  noise = draws.noise_std * torch.randn(x.shape, generator=generator)
+  max_prompt = max(math.floor(draws.max_prompt_fraction * frames), 1)
+  prompt = torch.randint(1, max_prompt + 1, (batch,), generator=generator)
+  keep_ref = uniform(batch) >= draws.reference_drop_prob
+  in_prompt = (torch.arange(frames)[None] < prompt[:, None]) & keep_ref[:, None]
+  kept = (uniform(batch) >= draws.token_drop_prob).float()
+  return {'t': t, 'noise': noise, 'ref_mel': x * in_prompt[:, None], 'kept': kept}
+
+
+def make_optimizer(model: FlowModel, learning_rate, weight_decay, betas, total_steps, pct_start):
+  """AdamW (PyTorch defaults otherwise) on a one-cycle schedule."""
+  optimizer = torch.optim.AdamW(
+    model.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay
+  )
+  schedule = torch.optim.lr_scheduler.OneCycleLR(
+    optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=pct_start
+  )
+  return optimizer, schedule
+
+
+def train_step(model, optimizer, schedule, batch, lambdas, bitc_weights, draws, grad_clip=1.0):
+  """One official optimization step on `batch` (mel (B, n_mels, T), tokens, domain, teachers).
+
+  The token conditioning runs under no_grad, as in the official code; a parameter without a
+  gradient (an unselected REPA head) is skipped by AdamW. Returns the losses and the gradient norm.
+  """
+  model.train()
+  x, domain_ids = batch['mel'], batch['domain']
+  with torch.no_grad():
+    fused = model.fused_embedding(batch['tokens'], domain_ids, x.shape[-1])
+  drawn = batch['draws'] if 'draws' in batch else draw_inputs(x, draws)
+  parts = model.losses(
+    x,
+    drawn['t'],
+    drawn['noise'],
+    fused,
+    drawn['ref_mel'],
+    drawn['kept'],
+    domain_ids,
+    batch['teachers'],
+    lambdas,
+    bitc_weights,
+  )
+  loss = parts['fm'] + parts['bitc'] + parts['repa']
+  optimizer.zero_grad(set_to_none=True)
+  loss.backward()
+  grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+  optimizer.step()
+  if schedule is not None:
+    schedule.step()
+  return {'loss': loss.detach(), **{k: v.detach() for k, v in parts.items()}}, grad_norm

@@ -1,0 +1,198 @@
+"""The train-step bench: its FLOP count, and the official PyTorch step it is compared with."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+from agrepa_jax import losses, train
+from agrepa_jax.model import AgRepaModel
+from agrepa_jax.state import TrainState
+from bench import flops
+from tests.reference import official
+from tests.reference.export import export_weights
+from tests.test_reference import (
+  BATCH,
+  FRAMES,
+  SINGLE,
+  TEACHER_DIMS,
+  TOKENS,
+  make_batch,
+  mels,
+  official_lambdas,
+  official_tokens,
+  relative_error,
+  to_torch,
+)
+
+OFFICIAL_STEP = dataclasses.replace(SINGLE, dropout=0.0, frozen_token_conditioning=True)
+OURS = dataclasses.replace(SINGLE, time_embedding='dit', time_freq_dim=16)
+DUAL = dataclasses.replace(
+  SINGLE, num_codebooks=2, codebook_fusion='concat', second_vocab_size=7, bitc_form='affine'
+)
+MERGE = dataclasses.replace(OURS, num_codebooks=2, codebook_fusion='merge')
+
+
+def random_model(cfg, seed: int = 0) -> AgRepaModel:
+  """Our model with every parameter (frozen ones too) drawn from N(0, 0.2²)."""
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: AgRepaModel(cfg, TEACHER_DIMS, nnx.Rngs(0))))
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  draws = [0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in draws]))
+
+
+def loss_config(bitc: bool, max_layers: int = 3) -> losses.LossConfig:
+  return losses.LossConfig(
+    flow=losses.FlowMatchingConfig(loss_on_prompt=True),
+    bitc_weights=(0.5, 1.0) if bitc else None,
+    granularity='utterance',
+    domains=('speech', 'audio'),
+    bitc_skips_dropped=True,
+    max_layers=max_layers,
+  )
+
+
+def lambdas_of(num_layers: int) -> np.ndarray:
+  lambdas = np.zeros((num_layers, 2), np.float32)
+  lambdas[[0, 2], 0], lambdas[[0, 1], 1] = (0.334, 0.139), (0.278, 0.12)
+  return lambdas
+
+
+def test_jaxpr_count_multiplies_a_scan_body_by_its_length_as_unrolled_xla_does():
+  def f(w, x, unroll):
+    return jax.lax.scan(lambda h, wi: (h @ wi, None), x, w, unroll=unroll)[0].sum()
+
+  w, x = jnp.ones((5, 16, 16)), jnp.ones((3, 16))
+  for fn in (f, jax.grad(f)):
+    unrolled = jax.jit(fn, static_argnums=2).lower(w, x, True).cost_analysis()['flops']
+    scanned = jax.jit(fn, static_argnums=2).lower(w, x, 1).cost_analysis()['flops']
+    counted = flops.jaxpr_matmul_flops(jax.make_jaxpr(fn, static_argnums=2)(w, x, 1))
+    assert scanned < unrolled / 2  # XLA counts the loop body once
+    assert counted == pytest.approx(unrolled, rel=0.05)  # unrolled also counts the sums
+  counted = flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(f), static_argnums=2)(w, x, 1))
+  assert counted == 3 * 5 * 2 * 3 * 16 * 16  # forward, and two backward products per layer
+
+
+@pytest.mark.parametrize(
+  'name, cfg, bitc, max_layers',
+  [
+    ('official_forms', SINGLE, True, 3),
+    ('official_step', OFFICIAL_STEP, True, 2),
+    ('our_forms', OURS, True, 1),
+    ('dual_concat', DUAL, False, 3),
+    ('two_codebooks_merged', MERGE, True, 2),
+  ],
+)
+def test_hand_count_equals_the_dots_of_the_gradient(name, cfg, bitc, max_layers):
+  model = random_model(cfg)
+  batch = make_batch(cfg)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss_cfg = loss_config(bitc, max_layers)
+  lambdas = jnp.asarray(lambdas_of(cfg.num_layers))
+
+  def loss(params):
+    model = nnx.merge(graphdef, params, rest)
+    parts = losses.compute_losses(model, batch, lambdas, jax.random.key(0), loss_cfg, train=True)
+    return parts['loss']
+
+  counted = flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(loss))(params))
+  by_hand = flops.train_step_flops(
+    cfg, BATCH, FRAMES, TOKENS, TEACHER_DIMS, repa_heads=max_layers, bitc=bitc
+  )
+  assert by_hand == counted
+
+
+def official_inputs(batch, inputs) -> dict:
+  """Our draws (flow_matching_inputs) in the official layout."""
+  return {
+    't': to_torch(inputs['t']),
+    'noise': mels(batch['mel'] - inputs['u']),
+    'ref_mel': mels(inputs['ref_mel']),
+    'kept': to_torch(inputs['token_keep']),
+  }
+
+
+def test_one_official_training_step_matches_ours():
+  """Same weights and draws, dropout off: losses, gradient norm and every AdamW update agree."""
+  cfg, learning_rate, weight_decay = OFFICIAL_STEP, 1e-3, 0.1
+  model = random_model(cfg)
+  reference = official.FlowModel(
+    official.OfficialConfig(
+      num_layers=cfg.num_layers,
+      width=cfg.width,
+      num_heads=cfg.num_heads,
+      n_mels=cfg.n_mels,
+      token_dim=cfg.token_dim,
+      vocab_size=cfg.vocab_size,
+      teacher_dims=TEACHER_DIMS,
+      dropout=0.0,
+    )
+  )
+  export_weights(model, reference)
+  before = {k: v.clone() for k, v in reference.state_dict().items()}
+
+  batch = make_batch(cfg)
+  lambdas = lambdas_of(cfg.num_layers)
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay)
+  )
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  rng = jax.random.key_data(jax.random.key(3))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    frozen=frozen,
+    opt_state=tx.init(params),
+    rng=rng,
+    lambdas=jnp.asarray(lambdas),
+    scores=jnp.zeros_like(lambdas),
+    ema_params=None,
+  )
+  step_cfg = train.StepConfig(loss_config(bitc=True))
+  new_state, parts = train.train_step(
+    state, batch, graphdef=graphdef, tx=tx, schedule=lambda s: learning_rate, step_cfg=step_cfg
+  )
+
+  # train_step's draws: the sample half of the step key (losses.compute_losses)
+  key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
+  valid = jnp.full((BATCH,), FRAMES)
+  inputs = losses.flow_matching_inputs(
+    jax.random.split(key)[0], batch['mel'], valid, step_cfg.loss.flow
+  )
+  optimizer = torch.optim.AdamW(reference.parameters(), lr=learning_rate, weight_decay=weight_decay)
+  official_batch = {
+    'mel': mels(batch['mel']),
+    'tokens': official_tokens(batch['tokens']),
+    'domain': torch.from_numpy(np.array(batch['domain'])).long(),
+    'teachers': [to_torch(batch['teacher'][d]) for d in step_cfg.loss.domains],
+    'draws': official_inputs(batch, inputs),
+  }
+  expected, grad_norm = official.train_step(
+    reference, optimizer, None, official_batch, official_lambdas(lambdas), (0.5, 1.0), None
+  )
+  for ours, theirs in (('loss_fm', 'fm'), ('loss_bitc', 'bitc'), ('loss_repa', 'repa')):
+    assert relative_error(parts[ours], expected[theirs]) <= 1e-5, ours
+  assert relative_error(parts['grad_norm'], grad_norm) <= 1e-5
+
+  updated = official.FlowModel(reference.cfg)
+  export_weights(nnx.merge(graphdef, new_state.params, new_state.frozen), updated)
+  ours_after = updated.state_dict()
+  trained = {name: p for name, p in reference.named_parameters() if p.grad is not None}
+  assert len(trained) > 40  # blocks, heads of the selected layers, BiT-C, output
+  compared = 0
+  for name, parameter in trained.items():
+    # Below |g| ≈ 1e-6 the first Adam step g / (|g| + 1e-8) is a ratio of rounding noise (the
+    # key bias, which softmax ignores, has a zero gradient up to rounding): those entries are not
+    # compared.
+    clear = (parameter.grad.abs() > 1e-6).numpy()
+    ours_update = (ours_after[name] - before[name]).numpy()[clear]
+    official_update = (parameter.detach() - before[name]).numpy()[clear]
+    assert relative_error(ours_update, official_update) <= 1e-4, name
+    compared += clear.sum()
+  assert compared > 0.95 * sum(p.numel() for p in trained.values())
