@@ -1,26 +1,51 @@
-"""Train-step throughput: one JSON line per config, on whatever devices JAX sees (CPU, GPU, TPU).
+"""Train-step throughput, and the official PyTorch step beside it: one JSON line per config.
 
-  python bench/train_step.py [--steps 10] [--configs default,paper_width]
+  python bench/train_step.py [--steps 3] [--rounds 5] [--configs default,paper_width]
+      [--forms official|config] [--set model.remat=none ...] [--no-torch]
 
-Per config: compile seconds, steps/s, clips/s, the compiled step's FLOPs (XLA cost analysis) and
-achieved FLOP/s, per-device memory (the allocator's peak where the device reports it, else the
-compiled step's), MFU against the chip's peak where it is known (GPU/TPU), and on CPU the achieved
-FLOP/s as a fraction of a large matmul's FLOP/s measured in the same run (the practical peak).
-`fog_a_fraction` is the share of training time that online AG-REPA spends re-measuring FoG-A
-every repa.probe_every steps. Batches are random arrays of the right shapes: no data is read.
+Each framework runs in a fresh subprocess of its own, so its memory is its own: the JAX step
+(train.jit_train_step) and, on CPU, the same step in PyTorch eager on the re-implementation of the
+official model (tests/reference/official.py: forward, the same three losses, backward, clipping,
+AdamW) at the same dimensions, both float32. Timing is interleaved: `--rounds` rounds of `--steps`
+steps, alternating the two frameworks (the order flips every round), so load from other jobs on
+the machine hits both; a step's time is the median over rounds. `torch_over_jax` is
+torch_step_seconds / step_seconds.
+
+Per config: compile seconds, steps/s, clips/s, matmul FLOPs per step (counted by hand,
+bench/flops.py; XLA's cost analysis counts the depth scan's body once, it is printed beside as
+`xla_cost_analysis_flops_per_device`), achieved FLOP/s, MFU against the chip's dense bf16 peak on
+known GPUs/TPUs, and on CPU the achieved FLOP/s as a fraction of an f32 2048² matmul's measured in
+the same JAX process (`fraction_of_matmul`). Memory: per device, the allocator's peak where the
+device reports one, else the compiled step's (`peak_memory_bytes`); and for each framework the
+process's resident memory (Linux VmHWM): `*_baseline_rss_bytes` after importing the framework,
+`*_peak_rss_bytes` the peak over the timed steps (the high-water mark is reset after the warm-up
+step, so JAX's compilation is not in it; `jax_compile_peak_rss_bytes` has it).
+`fog_a_fraction` is the share of training time that online AG-REPA spends re-measuring FoG-A every
+repa.probe_every steps. Batches are random arrays of the right shapes: no data is read.
+
+`--forms official` (the default) builds our model in the official forms so both frameworks
+compute the same model: the paper configs' model keys (official time embedding, dropout on the
+attention probabilities, after the GELU and after the MLP, per-domain tables, BiT-C without
+affine) and, as the official step does, token conditioning without gradients
+(model.frozen_token_conditioning). `--forms config` keeps the config's own forms.
 """
 
 import argparse
+import ast
+import ctypes
+import gc
+import importlib.util
 import json
+import os
+import pathlib
+import statistics
+import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from agrepa_jax import aot, audio, config_base, selection, sharding, train
-from agrepa_jax import state as state_lib
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
 
 # dense bf16 peak FLOP/s per chip, by the start of jax's device_kind
 PEAK_FLOPS = {
@@ -33,10 +58,20 @@ PEAK_FLOPS = {
   'TPU v6 lite': 918e12,
 }
 TEACHER_DIMS = {'speech': 384, 'audio': 384}  # Whisper tiny.en, the default config's teacher
+OFFICIAL_FORMS = dict(
+  token_tables='per_domain',
+  time_embedding='official',
+  dropout_positions='official',
+  modulation_init='normal',
+  frozen_token_conditioning=True,
+)
 
 
+# ----- Configs -----
 def default_config():
-  return config_base.config_from_file('configs/default.py')
+  from agrepa_jax import config_base
+
+  return config_base.config_from_file(str(ROOT / 'configs/default.py'))
 
 
 def paper_width_config():
@@ -49,28 +84,127 @@ def paper_width_config():
   return config
 
 
+def medium_config():
+  """8 blocks × 256, batch 8 of 4 s clips: the second shape the issue compared with PyTorch."""
+  config = default_config()
+  config.model.update(num_layers=8, width=256, num_heads=4, token_dim=256, time_freq_dim=128)
+  config.repa.update(layers={'speech': [4], 'audio': [4]})
+  config.data.clip_seconds = 4.0
+  config.batch_size = 8
+  return config
+
+
 def paper_day_config():
   """configs/paper_day.py: 12 blocks × 512, batch 64 of 10 s clips, bf16, full remat."""
-  return config_base.config_from_file('configs/paper_day.py')
+  from agrepa_jax import config_base
+
+  return config_base.config_from_file(str(ROOT / 'configs/paper_day.py'))
 
 
 # paper_day is for accelerators: it is not in the default --configs.
 CONFIGS = {
   'default': default_config,
+  'medium': medium_config,
   'paper_width': paper_width_config,
   'paper_day': paper_day_config,
 }
 
 
-def with_bench_settings(config):
+def bench_config(name: str, forms: str, overrides: list[str]):
+  config = CONFIGS[name]()
   for d in config.data.domains:
     config.teachers[d].dim = TEACHER_DIMS[d]
   config.mesh.update(data=-1, fsdp=1, tensor=1)
+  if forms == 'official':
+    config.model.update(OFFICIAL_FORMS)
+    config.bitc.form = 'official'
+  elif forms != 'config':
+    raise ValueError(f'--forms={forms!r}: expected official or config')
+  for item in overrides:
+    key, value = item.split('=', 1)
+    *path, leaf = key.split('.')
+    target = config
+    for part in path:
+      target = target[part]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string
+    target[leaf] = value
   return config
+
+
+def model_config(config):
+  """The ModelConfig that state.make_model builds from `config`."""
+  from agrepa_jax.model import ModelConfig
+
+  return ModelConfig.from_config(
+    {**config.model, 'num_domains': len(config.data.domains), 'bitc_form': config.bitc.form}
+  )
+
+
+# ----- Resident memory (Linux) -----
+def rss_bytes(field: str = 'VmRSS') -> int:
+  """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
+  for line in pathlib.Path('/proc/self/status').read_text().splitlines():
+    if line.startswith(field + ':'):
+      return int(line.split()[1]) * 1024
+  return 0
+
+
+def reset_peak_rss() -> None:
+  """Returns freed heap to the system (glibc keeps it otherwise: the compiler's, say) and resets
+  the high-water mark."""
+  gc.collect()
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+  pathlib.Path('/proc/self/clear_refs').write_text('5')
+
+
+# ----- The workers: one process per framework, driven over stdin/stdout -----
+def serve(setup) -> None:
+  """Announces `setup()`'s ready message, then answers `round N` (run N steps) and `finish`."""
+  ready, run_steps, finish = setup()
+  reply(ready)
+  for line in sys.stdin:
+    command, *args = line.split()
+    if command == 'round':
+      start = time.perf_counter()
+      run_steps(int(args[0]))
+      reply({'seconds': time.perf_counter() - start})
+    elif command == 'finish':
+      reply(finish())
+      return
+
+
+def reply(message: dict) -> None:
+  sys.stdout.write(json.dumps(message) + '\n')
+  sys.stdout.flush()
+
+
+def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an f32 n×n matmul on the first device: the practical peak a step can reach there."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(a).block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def random_batch(config, mesh, seed: int = 0) -> dict:
   """Host arrays of one global batch of random clips with the batch contract's shapes."""
+  import jax
+  import numpy as np
+
+  from agrepa_jax import aot, audio
+
   rng = np.random.default_rng(seed)
   abstract = aot.abstract_batch(config, aot.teacher_dims_from_config(config), mesh)
   full_clip = round(config.data.clip_seconds * audio.SAMPLE_RATE)
@@ -93,6 +227,9 @@ class RandomClips:
   """A held-out split of random clips: what selection.OnlineFogA reads."""
 
   def __init__(self, config, mesh, num_clips: int):
+    import jax
+    import numpy as np
+
     batch = random_batch(config, mesh, seed=1)
     self.rows = [
       jax.tree.map(lambda x, i=i: x[i % config.batch_size], batch) for i in range(num_clips)
@@ -106,97 +243,314 @@ class RandomClips:
     return len(self.rows)
 
 
-def matmul_flops_per_second(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of an n×n matmul on the first device: the practical peak a step can reach there."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(repeats):
-    matmul(a).block_until_ready()
-  return 2 * n**3 * repeats / (time.perf_counter() - start)
+def jax_setup(config):
+  import jax
 
+  from agrepa_jax import aot, selection, sharding, train
+  from agrepa_jax import state as state_lib
+  from bench import flops
 
-def peak_memory_bytes(compiled) -> tuple[int, str]:
-  stats = jax.devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use']), 'allocator'
-  return aot.memory_report(compiled)['peak_bytes'], 'compiled'
-
-
-def fog_a_seconds(config, state, graphdef, mesh) -> float:
-  """Seconds of one online FoG-A re-measurement (after its compilation) on random probe clips."""
-  online = selection.OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
-  jax.block_until_ready(online.reselect(state, graphdef, mesh).lambdas)
-  start = time.perf_counter()
-  jax.block_until_ready(online.reselect(state, graphdef, mesh).lambdas)
-  return time.perf_counter() - start
-
-
-def bench(name: str, config, steps: int, matmul_peak: float) -> dict:
+  jax.devices()
+  baseline = rss_bytes()
   mesh = sharding.make_mesh(config.mesh)
   teacher_dims = aot.teacher_dims_from_config(config)
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, shardings = state_lib.sharded_init(config, teacher_dims, tx, mesh)
-  step_fn = train.jit_train_step(
-    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
-  )
-  batch = sharding.global_batch(random_batch(config, mesh), mesh)
+  step_cfg = train.StepConfig.from_config(config)
+  step_fn = train.jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh)
+  host_batch = random_batch(config, mesh)
+  batch = sharding.global_batch(host_batch, mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
-  flops = float(compiled.cost_analysis().get('flops', 0.0))  # per device
-
   state, parts = compiled(state, batch)  # one untimed step: buffers allocated, caches warm
   jax.block_until_ready(parts)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, parts = compiled(state, batch)
-  jax.block_until_ready(parts)
-  step_seconds = (time.perf_counter() - start) / steps
+  compile_peak = rss_bytes('VmHWM')
+  reset_peak_rss()
 
+  repa = step_cfg.loss.granularity != 'none'
+  heads = max(map(len, selection.repa_head_layers(config)), default=0)
+  frames, num_tokens = host_batch['mel'].shape[1], host_batch['tokens'].shape[2]
+  model_cfg = model_config(config)
+  step_flops = flops.train_step_flops(
+    model_cfg,
+    config.batch_size,
+    frames,
+    num_tokens,
+    teacher_dims,
+    min(step_cfg.loss.max_layers, heads) if repa else 0,
+    bool(step_cfg.loss.bitc_weights),
+  )
   device = jax.devices()[0]
-  achieved = flops / step_seconds
-  peak = next((v for k, v in PEAK_FLOPS.items() if device.device_kind.startswith(k)), None)
-  memory, memory_source = peak_memory_bytes(compiled)
-  fog_a = fog_a_seconds(config, state, graphdef, mesh)
-  every = config.repa.probe_every
-  return {
-    'config': name,
+  ready = {
     'device': device.device_kind,
+    'platform': device.platform,
     'devices': jax.device_count(),
-    'num_layers': config.model.num_layers,
-    'width': config.model.width,
-    'batch_size': config.batch_size,
-    'clip_seconds': config.data.clip_seconds,
-    'dtype': config.model.dtype,
-    'remat': config.model.remat,
+    'frames': frames,
+    'tokens_per_clip': num_tokens,
     'compile_seconds': round(compile_seconds, 2),
-    'step_seconds': round(step_seconds, 4),
-    'steps_per_second': round(1 / step_seconds, 3),
-    'clips_per_second': round(config.batch_size / step_seconds, 2),
-    'flops_per_step_per_device': flops,
-    'achieved_flops_per_second': achieved,
-    'mfu': None if peak is None else achieved / peak,
-    'matmul_flops_per_second': matmul_peak,
-    'fraction_of_matmul': achieved / matmul_peak,
-    'peak_memory_bytes': memory,
-    'peak_memory_source': memory_source,
-    'fog_a_seconds': round(fog_a, 3),
-    'fog_a_fraction': fog_a / (every * step_seconds + fog_a),
-    'probe_every': every,
+    'flops_per_step': step_flops,
+    'flops_per_step_per_device': step_flops / jax.device_count(),
+    'xla_cost_analysis_flops_per_device': float(compiled.cost_analysis().get('flops', 0.0)),
+    'compiled_peak_bytes': aot.memory_report(compiled)['peak_bytes'],
+    'jax_baseline_rss_bytes': baseline,
+    'jax_compile_peak_rss_bytes': compile_peak,
+    'matmul_flops_per_second': matmul_flops_per_second(),
   }
+  holder = {'state': state, 'parts': parts}
+
+  def run_steps(n):
+    state, parts = holder['state'], holder['parts']
+    for _ in range(n):
+      state, parts = compiled(state, batch)
+    jax.block_until_ready(parts)
+    holder.update(state=state, parts=parts)
+
+  def finish():
+    result = {
+      'jax_peak_rss_bytes': rss_bytes('VmHWM'),
+      'jax_final_rss_bytes': rss_bytes(),
+      'allocator_peak_bytes': int((device.memory_stats() or {}).get('peak_bytes_in_use', 0)),
+      'loss': float(holder['parts']['loss']),
+      'matmul_flops_per_second_after': matmul_flops_per_second(),
+    }
+    online = selection.OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
+    jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
+    start = time.perf_counter()
+    jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
+    result['fog_a_seconds'] = time.perf_counter() - start
+    return result
+
+  return ready, run_steps, finish
+
+
+def torch_spec(config, frames: int, num_tokens: int) -> dict:
+  """What the PyTorch worker needs, as JSON: it imports neither JAX nor our package."""
+  from agrepa_jax import selection
+
+  lambdas = selection.lambdas_from_config(config)
+  domains = tuple(config.data.domains)
+  m = config.model
+  return {
+    'official': dict(
+      num_layers=m.num_layers,
+      width=m.width,
+      num_heads=m.num_heads,
+      n_mels=m.n_mels,
+      token_dim=m.token_dim,
+      vocab_size=m.vocab_size,
+      teacher_dims=[config.teachers[d].dim for d in domains],
+      mlp_ratio=m.mlp_ratio,
+      dropout=m.dropout,
+      max_len=frames,
+    ),
+    'batch_size': config.batch_size,
+    'frames': frames,
+    'num_tokens': num_tokens,
+    'lambdas': {
+      str(d): {str(int(layer)): float(lambdas[layer, d]) for layer in lambdas[:, d].nonzero()[0]}
+      for d in range(len(domains))
+    },
+    'bitc_weights': [config.bitc.weights[d] for d in domains] if config.bitc.enabled else None,
+    'flow': {k: config.flow[k] for k in ('noise_std', 'max_prompt_fraction', 'token_drop_prob')}
+    | {'reference_drop_prob': config.flow.reference_drop_prob},
+    'optim': {k: config.optim[k] for k in ('learning_rate', 'b1', 'b2', 'weight_decay')}
+    | {'grad_clip': config.optim.grad_clip, 'pct_start': config.optim.pct_start},
+  }
+
+
+def torch_setup(spec):
+  import torch
+
+  from tests.reference import official
+
+  baseline = rss_bytes()
+  torch.manual_seed(0)
+  cfg = official.OfficialConfig(
+    **{**spec['official'], 'teacher_dims': tuple(spec['official']['teacher_dims'])}
+  )
+  model = official.FlowModel(cfg)
+  b, frames = spec['batch_size'], spec['frames']
+  batch = {
+    'mel': torch.randn(b, cfg.n_mels, frames),
+    'tokens': torch.randint(0, cfg.vocab_size, (b, spec['num_tokens'])),
+    'domain': torch.arange(b) % len(cfg.teacher_dims),
+    'teachers': [torch.randn(b, c) for c in cfg.teacher_dims],
+  }
+  lambdas = {
+    int(d): {int(layer): w for layer, w in layers.items()} for d, layers in spec['lambdas'].items()
+  }
+  optim = spec['optim']
+  optimizer, schedule = official.make_optimizer(
+    model,
+    optim['learning_rate'],
+    optim['weight_decay'],
+    (optim['b1'], optim['b2']),
+    total_steps=100_000,
+    pct_start=optim['pct_start'],
+  )
+  draws = official.FlowDraws(**spec['flow'])
+
+  def step():
+    return official.train_step(
+      model,
+      optimizer,
+      schedule,
+      batch,
+      lambdas,
+      spec['bitc_weights'],
+      draws,
+      optim['grad_clip'],
+    )
+
+  parts, _ = step()  # warm-up
+  ready = {
+    'torch_version': torch.__version__,
+    'torch_threads': torch.get_num_threads(),
+    'torch_baseline_rss_bytes': baseline,
+    'torch_setup_peak_rss_bytes': rss_bytes('VmHWM'),
+    'torch_params': sum(p.numel() for p in model.parameters()),
+  }
+  reset_peak_rss()
+
+  def run_steps(n):
+    for _ in range(n):
+      step()
+
+  def finish():
+    return {'torch_peak_rss_bytes': rss_bytes('VmHWM'), 'torch_final_rss_bytes': rss_bytes()}
+
+  return ready, run_steps, finish
+
+
+# ----- The driver -----
+class Worker:
+  def __init__(self, args: list[str]):
+    env = dict(
+      os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])
+    )
+    self.process = subprocess.Popen(
+      [sys.executable, __file__, *args],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+
+  def read(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f'bench worker exited with {self.process.wait()}')
+    return json.loads(line)
+
+  def ask(self, command: str) -> dict:
+    self.process.stdin.write(command + '\n')
+    self.process.stdin.flush()
+    return self.read()
+
+  def close(self):
+    self.process.stdin.close()
+    self.process.wait()
+
+
+def bench(name: str, args) -> dict:
+  config = bench_config(name, args.forms, args.set)
+  common = ['--configs', name, '--forms', args.forms, *[f'--set={s}' for s in args.set]]
+  jax_worker = Worker(['--worker', 'jax', *common])
+  result = {'config': name, **jax_worker.read()}
+  workers = {'jax': jax_worker}
+  torch_reason = torch_missing(args, result['platform'])
+  if torch_reason:
+    print(f'bench: no PyTorch column: {torch_reason}', file=sys.stderr)
+  else:
+    spec = torch_spec(config, result['frames'], result['tokens_per_clip'])
+    workers['torch'] = Worker(['--worker', 'torch', '--spec', json.dumps(spec)])
+    result.update(workers['torch'].read())
+
+  seconds = {key: [] for key in workers}
+  for r in range(args.rounds):
+    for key in workers if r % 2 == 0 else reversed(workers):
+      seconds[key].append(workers[key].ask(f'round {args.steps}')['seconds'] / args.steps)
+  for worker in workers.values():
+    result.update(worker.ask('finish'))
+    worker.close()
+
+  step_seconds = statistics.median(seconds['jax'])
+  model = model_config(config)
+  per_device = result['flops_per_step_per_device']
+  achieved = per_device / step_seconds
+  peak = next((v for k, v in PEAK_FLOPS.items() if result['device'].startswith(k)), None)
+  matmul = max(result.pop('matmul_flops_per_second'), result.pop('matmul_flops_per_second_after'))
+  every = config.repa.probe_every
+  fog_a = result['fog_a_seconds']
+  allocator = result.pop('allocator_peak_bytes')
+  result.update(
+    num_layers=model.num_layers,
+    width=model.width,
+    batch_size=config.batch_size,
+    clip_seconds=config.data.clip_seconds,
+    dtype=model.dtype,
+    remat=model.remat,
+    forms=args.forms,
+    dropout_rng=model.dropout_rng,
+    overrides=args.set,
+    rounds=args.rounds,
+    steps_per_round=args.steps,
+    step_seconds=round(step_seconds, 4),
+    step_seconds_per_round=[round(s, 4) for s in seconds['jax']],
+    steps_per_second=round(1 / step_seconds, 3),
+    clips_per_second=round(config.batch_size / step_seconds, 2),
+    achieved_flops_per_second=achieved,
+    mfu=None if peak is None else achieved / peak,
+    matmul_flops_per_second=matmul,
+    fraction_of_matmul=achieved / matmul if result['platform'] == 'cpu' else None,
+    peak_memory_bytes=allocator or result['compiled_peak_bytes'],
+    peak_memory_source='allocator' if allocator else 'compiled',
+    fog_a_fraction=fog_a / (every * step_seconds + fog_a),
+    probe_every=every,
+  )
+  if 'torch' in seconds:
+    torch_seconds = statistics.median(seconds['torch'])
+    result.update(
+      torch_step_seconds=round(torch_seconds, 4),
+      torch_step_seconds_per_round=[round(s, 4) for s in seconds['torch']],
+      torch_over_jax=torch_seconds / step_seconds,
+      torch_over_jax_per_round=[t / j for t, j in zip(seconds['torch'], seconds['jax'])],
+      jax_over_torch_peak_rss=result['jax_peak_rss_bytes'] / result['torch_peak_rss_bytes'],
+    )
+  return result
+
+
+def torch_missing(args, platform: str) -> str:
+  if args.no_torch:
+    return '--no-torch'
+  if platform != 'cpu':
+    return f'the JAX step runs on {platform}; the PyTorch reference runs on CPU only'
+  if importlib.util.find_spec('torch') is None:
+    return 'torch is not installed (pip install torch==2.13.0, a test extra)'
+  return ''
 
 
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=3, help='steps per timing round')
+  parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--configs', default='default,paper_width')
+  parser.add_argument('--forms', default='official', choices=('official', 'config'))
+  parser.add_argument('--set', action='append', default=[], help='config override KEY=VALUE')
+  parser.add_argument('--no-torch', action='store_true')
+  parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
+  parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  matmul_peak = matmul_flops_per_second()
+  if args.worker == 'jax':
+    # tensorboardX (agrepa_jax.metrics) imports torch when it is installed: ≈ 220 MB of resident
+    # memory that the JAX step does not use.
+    sys.modules['torch'] = None
+    return serve(lambda: jax_setup(bench_config(args.configs, args.forms, args.set)))
+  if args.worker == 'torch':
+    return serve(lambda: torch_setup(json.loads(args.spec)))
   for name in args.configs.split(','):
-    config = with_bench_settings(CONFIGS[name]())
-    print(json.dumps(bench(name, config, args.steps, matmul_peak)), flush=True)
+    print(json.dumps(bench(name, args)), flush=True)
 
 
 if __name__ == '__main__':
