@@ -101,8 +101,19 @@ def paper_day_config():
   return config_base.config_from_file(str(ROOT / 'configs/paper_day.py'))
 
 
+def tiny_config():
+  """2 blocks × 32, batch 8 of 0.5 s clips: the bench's own test."""
+  config = default_config()
+  config.model.update(num_layers=2, width=32, num_heads=2, token_dim=32, time_freq_dim=16)
+  config.data.clip_seconds = 0.5
+  config.batch_size = 8
+  config.probe.update(num_clips=8, batch_size=8)
+  return config
+
+
 # paper_day is for accelerators: it is not in the default --configs.
 CONFIGS = {
+  'tiny': tiny_config,
   'default': default_config,
   'medium': medium_config,
   'paper_width': paper_width_config,

@@ -1,6 +1,7 @@
 """The train-step bench: its FLOP count, and the official PyTorch step it is compared with."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +197,19 @@ def test_one_official_training_step_matches_ours():
     assert relative_error(ours_update, official_update) <= 1e-4, name
     compared += clear.sum()
   assert compared > 0.95 * sum(p.numel() for p in trained.values())
+
+
+def test_bench_prints_both_frameworks_and_their_ratio(capsys):
+  from bench import train_step
+
+  train_step.main(['--configs', 'tiny', '--steps', '1', '--rounds', '2'])
+  (line,) = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(line)
+  assert result['torch_over_jax'] == pytest.approx(
+    result['torch_step_seconds'] / result['step_seconds'], rel=0.01
+  )
+  assert len(result['step_seconds_per_round']) == len(result['torch_step_seconds_per_round']) == 2
+  assert result['flops_per_step'] > result['xla_cost_analysis_flops_per_device'] > 0
+  for framework in ('jax', 'torch'):
+    assert result[f'{framework}_peak_rss_bytes'] > result[f'{framework}_baseline_rss_bytes'] > 0
+  assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
