@@ -22,7 +22,7 @@ REMAT_POLICIES = {
   'full': jax.checkpoint_policies.nothing_saveable,
   'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-DROPOUT_RNGS = ('threefry', 'rbg')
+DROPOUT_RNGS = ('threefry', 'rbg', 'hash')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,7 @@ class ModelConfig:
   bitc_form: str = 'affine'  # affine | official: LayerNorm without affine, Linear without bias
   frozen_token_conditioning: bool = False  # reference quirk: tables and projections never train
   dropout_rng: str = 'threefry'  # a key of DROPOUT_RNGS
+  scan_unroll: bool = False  # unroll the depth scan (CPU: no stacked buffers; compile time ∝ L)
 
   def __post_init__(self):
     for name, choices in FORM_CHOICES.items():
@@ -118,12 +119,37 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; `key=None` means evaluation mode."""
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, rng: str = 'threefry') -> jax.Array:
+  """Inverted dropout; `key=None` means evaluation mode. rng 'hash': masks from `hash_bits`."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  if rng == 'hash':
+    threshold = np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+    keep = hash_bits(key, x.shape) >= threshold
+  else:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 that mixes every bit into every bit."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * np.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hash_bits(key: jax.Array, shape) -> jax.Array:
+  """Uniform uint32 of `shape`: a keyed hash of each element's index (model.dropout_rng='hash').
+
+  Two 32-bit seeds come from `key`; the rest is elementwise integer arithmetic that XLA fuses
+  into the consumer, where jax.random's bits on CPU run Threefry's rounds as a loop over
+  materialized arrays (or expand RngBitGenerator), several passes over memory per mask.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  return _mix32(_mix32(index ^ seeds[0]) + seeds[1])
 
 
 def valid_mask(lengths: jax.Array, num_frames: int) -> jax.Array:
@@ -191,7 +217,7 @@ def _dense(n_in, n_out, rngs, names, *, zero=False, dtype=None, kernel_init=None
 
 
 def attention_with_probability_dropout(
-  q, k, v, rate: float, key: jax.Array, lengths: jax.Array | None = None
+  q, k, v, rate: float, key: jax.Array, lengths: jax.Array | None = None, rng: str = 'threefry'
 ) -> jax.Array:
   """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D), dropout on the probabilities.
 
@@ -202,7 +228,7 @@ def attention_with_probability_dropout(
   if lengths is not None:
     keys_valid = valid_mask(jnp.maximum(lengths, 1), k.shape[1])[:, None, None, :]
     logits = jnp.where(keys_valid, logits, jnp.finfo(jnp.float32).min)
-  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key)
+  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key, rng)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
@@ -239,20 +265,20 @@ class DiTBlock(nnx.Module):
     heads = lambda a: a.reshape(*a.shape[:2], cfg.num_heads, -1)
     if official and keys[0] is not None and cfg.dropout > 0:
       attn = attention_with_probability_dropout(
-        heads(q), heads(k), heads(v), cfg.dropout, keys[0], lengths
+        heads(q), heads(k), heads(v), cfg.dropout, keys[0], lengths, cfg.dropout_rng
       )
     else:
       attn = attention(heads(q), heads(k), heads(v), lengths, cfg.attention)
     attn = self.attn_out(attn.reshape(h.shape))
     if not official:
-      attn = dropout(attn, cfg.dropout, keys[0])
+      attn = dropout(attn, cfg.dropout, keys[0], cfg.dropout_rng)
     h = h + gate * gate1 * attn
 
     x = layer_norm(h) * (1 + scale2) + shift2
     hidden = jax.nn.gelu(self.mlp_in(x), approximate=False)
     if official:
-      hidden = dropout(hidden, cfg.dropout, keys[2])
-    mlp = dropout(self.mlp_out(hidden), cfg.dropout, keys[1])
+      hidden = dropout(hidden, cfg.dropout, keys[2], cfg.dropout_rng)
+    mlp = dropout(self.mlp_out(hidden), cfg.dropout, keys[1], cfg.dropout_rng)
     return h + gate * gate2 * mlp
 
 
@@ -378,7 +404,15 @@ class DiT(nnx.Module):
     h, time_emb, e = self.embed_inputs(x_t, t, tokens, ref_mel, domain, token_keep)
     gates = jnp.ones((cfg.num_layers,), h.dtype) if gates is None else gates.astype(h.dtype)
     h, per_layer = run_blocks(
-      self.blocks, h, time_emb, gates, self.layer_keys(dropout_key), hidden, cfg.remat, lengths
+      self.blocks,
+      h,
+      time_emb,
+      gates,
+      self.layer_keys(dropout_key),
+      hidden,
+      cfg.remat,
+      lengths,
+      unroll=cfg.scan_unroll,
     )
     return self.output(h), {'token_embedding': e, 'hidden': per_layer}
 
@@ -417,7 +451,7 @@ def dropout_rng_key(key: jax.Array, impl: str) -> jax.Array:
   """`key` as a key of PRNG implementation `impl` (rbg: derived from its bits, deterministic)."""
   if impl not in DROPOUT_RNGS:
     raise ValueError(f'model.dropout_rng={impl!r}: expected one of {DROPOUT_RNGS}')
-  if impl == 'threefry':
+  if impl in ('threefry', 'hash'):
     return key
   return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
 
@@ -431,10 +465,12 @@ def run_blocks(
   hidden: HiddenOutput,
   remat: str,
   lengths=None,
+  unroll: bool = False,
 ):
   """Scans the stacked blocks over depth, emitting what `hidden` asks for at every layer.
 
   lengths: (B,) valid frames (None: all); 'utterance' pools each layer over them only.
+  unroll: unroll the scan (model.scan_unroll), so no per-layer output is stacked into a buffer.
   """
   graphdef, state = nnx.split(blocks)
   mask = None if lengths is None else valid_mask(lengths, h.shape[1])
@@ -451,7 +487,7 @@ def run_blocks(
     raise ValueError(f'model.remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}')
   if remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
-  return jax.lax.scan(body, h, (state, gates, layer_keys))
+  return jax.lax.scan(body, h, (state, gates, layer_keys), unroll=unroll)
 
 
 class RepaHeads(nnx.Module):

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 from agrepa_jax import losses, train
+from agrepa_jax import model as model_lib
 from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
 from bench import flops
@@ -213,3 +214,40 @@ def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   for framework in ('jax', 'torch'):
     assert result[f'{framework}_peak_rss_bytes'] > result[f'{framework}_baseline_rss_bytes'] > 0
   assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
+
+
+@pytest.mark.parametrize('rng', ['threefry', 'hash'])
+def test_unrolled_depth_scan_computes_the_same_step(rng):
+  """model.scan_unroll (a CPU speed setting) changes nothing but the program's shape."""
+  cfg = dataclasses.replace(OURS, dropout_rng=rng, dropout=0.3)
+  batch = make_batch(cfg)
+  lambdas = jnp.asarray(lambdas_of(cfg.num_layers))
+  results = []
+  for unroll in (False, True):
+    model = random_model(dataclasses.replace(cfg, scan_unroll=unroll))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, graphdef=graphdef, rest=rest):
+      model = nnx.merge(graphdef, params, rest)
+      key = jax.random.key(0)
+      return losses.compute_losses(model, batch, lambdas, key, loss_config(True), True)['loss']
+
+    results.append(jax.value_and_grad(loss)(params))
+  (loss_scan, grads_scan), (loss_unrolled, grads_unrolled) = results
+  np.testing.assert_allclose(loss_unrolled, loss_scan, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_unrolled), jax.tree.leaves(grads_scan)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_hash_dropout_keeps_the_rate_and_differs_by_key():
+  x = jnp.ones((64, 100, 37))
+  first = model_lib.dropout(x, 0.2, jax.random.key(1), 'hash')
+  again = model_lib.dropout(x, 0.2, jax.random.key(1), 'hash')
+  other = model_lib.dropout(x, 0.2, jax.random.key(2), 'hash')
+  kept = np.asarray(first) != 0
+  np.testing.assert_array_equal(first, again)
+  assert abs(kept.mean() - 0.8) < 0.005  # 236 800 draws: σ ≈ 0.0008
+  assert abs(float(first.mean()) - 1.0) < 0.01
+  assert abs((kept == (np.asarray(other) != 0)).mean() - (0.8**2 + 0.2**2)) < 0.005  # independent
+  for axis in range(3):  # no position is favoured along any axis
+    assert np.abs(kept.mean(axis=tuple(a for a in range(3) if a != axis)) - 0.8).max() < 0.1
