@@ -111,7 +111,7 @@ def online_teachers(config, spec, mesh):
 
   online, params = online_lib.online_teachers(config, spec, prepare.load_teachers(config))
   online.check_batch(config.batch_size, mesh)
-  return online, (jax.device_put(params, sharding.replicated(mesh)),)
+  return online, (online_lib.replicate(params, mesh),)
 
 
 class NonFiniteTraining(console.RunError):

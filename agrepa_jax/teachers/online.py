@@ -62,7 +62,7 @@ class OnlineTeachers:
     frames, mask = apply(
       params[self.params_key[name]], wave.astype(jnp.float32) / spec_lib.PCM_SCALE, teacher_samples
     )
-    frames, mask = jax.lax.stop_gradient(frames.astype(jnp.float32)), mask
+    frames = jax.lax.stop_gradient(frames.astype(jnp.float32))  # frozen: no gradient flows back
     utterance = masked_mean(frames, mask)
     if self.num_frames is None:
       return utterance, None
@@ -172,8 +172,20 @@ def frame_counts(config) -> dict:
   }
 
 
-def abstract_params(params, sharding=None) -> dict:
+def replicate(params, mesh) -> dict:
+  """The teachers' parameters replicated on every device of `mesh` (also across hosts: every
+  process holds the same values, read from the same checkpoint)."""
+  replicated = sharding.replicated(mesh)
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+  return jax.tree.map(place, params)
+
+
+def abstract_params(params, placement=None) -> dict:
   """ShapeDtypeStructs of the teachers' parameters (for aot)."""
   return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), params
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=placement), params
   )
