@@ -13,6 +13,8 @@ of the default config (the bundled Whisper tiny.en, both domains). Tolerances:
   REPA loss agrees to rtol 1e-3, BiT-C (utterance targets) to 1e-5, L_FM (no targets) to 1e-6.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -116,6 +118,7 @@ def step_losses(config, batch, train_source, online: bool):
   return jax.device_get(parts)
 
 
+@pytest.mark.slow
 def test_online_train_step_gives_the_offline_loss_on_8_devices(store):
   # frame REPA reads the frame targets, BiT-C the utterance targets: one step checks both
   config = online_config(store, **{'repa.granularity': 'frame'})
@@ -127,6 +130,28 @@ def test_online_train_step_gives_the_offline_loss_on_8_devices(store):
     np.testing.assert_allclose(online[key], offline[key], rtol=rtol, err_msg=key)
 
 
+@pytest.mark.slow
+def test_training_loop_with_online_teachers_trains_and_evaluates(store, tmp_path):
+  config = online_config(
+    store,
+    **{
+      'repa.granularity': 'frame',
+      'data.crop': 'random',
+      'num_steps': 2,
+      'eval_every': 2,
+      'eval_batches': 1,
+      'checkpoint_every': 2,
+    },
+  )
+  train.train_and_evaluate(config, tmp_path / 'run')
+  rows = [
+    json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
+  ]
+  assert rows[-1]['step'] == 2 and np.isfinite(rows[-1]['eval_loss'])
+  assert all(row['loss_repa'] > 0 for row in rows)
+
+
+@pytest.mark.slow
 def test_aot_compiles_the_online_step_from_the_spec(store):
   config = online_config(
     store,

@@ -24,6 +24,8 @@ def store_settings(config) -> dict:
   """Everything that shapes the records of the store (its directory is keyed by these)."""
   data = config.data
   max_seconds = data.max_seconds or data.clip_seconds
+  # online teachers: records keep audio (a new store; offline stores keep their key)
+  online = {'teacher_audio': True} if config.teachers.online else {}
   return {
     'source': data.source,
     'domains': list(data.domains),
@@ -40,7 +42,7 @@ def store_settings(config) -> dict:
     'shard_clips': data.shard_clips,
     'teacher_frames': data.teacher_frames,
     'teachers': {d: dict(config.teachers[d]) for d in data.domains},
-    'teacher_audio': bool(config.teachers.online),  # records keep audio for online teachers
+    **online,
   }
 
 
