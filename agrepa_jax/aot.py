@@ -10,6 +10,7 @@ import tempfile
 
 import jax
 import numpy as np
+from etils import epath
 
 from agrepa_jax import sharding, train
 from agrepa_jax import state as state_lib
@@ -140,7 +141,7 @@ def preset_report(config, name: str) -> dict:
   return {**report, 'preset': name, 'hbm_bytes': hbm, 'fits': report['peak_bytes'] <= hbm}
 
 
-def run(config, workdir: pathlib.Path) -> dict:
+def run(config, workdir: epath.Path) -> dict:
   """aot.json: the step compiled on this machine's devices, and on each of mesh.aot_presets."""
   _, report = compile_train_step(config)
   report['presets'] = {name: preset_report(config, name) for name in config.mesh.aot_presets}

@@ -6,7 +6,6 @@ The train state lives in state.py, the losses in losses.py, checkpoints in check
 import dataclasses
 import functools
 import logging
-import pathlib
 import time
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 from flax import nnx
 
 from agrepa_jax import checkpoint, console, losses, metrics, selection, sharding
@@ -140,7 +140,7 @@ def check_finite(first_bad: int, step: int, manager):
   )
 
 
-def train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool = False):
+def train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool = False):
   """Trains (or resumes) the run in `workdir`; returns the final train state.
 
   Holds `workdir` for the run (workdir.WorkdirLocked if another run holds it), checks the config
@@ -153,7 +153,7 @@ def train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool 
     return _train_and_evaluate(config, workdir, allow_config_change)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool) -> TrainState:
+def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) -> TrainState:
   from agrepa_jax.data import pipeline, prepare
 
   resumes = bool(checkpoint.saved_steps(workdir))
@@ -205,7 +205,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
     )
   )
   online_fog_a = None
-  if selection.measures_online(config):
+  if selection.probes_during_training(config):
     online_fog_a = selection.OnlineFogA(config, heldout_source)
 
   # ----- The loop -----
@@ -251,6 +251,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
       progress.update(1)
       if online_fog_a and step % config.repa.probe_every == 0:
         state = online_fog_a.reselect(state, graphdef, mesh)
+        if jax.process_index() == 0:
+          online_fog_a.write_latest(workdir / selection.ONLINE_SELECTION)
       is_last = step == config.num_steps
       evaluates = eval_batches and config.eval_every and (step % config.eval_every == 0 or is_last)
       if evaluates or step % config.log_every == 0 or is_last:
