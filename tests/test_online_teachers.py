@@ -164,7 +164,7 @@ def test_aot_compiles_the_online_step_from_the_spec(store):
   )
   _, report = aot.compile_train_step(config)
   assert report['params_online_teachers'] > 7_000_000  # Whisper tiny.en's encoder, shared
-  assert report['argument_bytes'] > 4 * report['params_online_teachers'] // 8
+  assert report['argument_bytes'] >= 4 * report['params_online_teachers']  # replicated, float32
 
 
 def test_teachers_run_inside_jit_as_they_do_outside():
