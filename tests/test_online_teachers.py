@@ -10,7 +10,8 @@ of the default config (the bundled Whisper tiny.en, both domains). Tolerances:
   errs by up to 2**-8 of the value; measured 0.0039), so frames agree to rtol 2**-8 and atol
   2**-8 · the largest |value|.
 - losses: the offline step reads the bf16 frames, the online step float32 ones; one step's frame
-  REPA loss agrees to rtol 1e-3, BiT-C (utterance targets) to 1e-5, L_FM (no targets) to 1e-6.
+  REPA loss agrees to rtol 1e-3 (measured 8.5e-6: the rounding mostly cancels in the cosine),
+  the total to 1e-4 (measured 1.1e-6), BiT-C (utterance targets) to 1e-5, L_FM (no targets) 1e-6.
 """
 
 import json
