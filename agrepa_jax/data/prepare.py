@@ -5,6 +5,7 @@ ArrayRecord shards) -> grain (pipeline.py). The embedded corpus takes the same p
 and AudioSet.
 """
 
+import functools
 import json
 
 import jax
@@ -86,7 +87,8 @@ def listings(config) -> list[tuple[sources.Listing, dict]]:
     name = data.datasets[domain]
     if name not in sources.LISTINGS:
       raise ValueError(f'data.datasets.{domain}={name!r}: expected one of {list(sources.LISTINGS)}')
-    listing = sources.LISTINGS[name](directory)
+    list_corpus = functools.partial(sources.LISTINGS[name], directory, cache_root(config))
+    listing = on_process_zero_first(f'listing-{domain}', list_corpus)  # 0 caches archive scans
     out.append((listing, {domain: chosen_splits(listing, domain, data)}))
   return out
 
