@@ -10,6 +10,7 @@ import tempfile
 
 import jax
 import numpy as np
+from etils import epath
 
 from agrepa_jax import sharding, train
 from agrepa_jax import state as state_lib
@@ -34,6 +35,20 @@ def abstract_batch(config, teacher_dims, mesh):
   )
 
 
+def online_teachers(config, teacher_dims, mesh):
+  """With teachers.online: (OnlineTeachers, (abstract replicated teacher parameters,)); the
+  teachers are loaded (their checkpoints must be readable), only their shapes are kept."""
+  if not config.teachers.online:
+    return None, ()
+  from agrepa_jax.data import prepare
+  from agrepa_jax.teachers import online as online_lib
+
+  spec = data_spec.batch_spec(config, dict(zip(config.data.domains, teacher_dims)))
+  online, params = online_lib.online_teachers(config, spec, prepare.load_teachers(config))
+  online.check_batch(config.batch_size, mesh)
+  return online, (online_lib.abstract_params(params, sharding.replicated(mesh)),)
+
+
 def compile_train_step(config, devices=None):
   """Lowers and compiles the train step on the configured mesh over `devices` (default: all).
 
@@ -42,12 +57,14 @@ def compile_train_step(config, devices=None):
   teacher_dims = teacher_dims_from_config(config)
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
+  online, teacher_params = online_teachers(config, teacher_dims, mesh)
   step = train.jit_train_step(
-    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
+    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh, online
   )
   compiled = step.lower(
     state_lib.abstract_with_shardings(shapes, shardings),
     abstract_batch(config, teacher_dims, mesh),
+    *teacher_params,
   ).compile()
   counts = state_lib.param_counts(shapes)
   report = {
@@ -62,6 +79,7 @@ def compile_train_step(config, devices=None):
     'batch_size': config.batch_size,
     'clip_seconds': config.data.clip_seconds,
     'remat': config.model.remat,
+    'params_online_teachers': sum(x.size for x in jax.tree.leaves(teacher_params)),
     **memory_report(compiled),
   }
   return compiled, report
@@ -123,7 +141,7 @@ def preset_report(config, name: str) -> dict:
   return {**report, 'preset': name, 'hbm_bytes': hbm, 'fits': report['peak_bytes'] <= hbm}
 
 
-def run(config, workdir: pathlib.Path) -> dict:
+def run(config, workdir: epath.Path) -> dict:
   """aot.json: the step compiled on this machine's devices, and on each of mesh.aot_presets."""
   _, report = compile_train_step(config)
   report['presets'] = {name: preset_report(config, name) for name in config.mesh.aot_presets}

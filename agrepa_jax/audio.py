@@ -79,6 +79,13 @@ def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.n
   return wave.astype(np.float32)
 
 
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+  """A mono float waveform in [-1, 1] as the bytes of a 16-bit PCM WAV file."""
+  buffer = io.BytesIO()
+  sf.write(buffer, wave, sample_rate, format='WAV', subtype='PCM_16')
+  return buffer.getvalue()
+
+
 def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
   """Crops or zero-pads the last axis to `length` samples."""
   wave = wave[..., :length]

@@ -5,20 +5,20 @@ evaluation (which therefore never import the trainer)."""
 import dataclasses
 import logging
 import os
-import pathlib
 import signal
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
-from agrepa_jax import sharding
+from agrepa_jax import files, sharding
 from agrepa_jax import state as state_lib
 from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
 
 
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
   """Keeps the newest `config.keep_checkpoints` (the trainer saves only finite states, so the
   newest checkpoint is always a finite one) and removes checkpoints left half-written by a kill."""
   options = ocp.CheckpointManagerOptions(
@@ -26,8 +26,13 @@ def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
     cleanup_tmp_directories=True,  # safe: the trainer holds the workdir lock
     enable_async_checkpointing=config.async_checkpointing,
   )
-  # orbax needs an absolute path
-  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(), options=options)
+  return ocp.CheckpointManager(checkpoint_directory(workdir), options=options)
+
+
+def checkpoint_directory(workdir) -> epath.Path:
+  """DIR/checkpoints as orbax wants it: absolute when local (Path.absolute would turn gs://b/r
+  into a local path)."""
+  return files.as_path(epath.Path(workdir) / 'checkpoints')
 
 
 def data_position(step: int, global_batch_size: int) -> dict:
@@ -115,13 +120,13 @@ class TrainedRun:
   meta: dict
 
 
-def saved_steps(workdir: pathlib.Path) -> list[int]:
+def saved_steps(workdir: epath.Path) -> list[int]:
   """The steps of the finished checkpoints in `workdir` (none while one is still being written)."""
-  directory = workdir / 'checkpoints'
+  directory = checkpoint_directory(workdir)
   return sorted(ocp.utils.checkpoint_steps(directory)) if directory.is_dir() else []
 
 
-def checkpoint_step(workdir: pathlib.Path, step: int | None = None) -> int:
+def checkpoint_step(workdir: epath.Path, step: int | None = None) -> int:
   """`step`, or the latest checkpoint's step; a clear error if the workdir has no checkpoint."""
   steps = saved_steps(workdir)
   if not steps:
@@ -135,7 +140,7 @@ def checkpoint_step(workdir: pathlib.Path, step: int | None = None) -> int:
   return step
 
 
-def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> TrainedRun:
+def restore_trained(config, workdir: epath.Path, step: int | None = None) -> TrainedRun:
   """Opens the data and restores the model parameters of `step` (default: the latest checkpoint)."""
   from agrepa_jax.data import prepare
 
@@ -145,7 +150,7 @@ def restore_trained(config, workdir: pathlib.Path, step: int | None = None) -> T
   teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)
   tx, _ = state_lib.make_optimizer(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
-  directory = (workdir / 'checkpoints').absolute()
+  directory = checkpoint_directory(workdir)
   # Only the model's variables: the optimizer state (2× the parameters for Adam) stays on disk.
   wanted = {'params' if shapes.ema_params is None else 'ema_params', 'frozen'}
   abstract = {

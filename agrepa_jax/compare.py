@@ -12,22 +12,21 @@ Outputs in DIR: seed<s>/<variant>/ (the runs), compare_runs.csv (one row per run
 against the best fixed layer, with 95% t intervals), compare_curves.png and compare.html.
 """
 
-import csv
 import html
 import json
 import logging
 import math
-import pathlib
 
 import matplotlib
 import numpy as np
+from etils import epath
 from scipy import stats
 
 matplotlib.use('Agg')
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import config_base, metrics, selection, train  # noqa: E402
+from agrepa_jax import config_base, files, metrics, selection, train  # noqa: E402
 from agrepa_jax.data import features  # noqa: E402
 
 PHASE_ONE = 'none'
@@ -68,7 +67,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-def eval_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
+def eval_curve(workdir: epath.Path) -> list[tuple[int, float]]:
   return [
     (r['step'], r['eval_loss_fm'])
     for r in metrics.read_metrics(workdir / 'metrics.jsonl')
@@ -86,13 +85,13 @@ def seed_config(config, index: int):
   return config
 
 
-def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False) -> dict:
+def run_compare(config, workdir: epath.Path, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) every seed's workflow in `workdir` and writes the comparison files;
   `allow_config_change` is passed to every run (train.train_and_evaluate).
 
   Returns {'runs': one row per (seed, variant), 'summary': one row per (variant, metric)}.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = files.as_path(workdir)
   runs = []
   for index in range(config.compare.num_seeds):
     seeded = seed_config(config, index)
@@ -100,27 +99,26 @@ def run_compare(config, workdir: pathlib.Path, allow_config_change: bool = False
     runs += run_seed(seeded, workdir / f'seed{seeded.seed}', allow_config_change)
   summary = summarize(runs, tuple(config.compare.variants))
   if jax.process_index() == 0:
-    write_csv(workdir / 'compare_runs.csv', RUN_COLUMNS, runs)
-    write_csv(workdir / 'compare.csv', SUMMARY_COLUMNS, summary)
+    files.write_csv(workdir / 'compare_runs.csv', RUN_COLUMNS, runs)
+    files.write_csv(workdir / 'compare.csv', SUMMARY_COLUMNS, summary)
     plot_curves(runs, tuple(config.compare.variants), workdir / 'compare_curves.png')
     (workdir / 'compare.html').write_text(report_html(runs, summary, workdir))
   return {'runs': runs, 'summary': summary}
 
 
-def run_seed(config, workdir: pathlib.Path, allow_config_change: bool = False) -> list[dict]:
+def run_seed(config, workdir: epath.Path, allow_config_change: bool = False) -> list[dict]:
   """Phase I, its probe and the Phase II variants of one seed; one row per variant."""
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
   phase_one = config_base.variant_config(config, PHASE_ONE)
   train.train_and_evaluate(phase_one, workdirs[PHASE_ONE], allow_config_change)
-  selection_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
-  if not selection_file.exists():
+  probe_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
+  if not probe_file.exists():
     from agrepa_jax.probe import report
 
     report.run_probe(phase_one, workdirs[PHASE_ONE])
-    features.sync_processes(
-      'probe-written'
-    )  # process 0 wrote selection.json; every process reads it
+    features.sync_processes('probe-written')  # process 0 wrote it; every process reads it
+  selection_file = phase_one_selection(config, workdirs[PHASE_ONE])
   for variant in config.compare.variants:
     if variant == PHASE_ONE:
       continue
@@ -141,7 +139,22 @@ def run_seed(config, workdir: pathlib.Path, allow_config_change: bool = False) -
   ]
 
 
-def evaluate_variant(config, workdir: pathlib.Path, num_clips: int):
+def phase_one_selection(config, phase_one_dir: epath.Path) -> epath.Path:
+  """The selection Phase II uses: the probe of the final Phase I model, or with repa.quirks (as the
+  reference code) the cumulative mean of every FoG-A measurement made during Phase I."""
+  if not config.repa.quirks:
+    return phase_one_dir / 'probe' / 'selection.json'
+  path = phase_one_dir / selection.ONLINE_SELECTION
+  if not path.exists():
+    raise ValueError(
+      f'{path} is missing: with repa.quirks Phase I measures FoG-A every repa.probe_every '
+      f'({config.repa.probe_every}) steps, and it made no measurement in num_steps '
+      f'({config.num_steps}); lower repa.probe_every'
+    )
+  return path
+
+
+def evaluate_variant(config, workdir: epath.Path, num_clips: int):
   """FAD, WER and mel L1 of the variant's final checkpoint on `num_clips` held-out clips (once)."""
   if (workdir / 'eval.json').exists():
     return
@@ -153,7 +166,7 @@ def evaluate_variant(config, workdir: pathlib.Path, num_clips: int):
   evaluate.run_eval(config, workdir)
 
 
-def eval_metrics(workdir: pathlib.Path) -> dict:
+def eval_metrics(workdir: epath.Path) -> dict:
   """fad (first embedding, all clips), wer of generated and of the original speech, mel_l1, from
   eval.json; NaN for each when the variant was not evaluated."""
   nan = float('nan')
@@ -169,11 +182,11 @@ def eval_metrics(workdir: pathlib.Path) -> dict:
   }
 
 
-def comparison_row(variant: str, workdir: pathlib.Path) -> dict:
+def comparison_row(variant: str, workdir: epath.Path) -> dict:
   run_config = json.loads((workdir / 'config.json').read_text())
   lambdas = {}
   if variant == 'fog_a':
-    lambdas = selection.read_selection(pathlib.Path(run_config['repa']['selection_file']))
+    lambdas = selection.read_selection(epath.Path(run_config['repa']['selection_file']))
   elif variant != PHASE_ONE:
     lambdas = {
       d: dict(zip(run_config['repa']['layers'][d], run_config['repa']['lambdas'][d]))
@@ -257,14 +270,7 @@ def summarize(runs: list[dict], variants) -> list[dict]:
 # ------------------------------------------------------------------------------------- outputs
 
 
-def write_csv(path: pathlib.Path, columns, rows: list[dict]):
-  with path.open('w', newline='') as f:
-    writer = csv.DictWriter(f, columns, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def plot_curves(runs: list[dict], variants, path: pathlib.Path):
+def plot_curves(runs: list[dict], variants, path: epath.Path):
   """Left: held-out FM loss over steps, the mean over seeds (thick) and each seed (thin). Right:
   the final loss of every run, a seed's variants joined, so that the seed noise is visible."""
   figure, (curves, finals) = plt.subplots(
@@ -302,7 +308,7 @@ def plot_curves(runs: list[dict], variants, path: pathlib.Path):
   finals.grid(alpha=0.3, axis='y')
   figure.legend(loc='lower center', ncol=len(variants) + 1, fontsize='small')
   figure.tight_layout(rect=(0, 0.07, 1, 1))
-  figure.savefig(path, dpi=100)
+  files.save_figure(figure, path, dpi=100)
   plt.close(figure)
 
 
@@ -319,7 +325,7 @@ def difference_cell(row: dict, name: str) -> str:
   return f'<b>{text}</b>' if low > 0 or high < 0 else text
 
 
-def report_html(runs: list[dict], summary: list[dict], workdir: pathlib.Path) -> str:
+def report_html(runs: list[dict], summary: list[dict], workdir: epath.Path) -> str:
   """compare.html: the summary table, the curves, and each seed's FoG-A heatmap, storage vs
   contribution (SCD) figure and selected layers; image paths relative to `workdir`."""
   best = summary[0]['best_fixed'] if summary else ''
@@ -333,7 +339,7 @@ def report_html(runs: list[dict], summary: list[dict], workdir: pathlib.Path) ->
   seeds = sorted({r['seed'] for r in runs})
   probes = []
   for seed in seeds:
-    probe_dir = pathlib.Path(f'seed{seed}') / 'phase1' / 'probe'
+    probe_dir = f'seed{seed}/phase1/probe'
     fog_a_layers = next(
       (r['layers'] for r in runs if r['seed'] == seed and r['variant'] == 'fog_a'), '-'
     )
@@ -341,9 +347,9 @@ def report_html(runs: list[dict], summary: list[dict], workdir: pathlib.Path) ->
     measure = json.loads(scd_file.read_text())['storage_measure'] if scd_file.exists() else ''
     probes.append(
       f'<h3>Seed {seed}: FoG-A selected {html.escape(fog_a_layers)}</h3>'
-      f'<img src="{probe_dir / "fog_a_heatmap.png"}" style="max-width:45%">'
-      f'<img src="{probe_dir / "storage_vs_contribution.png"}" style="max-width:54%">'
-      f'<p>SCD ranks the {html.escape(measure)} storage score ({probe_dir / "scd.json"}).</p>'
+      f'<img src="{probe_dir}/fog_a_heatmap.png" style="max-width:45%">'
+      f'<img src="{probe_dir}/storage_vs_contribution.png" style="max-width:54%">'
+      f'<p>SCD ranks the {html.escape(measure)} storage score ({probe_dir}/scd.json).</p>'
     )
   return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>agrepa_jax comparison</title>

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     selection_file='',  # fog_a: λ from a probe's selection.json; '' = re-measure online
     probe_every=200,  # fog_a online: steps between FoG-A measurements (λ = 0 before the first)
     score_ema=0.9,  # fog_a online: decay of the moving average of the scores
+    measure_only=False,  # none/fixed: also measure FoG-A every probe_every steps, λ unchanged
     quirks=False,  # quirk: the official FoG-A schedule, raw λ, cumulative mean (docs/fidelity.md)
     max_layers=3,  # static K: at most this many layers per domain run their REPA heads per step
     all_layer_heads=False,  # keep a REPA head on every layer, not only the selectable ones
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     # dim: C_d, checked against the loaded teacher; 0 = take it from the teacher
     speech=_section(name='whisper', checkpoint='', dim=0),
     audio=_section(name='whisper', checkpoint='', dim=0),
+    online=False,  # teachers run in the train step on each crop's stored audio; docs/data.md
   )
   config.data = _section(
     source='embedded',  # embedded (generated, no download) | directories (real corpora)
@@ -218,7 +220,8 @@ def variant_config(config, variant: str, selection_file: str = '') -> ml_collect
   config.workflow = 'single'
   domains = tuple(config.data.domains)
   if variant == 'none':
-    config.repa.selection = 'none'
+    # The reference code's Phase I measures FoG-A as it trains, and its λ average all measurements.
+    config.repa.update(selection='none', measure_only=bool(config.repa.quirks))
   elif variant.startswith('fixed:'):
     layer = int(variant.split(':')[1])
     config.repa.update(

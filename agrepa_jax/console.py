@@ -1,12 +1,16 @@
 """What the terminal shows: progress bars, a start summary, evaluations and warnings.
 
-Every log record also goes to `DIR/logs/process_<i>.log`; library INFO lines (orbax, absl, jax)
-reach the terminal only with `--verbose`.
+Every log record also goes to `DIR/logs/process_<i>.log` (a local directory when DIR is in an
+object store, log_directory); library INFO lines (orbax, absl, jax) reach the terminal only with
+`--verbose`.
 """
 
 import logging
+import os
 import pathlib
+import re
 import sys
+import tempfile
 
 import jax
 import tqdm
@@ -42,8 +46,18 @@ def _terminal_filter(verbose: bool):
   return keep
 
 
-def configure_logging(workdir: pathlib.Path, verbose: bool = False) -> pathlib.Path:
-  """Routes every record to the workdir's log file and this package's INFO to the terminal."""
+def log_directory(workdir) -> pathlib.Path:
+  """DIR/logs for a local workdir; for one in an object store (no append there), a local
+  directory named after it under the system's temporary directory."""
+  text = os.fspath(workdir)
+  if '://' not in text:
+    return pathlib.Path(text, 'logs')
+  return pathlib.Path(tempfile.gettempdir(), 'agrepa_jax_logs', re.sub(r'[^\w.-]+', '_', text))
+
+
+def configure_logging(workdir, verbose: bool = False) -> pathlib.Path:
+  """Routes every record to the run's log file (log_directory) and this package's INFO to the
+  terminal."""
   root = logging.getLogger()
   for handler in list(root.handlers):
     root.removeHandler(handler)
@@ -53,7 +67,7 @@ def configure_logging(workdir: pathlib.Path, verbose: bool = False) -> pathlib.P
   terminal.addFilter(_terminal_filter(verbose))
   root.addHandler(terminal)
   # Installed before the first jax call, whose backend start-up messages would otherwise print.
-  log_path = workdir / 'logs' / f'process_{jax.process_index()}.log'
+  log_path = log_directory(workdir) / f'process_{jax.process_index()}.log'
   log_path.parent.mkdir(parents=True, exist_ok=True)
   to_file = logging.FileHandler(log_path)
   to_file.setFormatter(logging.Formatter(FORMAT))

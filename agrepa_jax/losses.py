@@ -138,11 +138,11 @@ class LossConfig:
     granularity = config.repa.granularity
     if granularity not in GRANULARITIES:
       raise ValueError(f'repa.granularity={granularity!r}: expected one of {GRANULARITIES}')
-    if (
-      config.repa.selection != 'none' and granularity == 'frame' and not config.data.teacher_frames
-    ):
+    frames = config.data.teacher_frames or config.teachers.online
+    if config.repa.selection != 'none' and granularity == 'frame' and not frames:
       raise ValueError(
-        "repa.granularity='frame' needs teacher frame features: set data.teacher_frames=True"
+        "repa.granularity='frame' needs teacher frame features: set data.teacher_frames=True "
+        '(stored) or teachers.online=True'
       )
     return cls(
       flow,

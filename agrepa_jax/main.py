@@ -3,14 +3,14 @@
 
 import importlib
 import logging
-import pathlib
+import os
 import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import console
+from agrepa_jax import console, files
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
 MODES = {
@@ -52,6 +52,12 @@ flags.DEFINE_bool(
   'differ from the ones stored with the checkpoints; the change is logged in '
   'DIR/config_history.jsonl.',
 )
+flags.DEFINE_string(
+  'compilation_cache',
+  '~/.cache/agrepa_jax/jax_compilation_cache',
+  "JAX's persistent compilation cache (local or gs://): a rerun, a resumed run and the compare "
+  "workflow's runs load compiled steps instead of compiling them again; '' turns it off.",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -60,7 +66,11 @@ def main(argv):
   del argv
   if FLAGS.distributed:
     jax.distributed.initialize()
-  config, workdir = FLAGS.config, pathlib.Path(FLAGS.workdir).expanduser().absolute()
+  if FLAGS.compilation_cache:
+    jax.config.update(
+      'jax_compilation_cache_dir', os.fspath(files.as_path(FLAGS.compilation_cache))
+    )
+  config, workdir = FLAGS.config, files.as_path(FLAGS.workdir)
   log_path = console.configure_logging(workdir, FLAGS.verbose)
   mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)

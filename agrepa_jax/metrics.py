@@ -1,22 +1,25 @@
 """Metric output for one run: metrics.jsonl, TensorBoard event files and PNG plots (process 0
-only)."""
+only), in a local or object-store workdir (TensorBoard on gs:// needs the `gcs` extra)."""
 
 import json
 import logging
-import pathlib
+import os
 
 import jax
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
+
+from agrepa_jax import files  # noqa: E402
 
 
 class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir: pathlib.Path, after_step: int | None = None):
+  def __init__(self, workdir: epath.Path, after_step: int | None = None):
     """With `after_step` (the step a run resumes from), rows logged past it before the run died
     are dropped."""
     self.enabled = jax.process_index() == 0
@@ -24,15 +27,14 @@ class MetricWriter:
     if self.enabled:
       if after_step is not None:
         kept = [row for row in read_metrics(self.path) if row['step'] <= after_step]
-        self.path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
-      self.tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+        files.write_atomic(self.path, ''.join(json.dumps(row) + '\n' for row in kept))
+      self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
       return
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    with self.path.open('a') as f:
-      f.write(json.dumps(row) + '\n')
+    files.append_line(self.path, json.dumps(row))
     for name, value in row.items():
       if name != 'step':
         self.tensorboard.add_scalar(name, value, step)
@@ -43,7 +45,7 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
+def read_metrics(path: epath.Path) -> list[dict]:
   """The rows of a metrics.jsonl; a last line torn by a kill mid-write is dropped with a warning."""
   if not path.exists():
     return []
@@ -60,8 +62,8 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 
 
 def plot_loss_curves(
-  metrics_path: pathlib.Path,
-  png_path: pathlib.Path,
+  metrics_path: epath.Path,
+  png_path: epath.Path,
   names=('loss', 'loss_fm', 'loss_repa', 'loss_bitc', 'eval_loss_fm'),
 ):
   """One panel per loss present in metrics.jsonl, against step."""
@@ -77,5 +79,5 @@ def plot_loss_curves(
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  files.save_figure(fig, png_path, dpi=100)
   plt.close(fig)

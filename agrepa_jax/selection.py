@@ -9,11 +9,11 @@ A selection is {domain: {layer (1-based): λ}}, what `dense_lambdas` takes.
 """
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model.
 PAPER_PRESETS = {
@@ -126,9 +126,9 @@ def selection_json(selection: dict[str, dict[int, float]], **settings) -> dict:
   }
 
 
-def read_selection(path: pathlib.Path) -> dict[str, dict[int, float]]:
+def read_selection(path: epath.Path) -> dict[str, dict[int, float]]:
   """A selection.json back as {domain: {layer (1-based): λ}}, ready for `dense_lambdas`."""
-  domains = json.loads(pathlib.Path(path).read_text())['domains']
+  domains = json.loads(epath.Path(path).read_text())['domains']
   return {domain: dict(zip(entry['layers'], entry['lambdas'])) for domain, entry in domains.items()}
 
 
@@ -235,9 +235,18 @@ def active_layers(lambdas: jax.Array, has_head: np.ndarray, max_layers: int):
   return layers, jnp.take_along_axis(usable, layers, axis=1)
 
 
+ONLINE_SELECTION = 'online_selection.json'  # in the workdir: the latest online measurement's λ
+
+
 def measures_online(config) -> bool:
   """True when λ comes from FoG-A re-measured during training (no selection file given)."""
   return config.repa.selection == 'fog_a' and not config.repa.selection_file
+
+
+def probes_during_training(config) -> bool:
+  """True when training re-measures FoG-A every repa.probe_every steps: to set λ (online AG-REPA),
+  or only to record it (repa.measure_only, the reference code's Phase I)."""
+  return measures_online(config) or config.repa.measure_only
 
 
 def lambda_scalars(lambdas: np.ndarray, domains) -> dict[str, float]:
@@ -260,7 +269,8 @@ class OnlineFogA:
 
   The probe settings (t values, clips, top-K, λ rule) are `config.probe`'s, or the reference code's
   with `repa.quirks`. The average is a moving one with decay `repa.score_ema`, or with
-  `repa.quirks` the official cumulative mean of every measurement so far.
+  `repa.quirks` the official cumulative mean of every measurement so far. With
+  `repa.measure_only` the averaged scores are kept but the run's λ stay as configured.
   """
 
   def __init__(self, config, heldout_source):
@@ -275,6 +285,7 @@ class OnlineFogA:
     )
     self.batch = probe_batch.stack_records([heldout_source[int(i)] for i in rows], self.domains)
     self.eligible = probe.probed_layers(config.model.num_layers, self.schedule)
+    self.latest = None  # (step, λ chosen from the averaged scores) of the latest measurement
 
   def measure(self, dit, step: int, mesh) -> np.ndarray:
     """(L, domains) FoG-A scores of the current model, its ablations split over the training mesh.
@@ -344,5 +355,18 @@ class OnlineFogA:
     previous = np.asarray(jax.device_get(state.scores))
     count = step // self.config.repa.probe_every  # measurements so far, this one included
     lambdas, averaged = self.update(scores, previous if previous.any() else None, count)
+    self.latest = (step, lambdas)
     put = lambda x: jax.device_put(np.asarray(x, np.float32), sharding.replicated(mesh))
+    if not measures_online(self.config):
+      return state.replace(scores=put(averaged))
     return state.replace(lambdas=put(lambdas), scores=put(averaged))
+
+  def write_latest(self, path: epath.Path):
+    """The latest measurement's selection as a selection.json (`repa.selection_file` reads it)."""
+    step, lambdas = self.latest
+    chosen = {
+      domain: {int(layer) + 1: float(lambdas[layer, d]) for layer in np.flatnonzero(lambdas[:, d])}
+      for d, domain in enumerate(self.domains)
+    }
+    settings = {'step': step, 'measurements': step // self.config.repa.probe_every}
+    path.write_text(json.dumps(selection_json(chosen, **settings), indent=2))

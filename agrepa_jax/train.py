@@ -6,7 +6,6 @@ The train state lives in state.py, the losses in losses.py, checkpoints in check
 import dataclasses
 import functools
 import logging
-import pathlib
 import time
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 from flax import nnx
 
 from agrepa_jax import checkpoint, console, losses, metrics, selection, sharding
@@ -37,8 +37,16 @@ class StepConfig:
     )
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, step_cfg: StepConfig):
-  """One optimization step. `state.lambdas` is an array input: new values never recompile."""
+def train_step(
+  state: TrainState, batch, teacher_params=None, *, graphdef, tx, schedule, step_cfg, online=None
+):
+  """One optimization step. `state.lambdas` is an array input: new values never recompile.
+
+  online (teachers.online): the frozen teachers (parameters `teacher_params`, never trained) first
+  give the batch's targets from its audio (teachers/online.py).
+  """
+  if online is not None:
+    batch = {**batch, **online.targets(teacher_params, batch)}
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
@@ -59,31 +67,51 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, step_cfg: St
   return new_state, parts
 
 
-def eval_step(state: TrainState, batch, key, *, graphdef, step_cfg: StepConfig):
+def eval_step(
+  state: TrainState, batch, key, teacher_params=None, *, graphdef, step_cfg, online=None
+):
   """Held-out losses, dropout off, a fixed key: every evaluation draws the same t and noise."""
+  if online is not None:  # held-out batches are in store order: every teacher sees every row
+    batch = {**batch, **online.targets(teacher_params, batch, by_layout=False)}
   model = nnx.merge(graphdef, state.inference_params(), state.frozen)
   return losses.compute_losses(model, batch, state.lambdas, key, step_cfg.loss, train=False)
 
 
-def jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh):
+def jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh, online=None):
+  """step(state, batch) -> (state, metrics); with `online` teachers step(state, batch, teacher
+  params), the parameters replicated on the mesh."""
   step = functools.partial(
-    train_step, graphdef=graphdef, tx=tx, schedule=schedule, step_cfg=step_cfg
+    train_step, graphdef=graphdef, tx=tx, schedule=schedule, step_cfg=step_cfg, online=online
   )
+  teachers = () if online is None else (sharding.replicated(mesh),)
   return jax.jit(
     sharding.traced_with_rules(step, mesh, step_cfg.sharding_rules),
-    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    in_shardings=(shardings, sharding.batch_sharding(mesh), *teachers),
     out_shardings=(shardings, sharding.replicated(mesh)),
     donate_argnums=0,
   )
 
 
-def jit_eval_step(graphdef, step_cfg, shardings, mesh):
-  step = functools.partial(eval_step, graphdef=graphdef, step_cfg=step_cfg)
+def jit_eval_step(graphdef, step_cfg, shardings, mesh, online=None):
+  step = functools.partial(eval_step, graphdef=graphdef, step_cfg=step_cfg, online=online)
+  teachers = () if online is None else (sharding.replicated(mesh),)
   return jax.jit(
     sharding.traced_with_rules(step, mesh, step_cfg.sharding_rules),
-    in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+    in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh), *teachers),
     out_shardings=sharding.replicated(mesh),
   )
+
+
+def online_teachers(config, spec, mesh):
+  """(OnlineTeachers, (teacher parameters on the mesh,)) with teachers.online, else (None, ())."""
+  if not config.teachers.online:
+    return None, ()
+  from agrepa_jax.data import prepare
+  from agrepa_jax.teachers import online as online_lib
+
+  online, params = online_lib.online_teachers(config, spec, prepare.load_teachers(config))
+  online.check_batch(config.batch_size, mesh)
+  return online, (online_lib.replicate(params, mesh),)
 
 
 class NonFiniteTraining(console.RunError):
@@ -112,7 +140,7 @@ def check_finite(first_bad: int, step: int, manager):
   )
 
 
-def train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool = False):
+def train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool = False):
   """Trains (or resumes) the run in `workdir`; returns the final train state.
 
   Holds `workdir` for the run (workdir.WorkdirLocked if another run holds it), checks the config
@@ -125,7 +153,7 @@ def train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool 
     return _train_and_evaluate(config, workdir, allow_config_change)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool) -> TrainState:
+def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) -> TrainState:
   from agrepa_jax.data import pipeline, prepare
 
   resumes = bool(checkpoint.saved_steps(workdir))
@@ -147,8 +175,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
   tx, schedule = state_lib.make_optimizer(config)
   step_cfg = StepConfig.from_config(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
-  train_step_fn = jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh)
-  eval_step_fn = jit_eval_step(graphdef, step_cfg, shardings, mesh)
+  online, teacher_params = online_teachers(config, train_source.spec, mesh)
+  train_step_fn = jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh, online)
+  eval_step_fn = jit_eval_step(graphdef, step_cfg, shardings, mesh, online)
   console.log_start_summary(config, meta, mesh, shapes)
 
   # ----- Initialize, or resume from the last checkpoint -----
@@ -176,7 +205,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
     )
   )
   online_fog_a = None
-  if selection.measures_online(config):
+  if selection.probes_during_training(config):
     online_fog_a = selection.OnlineFogA(config, heldout_source)
 
   # ----- The loop -----
@@ -197,7 +226,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
 
   def evaluate():
     parts = [
-      jax.device_get(eval_step_fn(state, sharding.global_batch(b, mesh), eval_key))
+      jax.device_get(eval_step_fn(state, sharding.global_batch(b, mesh), eval_key, *teacher_params))
       for b in eval_batches
     ]
     return {f'eval_{k}': float(np.mean([p[k] for p in parts])) for k in ('loss', 'loss_fm')}
@@ -216,11 +245,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool
   last_log, last_step, step = time.perf_counter(), start_step, start_step
   try:
     for step in range(start_step + 1, config.num_steps + 1):
-      state, parts = train_step_fn(state, sharding.global_batch(next(data_iterator), mesh))
+      batch = sharding.global_batch(next(data_iterator), mesh)
+      state, parts = train_step_fn(state, batch, *teacher_params)
       first_bad = track(first_bad, state.step, parts['loss'], parts['grad_norm'])
       progress.update(1)
       if online_fog_a and step % config.repa.probe_every == 0:
         state = online_fog_a.reselect(state, graphdef, mesh)
+        if jax.process_index() == 0:
+          online_fog_a.write_latest(workdir / selection.ONLINE_SELECTION)
       is_last = step == config.num_steps
       evaluates = eval_batches and config.eval_every and (step % config.eval_every == 0 or is_last)
       if evaluates or step % config.log_every == 0 or is_last:

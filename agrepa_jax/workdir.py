@@ -21,6 +21,7 @@ import uuid
 import jax
 from etils import epath
 
+from agrepa_jax import files
 from agrepa_jax.console import RunError
 
 LOCK_NAME = 'lock.json'
@@ -66,19 +67,9 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _is_local(path: epath.Path) -> bool:
-  return '://' not in str(path)
-
-
-def _write_atomic(path: epath.Path, text: str):
-  temporary = path.parent / f'.{path.name}.{uuid.uuid4().hex}'
-  temporary.write_text(text)
-  temporary.replace(path)
-
-
 def _create_exclusive(path: epath.Path, text: str) -> bool:
   """Creates `path` with `text` unless it exists; False if it does (or another writer won)."""
-  if _is_local(path):
+  if files.is_local(path):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -158,7 +149,7 @@ class WorkdirLock:
       if self._read().get('token') != self.holder['token']:
         logging.error('%s no longer names this run: another run took over the workdir', self.path)
         return
-      _write_atomic(self.path, self._text())
+      files.write_atomic(self.path, self._text())
 
   def release(self):
     self._stop.set()
@@ -266,6 +257,5 @@ def record_config(config, workdir, resumes: bool, allow_change: bool = False):
     'changes': {k: list(v) for k, v in changes.items()},
     'allowed_structural_change': bool(resumes and structural),
   }
-  with (workdir / HISTORY_NAME).open('a') as f:
-    f.write(json.dumps(row) + '\n')
-  _write_atomic(stored_path, json.dumps(new, indent=2))
+  files.append_line(workdir / HISTORY_NAME, json.dumps(row))
+  files.write_atomic(stored_path, json.dumps(new, indent=2))

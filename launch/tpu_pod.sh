@@ -2,8 +2,8 @@
 # Runs the main job on every worker of a Cloud TPU VM pod slice, one process per host.
 #   TPU=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh configs/paper_single.py /mnt/shared/runs/paper [--config.K=V ...]
 # The repository must be checked out at the same path on every worker (REPO, default ~/agrepa_jax),
-# and WORKDIR and data.cache_dir must be on a filesystem every host sees (e.g. a Filestore/NFS or
-# gcsfuse mount). Re-running the same command resumes from the last checkpoint.
+# and WORKDIR and data.cache_dir must be gs:// paths (pip install -e '.[gcs]') or on a filesystem
+# every host sees (Filestore/NFS). Re-running the same command resumes from the last checkpoint.
 # Each worker's output is kept apart in LOG_DIR/worker_<i>.log on this machine (default
 # logs/<TPU>/<time>); the job fails if any worker fails.
 set -euo pipefail

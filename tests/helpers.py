@@ -78,6 +78,9 @@ def fake_record(batch_spec, clip_id: str, domain: int, mel, tokens, num_samples,
   if batch_spec.teacher_frames is not None:
     frames = rng.standard_normal((batch_spec.teacher_frames[name], dim))
     record['teacher_frames'] = frames.astype(ml_dtypes.bfloat16)
+  if batch_spec.audio_rates is not None:  # online teachers: the clip at its teacher's rate
+    length = -(-int(num_samples) * batch_spec.audio_rates[name] // 24000)
+    record['audio'] = spec.to_pcm16(0.1 * rng.standard_normal(length))
   return record
 
 

@@ -270,6 +270,8 @@ def test_crops_keep_mel_teacher_frames_and_tokens_aligned():
     teacher_dims={'speech': 1},
     teacher_frames={'speech': 50},
     teacher_rates={'speech': 50.0},
+    audio_rates={'speech': 16000},  # online teachers: the crop's audio at the teacher's rate
+    layout=(0,),
   )
   seconds = 3.0
   frames = audio.num_frames(72000)
@@ -281,16 +283,20 @@ def test_crops_keep_mel_teacher_frames_and_tokens_aligned():
     'tokens': (np.arange(int(seconds * 25)) / 25.0)[None] * 1000,  # time in ms
     'teacher': np.zeros(1, np.float32),
     'teacher_frames': (np.arange(150) / 50.0)[:, None],
+    'audio': (np.arange(48000) // 16 + 1).astype(np.int16),  # 16 kHz; time in ms, + 1
   }
   row = pipeline.crop_record(record, batch_spec, ('speech',), start_token=30)  # from 1.2 s
   assert abs(float(row['mel'][0, 0]) - 1.2) < 0.012 and row['tokens'][0, 0] == 1200  # bf16
   assert row['teacher_frames']['speech'][0, 0] == pytest.approx(1.2)
   assert row['num_samples'] == 24000
+  assert row['audio'].shape == (16000,) and row['audio'].dtype == np.int16
+  assert row['audio'][0] == 1201 and row['audio'][-1] == 2200
   end = pipeline.crop_record(record, batch_spec, ('speech',), start_token=60)  # 2.4 s: 0.6 s left
   assert end['num_samples'] == round(0.6 * 24000)
   assert np.all(end['tokens'][0, 15:] == 0) and np.allclose(
     np.float32(end['mel'][-1]), pipeline.SILENCE, atol=0.01
   )
+  assert end['audio'][0] == 2401 and np.all(end['audio'][9600:] == 0) and end['audio'][9599] > 0
 
 
 def test_pool_to_rate_hand_case():
@@ -347,6 +353,20 @@ def test_training_batches_are_domain_balanced_deterministic_and_resumable():
   # each domain is a fresh permutation every epoch: the 6 audio clips appear once per 6 draws
   audio_order = np.concatenate([b['index'][b['domain'] == 1] for b in batches])
   assert all(sorted(audio_order[k : k + 6]) == list(range(30, 36)) for k in range(0, 78, 6))
+
+
+def test_online_teacher_layout_fixes_each_rows_domain_and_keeps_epochs():
+  source = ListSource([0] * 30 + [1] * 6)
+  records = pipeline.mixed_records(source, seed=3, layout=(0, 0, 0, 1))
+  rows = [source[records[p]] for p in range(96)]
+  domains = np.array([r['domain'] for r in rows])
+  np.testing.assert_array_equal(domains, np.tile([0, 0, 0, 1], 24))
+  speech = np.array([r['index'] for r in rows if r['domain'] == 0])
+  assert sorted(speech[:30]) == list(range(30)) and sorted(speech[30:60]) == list(range(30))
+  audio_order = np.array([r['index'] for r in rows if r['domain'] == 1])
+  assert sorted(audio_order[:6]) == list(range(30, 36))
+  with pytest.raises(ValueError, match=r"no training clips of domain\(s\) \['audio'\]"):
+    pipeline.mixed_records(ListSource([0] * 8), seed=0, layout=(0, 1))
 
 
 def test_data_position_is_global_two_hosts_resume_on_one():
@@ -425,13 +445,20 @@ def test_batch_spec_serves_aot_and_matches_reader_rows():
   assert shapes['tokens'] == ((4, 1, 5), np.int32)
   assert shapes['teacher']['audio'] == ((4, 5), np.float32)
   assert shapes['teacher_frames']['speech'] == ((4, 25, 6), np.float32)  # Whisper: 50 frames/s
-  record = helpers.fake_record(
-    batch_spec, 'x', 1, np.zeros((7, 100)), np.zeros((1, 2)), 3000, np.random.default_rng(0)
-  )
-  row = pipeline.crop_record(record, batch_spec, batch_spec.domains, 0)
-  expected = spec_lib.map_shapes(lambda shape, dtype: (shape[1:], np.dtype(dtype)), shapes)
   described = lambda tree: {
     k: described(v) if isinstance(v, dict) else (np.shape(v), np.asarray(v).dtype)
     for k, v in tree.items()
   }
-  assert described(row) == expected
+  for online in (False, True):
+    config.teachers.online = online
+    batch_spec = spec_lib.batch_spec(config, {'speech': 6, 'audio': 5})
+    shapes = batch_spec.shapes(4)
+    assert ('audio' in shapes) == online
+    if online:  # Whisper reads 16 kHz: 0.5 s crops of 8000 samples, int16
+      assert shapes['audio'] == ((4, 8000), np.int16) and batch_spec.layout == (0, 1)
+    record = helpers.fake_record(
+      batch_spec, 'x', 1, np.zeros((7, 100)), np.zeros((1, 2)), 3000, np.random.default_rng(0)
+    )
+    row = pipeline.crop_record(record, batch_spec, batch_spec.domains, 0)
+    expected = spec_lib.map_shapes(lambda shape, dtype: (shape[1:], np.dtype(dtype)), shapes)
+    assert described(row) == expected

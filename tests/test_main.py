@@ -114,8 +114,18 @@ def run_main_in(directory, *args, devices=1):
 def test_train_writes_the_workdir_and_a_rerun_trains_further(tmp_path):
   workdir = tmp_path / 'run'
   # a relative --workdir, as in the README (orbax itself needs absolute paths)
-  result = run_main_in(tmp_path, '--config', tiny_config_file(tmp_path, 4), '--workdir', 'run')
+  cache = tmp_path / 'compiled'
+  result = run_main_in(
+    tmp_path,
+    '--config',
+    tiny_config_file(tmp_path, 4),
+    '--workdir',
+    'run',
+    '--compilation_cache',
+    str(cache),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
+  assert any(cache.iterdir())  # the compiled train step, for the next run of this program
   config = json.loads((workdir / 'config.json').read_text())
   assert config['num_steps'] == 4 and config['model']['width'] == 32
   assert [r['step'] for r in metric_rows(workdir)] == [2, 3, 4]  # log every 2, evaluate every 3

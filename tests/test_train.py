@@ -174,6 +174,38 @@ def test_online_fog_a_reselects_layers_without_recompiling(config, tmp_path):
   assert len(logged) >= 4 and rows[-1]['loss_repa'] > 0
 
 
+def test_measure_only_records_the_cumulative_fog_a_selection_and_trains_without_repa(
+  config, tmp_path
+):
+  """The reference code's Phase I (repa.quirks): FoG-A measured every probe_every steps, λ left at
+  0, and online_selection.json holds the raw cumulative-mean scores of the top layers."""
+  from agrepa_jax import compare, selection
+
+  config.repa.update(selection='none', measure_only=True, quirks=True, probe_every=2)
+  config.probe.update(top_k=1, batch_size=2)
+  config.num_steps, config.log_every, config.eval_every = 4, 1, 0
+  workdir = tmp_path / 'phase1'
+  state = train.train_and_evaluate(config, workdir)
+  assert not np.asarray(state.lambdas).any()
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['loss_repa'] for r in rows] == [0.0] * 4
+  path = compare.phase_one_selection(config, workdir)
+  record = json.loads(path.read_text())
+  assert (record['step'], record['measurements']) == (4, 2)
+  scores = np.asarray(state.scores)
+  chosen = selection.dense_lambdas(
+    selection.read_selection(path), config.model.num_layers, config.data.domains
+  )
+  for d in range(len(config.data.domains)):
+    layer = np.flatnonzero(chosen[:, d])
+    assert len(layer) == 1 and layer[0] % 2 == 0  # an odd (1-based) layer, the reference's
+    assert chosen[layer[0], d] == pytest.approx(scores[layer[0], d], rel=1e-6)  # raw λ
+    assert scores[layer[0], d] == scores[::2, d].max()
+  config.repa.probe_every = 5
+  with pytest.raises(ValueError, match='lower repa.probe_every'):
+    compare.phase_one_selection(config, tmp_path / 'never_measured')
+
+
 def test_parameter_ema_follows_the_update_rule_and_serves_evaluation(config):
   config.optim.ema_decay = 0.5
   batches = first_batches(config, 2)

@@ -12,6 +12,7 @@ added, removed or changed file gives a new dataset; the feature store then recom
 shards whose clips changed.
 """
 
+import itertools
 import logging
 
 import numpy as np
@@ -75,8 +76,26 @@ class LocalAudio(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
   def _generate_examples(self, entries):
-    for entry in entries:
-      yield entry.id, {**entry.fields, 'audio': read_bytes(entry.path)}
+    for archive, group in itertools.groupby(entries, key=lambda e: e.archive):
+      if archive:
+        yield from archive_examples(epath.Path(archive), list(group))
+      else:
+        for entry in group:
+          yield entry.id, {**entry.fields, 'audio': read_bytes(entry.path)}
+
+
+def archive_examples(archive: epath.Path, entries: list):
+  """The examples of `entries`, members of `archive` in archive order, from one pass over it."""
+  pending = iter(entries)
+  entry = next(pending, None)
+  for name, read in sources.archive_members(archive):
+    if entry is not None and name == entry.member:
+      yield entry.id, {**entry.fields, 'audio': read()}
+      entry = next(pending, None)
+  unread = [entry, *pending] if entry is not None else []
+  for missing in unread:  # the archive changed since it was listed; the store reports them empty
+    logging.warning('%s no longer holds %s', archive, missing.member)
+    yield missing.id, {**missing.fields, 'audio': b''}
 
 
 class Librispeech(LocalAudio, skip_registration=True):

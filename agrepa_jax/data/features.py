@@ -2,8 +2,10 @@
 
 A record (msgpack of numpy arrays) holds the clip at its native length (up to data.max_seconds):
 `mel` (T, 100) bf16, `num_samples` (24 kHz samples of audio), `domain`, `teacher` (C_d,) float32
-(the utterance mean of its own domain's teacher), `tokens` (K, N) int32 at data.token_rate, and with
-data.teacher_frames `teacher_frames` (F, C_d) bf16; plus `id`, `path`, `text`.
+(the utterance mean of its own domain's teacher), `tokens` (K, N) int32 at data.token_rate, with
+data.teacher_frames `teacher_frames` (F, C_d) bf16, and with teachers.online `audio` (S,) int16 PCM
+at its domain's teacher rate (the teacher computed the stored targets from exactly this audio);
+plus `id`, `path`, `text`.
 
 Layout of a store directory:
   tokenizer/<domain>-<digest>.npy   (K, V, C) codebooks of the built-in tokenizer
@@ -43,7 +45,7 @@ from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.data import tokenizer
 from agrepa_jax.teachers.base import Teacher, masked_mean
 
-STORE_VERSION = 3
+STORE_VERSION = 3  # settings (the store key) say whether records hold audio
 SPLITS = ('train', 'heldout')
 MANIFEST = 'manifest.json'
 
@@ -186,20 +188,42 @@ def pad_waves(waves: list[np.ndarray], length: int) -> np.ndarray:
   return out
 
 
+def teacher_audio(waves: np.ndarray, num_samples: np.ndarray, rate: int):
+  """(N, S) 24 kHz waves -> (N, S') int16 PCM at `rate`, zero past each clip's end, and the
+  (N,) sample counts at `rate`: what the store keeps for online teachers."""
+  resampled = librosa.resample(
+    waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1
+  )
+  teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
+  inside = np.arange(resampled.shape[-1])[None, :] < teacher_samples[:, None]
+  return np.where(inside, spec_lib.to_pcm16(resampled), 0).astype(np.int16), teacher_samples
+
+
 def teacher_features(
-  teacher: Teacher, waves: np.ndarray, num_samples: np.ndarray, mesh, rows: int = 0
+  teacher: Teacher,
+  waves: np.ndarray,
+  num_samples: np.ndarray,
+  mesh,
+  rows: int = 0,
+  pcm: tuple | None = None,
 ):
   """Utterance means (N, C) over frames holding audio, frame features (N, F, C) and their mask.
 
   waves (N, S) are 24 kHz, zero past num_samples; they are resampled to the teacher's rate, padded
   to `rows` rows rounded up to a multiple of the mesh size (one shape: the teacher compiles once)
-  and sharded over the mesh.
+  and sharded over the mesh. pcm: `teacher_audio(waves, num_samples, rate)`, which the teacher then
+  reads instead: exactly the audio the store keeps for online teachers, so stored and online
+  targets agree.
   """
   rate = teacher.spec.sample_rate
-  resampled = librosa.resample(
-    waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1
-  )
-  teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
+  if pcm is not None:
+    pcm16, teacher_samples = pcm
+    resampled = pcm16.astype(np.float32) / spec_lib.PCM_SCALE
+  else:
+    resampled = librosa.resample(
+      waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1
+    )
+    teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
   rows = -(-max(rows, len(waves)) // mesh.devices.size) * mesh.devices.size
   batch = jax.device_put(
     pad_rows(resampled.astype(np.float32), rows), sharding.batch_sharding(mesh)
@@ -253,8 +277,11 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
   num_samples = np.array([len(w) for w in waves])
   padded = pad_waves(waves, settings['max_samples'])
   mel = np.asarray(audio.log_mel(jnp.asarray(padded)))
+  teacher = workers.teachers[domain]
+  store_audio = settings.get('teacher_audio', False)
+  pcm = teacher_audio(padded, num_samples, teacher.spec.sample_rate) if store_audio else None
   utterance, frames, mask = teacher_features(
-    workers.teachers[domain], padded, num_samples, workers.mesh, settings['chunk_size']
+    teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm
   )
   records = []
   for i, ref in enumerate(refs):
@@ -279,6 +306,8 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
     }
     if settings['teacher_frames']:
       record['teacher_frames'] = frames[i, : max(valid, 1)].astype(ml_dtypes.bfloat16)
+    if pcm is not None:
+      record['audio'] = pcm[0][i, : pcm[1][i]]
     records.append(record)
   return records
 
@@ -336,12 +365,12 @@ def fit_tokenizer(sample, domain: str, read_bytes, workers: Workers, seed: int) 
   for batch_refs, waves in decoded_batches(sample, read_bytes, settings, skipped):
     num_samples = np.array([len(w) for w in waves])
     padded = pad_waves(waves, settings['max_samples'])
+    teacher = workers.teachers[batch_refs[0].domain]
+    pcm = None
+    if settings.get('teacher_audio', False):
+      pcm = teacher_audio(padded, num_samples, teacher.spec.sample_rate)
     _, frames, mask = teacher_features(
-      workers.teachers[batch_refs[0].domain],
-      padded,
-      num_samples,
-      workers.mesh,
-      settings['chunk_size'],
+      teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm
     )
     pooled += [
       token_features(frames[i], int(mask[i].sum()), num_samples[i], settings['token_rate'])

@@ -9,6 +9,7 @@ resumes on M hosts.
 """
 
 import json
+import sys
 
 import grain
 import jax
@@ -86,8 +87,9 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
   """One batch row of `spec` from a stored record, starting `start_token` tokens in.
 
   The crop starts on the token grid (time start_token / token_rate), so the mel frames, teacher
-  frames and tokens it keeps cover the same audio; past the clip's end mel is silence, tokens and
-  teacher frames are zero, and num_samples counts only the audio inside the crop.
+  frames, tokens and (online teachers) audio it keeps cover the same audio; past the clip's end
+  mel is silence, tokens, teacher frames and audio are zero, and num_samples counts only the audio
+  inside the crop.
   """
   start_seconds = start_token / spec.token_rate
   start_frame = round(start_seconds * audio.SAMPLE_RATE / audio.HOP_LENGTH)
@@ -121,6 +123,12 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
         first = round(start_seconds * spec.teacher_rates[d])
         frames = fit_rows(np.asarray(record['teacher_frames'], np.float32)[first:], len(frames))
       out['teacher_frames'][d] = frames
+  if spec.audio_rates is not None:
+    if 'audio' not in record:
+      raise ValueError('the feature store holds no audio; rebuild it with teachers.online=True')
+    first = round(start_seconds * spec.audio_rates[own])
+    wave = np.asarray(record['audio'], np.int16)[first : first + spec.audio_samples(own)]
+    out['audio'] = fit_rows(wave, spec.audio_length)
   return out
 
 
@@ -150,14 +158,38 @@ def host_batch_size(global_batch_size: int) -> int:
   return global_batch_size // jax.process_count()
 
 
-def mixed_records(source, seed: int, domain_weights=None) -> grain.MapDataset:
+class PeriodicMix:
+  """Position p of the stream -> a record index of domain layout[p % K]: that domain's
+  (p // K · k_d + j)-th, where the slot is its j-th of k_d in the period."""
+
+  def __init__(self, per_domain: dict, layout: tuple[int, ...]):
+    self.per_domain, self.layout = per_domain, layout
+    self.counts = {d: layout.count(d) for d in set(layout)}
+    self.slot = [layout[:i].count(d) for i, d in enumerate(layout)]
+
+  def __call__(self, position: int) -> int:
+    period, i = divmod(int(position), len(self.layout))
+    d = self.layout[i]
+    return self.per_domain[d][period * self.counts[d] + self.slot[i]]
+
+
+def mixed_records(source, seed: int, domain_weights=None, layout=None) -> grain.MapDataset:
   """The infinite global record stream: each domain reshuffled every epoch of its own, domains
-  mixed by `domain_weights` (default equal: the paper's 1:1 LibriSpeech:AudioSet sampler)."""
+  mixed by `domain_weights` (default equal: the paper's 1:1 LibriSpeech:AudioSet sampler), or, given
+  a `layout` (online teachers, spec.domain_layout), position p from domain layout[p % K]."""
   present = [d for d in range(len(source.domains)) if len(source.indices_of_domain(d))]
-  per_domain = [
-    grain.MapDataset.source(source.indices_of_domain(d)).shuffle(seed=seed + d).repeat()
+  shuffled = {
+    d: grain.MapDataset.source(source.indices_of_domain(d)).shuffle(seed=seed + d).repeat()
     for d in present
-  ]
+  }
+  if layout:
+    missing = sorted({source.domains[d] for d in layout} - {source.domains[d] for d in present})
+    if missing:
+      raise ValueError(
+        f'no training clips of domain(s) {missing}, which data.domain_weights asks for'
+      )
+    return grain.MapDataset.range(0, sys.maxsize).map(PeriodicMix(shuffled, tuple(layout)))
+  per_domain = list(shuffled.values())
   weights = None if domain_weights is None else [domain_weights[d] for d in present]
   return per_domain[0] if len(per_domain) == 1 else grain.MapDataset.mix(per_domain, weights)
 
@@ -182,7 +214,8 @@ def training_dataset(
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   per_host = global_batch_size // count
-  records = mixed_records(source, seed, domain_weights).map(source.record)
+  layout = getattr(source.spec, 'layout', None)  # online teachers: a fixed domain per row
+  records = mixed_records(source, seed, domain_weights, layout).map(source.record)
   if source.spec is not None:  # stored records -> batch rows of the spec
     records = records.random_map(lambda r, rng: to_row(r, source, crop, rng), seed=seed)
   batches = records.batch(per_host, drop_remainder=True)

@@ -5,6 +5,7 @@ ArrayRecord shards) -> grain (pipeline.py). The embedded corpus takes the same p
 and AudioSet.
 """
 
+import functools
 import json
 
 import jax
@@ -24,6 +25,8 @@ def store_settings(config) -> dict:
   """Everything that shapes the records of the store (its directory is keyed by these)."""
   data = config.data
   max_seconds = data.max_seconds or data.clip_seconds
+  # online teachers: records keep audio (a new store; offline stores keep their key)
+  online = {'teacher_audio': True} if config.teachers.online else {}
   return {
     'source': data.source,
     'domains': list(data.domains),
@@ -40,6 +43,7 @@ def store_settings(config) -> dict:
     'shard_clips': data.shard_clips,
     'teacher_frames': data.teacher_frames,
     'teachers': {d: dict(config.teachers[d]) for d in data.domains},
+    **online,
   }
 
 
@@ -83,7 +87,8 @@ def listings(config) -> list[tuple[sources.Listing, dict]]:
     name = data.datasets[domain]
     if name not in sources.LISTINGS:
       raise ValueError(f'data.datasets.{domain}={name!r}: expected one of {list(sources.LISTINGS)}')
-    listing = sources.LISTINGS[name](directory)
+    list_corpus = functools.partial(sources.LISTINGS[name], directory, cache_root(config))
+    listing = on_process_zero_first(f'listing-{domain}', list_corpus)  # 0 caches archive scans
     out.append((listing, {domain: chosen_splits(listing, domain, data)}))
   return out
 

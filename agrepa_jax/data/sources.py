@@ -2,7 +2,8 @@
 
 A listing is what a tfds builder (datasets.py) turns into a dataset; its digest covers every
 file's path, size and modification time, so adding, removing or changing a file is noticed.
-Paths go through `etils.epath`, so a root may be a `gs://` bucket.
+Paths go through `etils.epath`, so a root may be a `gs://` bucket. LibriSpeech may also be its
+OpenSLR archives (`<split>.tar.gz`), read as they are: no extraction, one sequential pass.
 """
 
 import csv
@@ -13,8 +14,12 @@ import io
 import json
 import logging
 import re
+import tarfile
+from collections.abc import Callable, Iterator
 
 from etils import epath
+
+from agrepa_jax import files
 
 AUDIO_SUFFIXES = ('.wav', '.flac', '.mp3', '.ogg', '.opus', '.m4a')
 LIBRISPEECH_SPLITS = (
@@ -40,9 +45,11 @@ class Entry:
   """One clip of a listing: its id, file, a stamp of the file (size, mtime) and the tfds fields."""
 
   id: str
-  path: str
+  path: str  # the file, or '<archive>/<member>' for a member of a tar archive
   stamp: str
   fields: dict
+  archive: str = ''  # the tar archive that holds the file, if any
+  member: str = ''  # its name inside the archive
 
 
 @dataclasses.dataclass
@@ -96,49 +103,113 @@ def checked_root(directory: str, what: str) -> epath.Path:
   return root
 
 
-def librispeech_listing(directory: str) -> Listing:
-  """An extracted LibriSpeech tree: <root>[/LibriSpeech]/<split>/<speaker>/<chapter>/*.flac.
+def librispeech_listing(directory: str, cache_root: epath.Path | None = None) -> Listing:
+  """LibriSpeech: an extracted tree <root>[/LibriSpeech]/<split>/<speaker>/<chapter>/*.flac, or the
+  OpenSLR archives <root>/<split>.tar.gz (a split extracted next to its archive is read extracted).
 
   Each chapter's `<speaker>-<chapter>.trans.txt` ("<utterance id> <TRANSCRIPT>" per line) gives
-  the transcripts. A tree without the official split folders is one split, `train`, of every
-  audio file under it (transcripts where present), so any folder of speech can be used.
+  the transcripts. A tree without the official split folders or archives is one split, `train`, of
+  every audio file under it (transcripts where present), so any folder of speech can be used.
+  An archive is read through once to list it; with `cache_root` that listing is kept (keyed by the
+  archive's size and modification time), so later starts do not read the archive again.
   """
-  root = checked_root(directory, 'LibriSpeech')
-  if (root / 'LibriSpeech').is_dir():
-    root = root / 'LibriSpeech'
+  given = checked_root(directory, 'LibriSpeech')
+  root = given / 'LibriSpeech' if (given / 'LibriSpeech').is_dir() else given
   split_dirs = {split_name(s): root / s for s in LIBRISPEECH_SPLITS if (root / s).is_dir()}
-  if not split_dirs:
+  archives = {
+    split_name(s): given / f'{s}.tar.gz'
+    for s in LIBRISPEECH_SPLITS
+    if split_name(s) not in split_dirs and (given / f'{s}.tar.gz').exists()
+  }
+  if not split_dirs and not archives:
     split_dirs = {'train': root}
   splits = {name: speech_entries(folder) for name, folder in split_dirs.items()}
+  for name, archive in archives.items():
+    splits[name] = archive_speech_entries(archive, cache_root)
   if not any(splits.values()):
     raise FileNotFoundError(f'no audio files ({", ".join(AUDIO_SUFFIXES)}) under {root}')
   return Listing('librispeech', str(root), splits)
 
 
+def parse_transcripts(text: str) -> dict[str, str]:
+  """{utterance id: transcript} of a LibriSpeech .trans.txt."""
+  pairs = (line.partition(' ') for line in text.splitlines())
+  return {utterance: rest.strip() for utterance, _, rest in pairs if utterance}
+
+
+def speech_entry(stem: str, path: str, stamp: str, transcripts: dict, **archive) -> Entry:
+  speaker, chapter = (stem.split('-') + ['', ''])[:2]
+  fields = {
+    'id': stem,
+    'path': path,
+    'text': transcripts.get(stem, ''),
+    'speaker_id': int(speaker) if speaker.isdigit() else -1,
+    'chapter_id': int(chapter) if chapter.isdigit() else -1,
+  }
+  return Entry(stem, path, stamp, fields, **archive)
+
+
 def speech_entries(folder: epath.Path) -> list[Entry]:
   transcripts = {}
-  for listing in files_under(folder, ('.trans.txt',)):
-    for line in listing.read_text().splitlines():
-      utterance, _, text = line.partition(' ')
-      transcripts[utterance] = text.strip()
-  entries = []
-  for path in audio_files(folder):
-    speaker, chapter = (path.stem.split('-') + ['', ''])[:2]
-    entries.append(
-      Entry(
-        path.stem,
-        str(path),
-        file_stamp(path),
-        {
-          'id': path.stem,
-          'path': str(path),
-          'text': transcripts.get(path.stem, ''),
-          'speaker_id': int(speaker) if speaker.isdigit() else -1,
-          'chapter_id': int(chapter) if chapter.isdigit() else -1,
-        },
-      )
+  for path in files_under(folder, ('.trans.txt',)):
+    transcripts.update(parse_transcripts(path.read_text()))
+  return [
+    speech_entry(path.stem, str(path), file_stamp(path), transcripts)
+    for path in audio_files(folder)
+  ]
+
+
+def archive_speech_entries(archive: epath.Path, cache_root: epath.Path | None) -> list[Entry]:
+  """The audio members of a LibriSpeech archive, in archive order (the order it is read in)."""
+  scan = scan_archive(archive, cache_root)
+  stamp = file_stamp(archive)
+  return [
+    speech_entry(
+      epath.Path(member).stem,
+      f'{archive}/{member}',
+      stamp,
+      scan['transcripts'],
+      archive=str(archive),
+      member=member,
     )
-  return entries
+    for member in scan['audio']
+  ]
+
+
+def archive_members(archive: epath.Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+  """(name, read) of each regular file of a tar archive (compressed or not), in archive order.
+
+  One sequential pass and nothing extracted; `read()` works while its member is the current one.
+  A damaged archive raises a ValueError naming it.
+  """
+  try:
+    with archive.open('rb') as f, tarfile.open(fileobj=f, mode='r|*') as tar:
+      for member in tar:
+        if member.isfile():
+          yield member.name, lambda m=member: tar.extractfile(m).read()
+  except (tarfile.TarError, EOFError, OSError) as e:
+    raise ValueError(f'{archive}: cannot read the archive ({e}); download it again') from e
+
+
+def scan_archive(archive: epath.Path, cache_root: epath.Path | None) -> dict:
+  """{'audio': [audio member names, in archive order], 'transcripts': {utterance: text}}."""
+  stamp = file_stamp(archive)
+  key = hashlib.sha256(str(archive).encode()).hexdigest()[:8]
+  cached = cache_root / 'archives' / f'{archive.name}-{key}-{stamp}.json' if cache_root else None
+  if cached is not None and cached.exists():
+    return json.loads(cached.read_text())
+  logging.info('listing %s (read once; the listing is kept in %s)', archive, cached)
+  audio, transcripts = [], {}
+  for name, read in archive_members(archive):
+    if name.lower().endswith(AUDIO_SUFFIXES):
+      audio.append(name)
+    elif name.endswith('.trans.txt'):
+      transcripts.update(parse_transcripts(read().decode()))
+  scan = {'audio': audio, 'transcripts': transcripts}
+  if cached is not None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(cached, json.dumps(scan))
+  return scan
 
 
 def read_csv_rows(path: epath.Path) -> list[list[str]]:
@@ -158,12 +229,12 @@ def youtube_ids_of(stem: str) -> tuple[str, ...]:
   return tuple(candidates)
 
 
-def audioset_listing(directory: str) -> Listing:
+def audioset_listing(directory: str, cache_root: epath.Path | None = None) -> Listing:
   """A local AudioSet tree: the segment CSVs and class_labels_indices.csv at the root, clips
   anywhere below it named by YouTube id (`<ytid>_<start>.*` or `Y<ytid>_<start>_<end>.*`).
 
   A split is each segment CSV present; a clip the CSV lists but the tree does not hold is counted in
-  `missing` (and logged), not an error.
+  `missing` (and logged), not an error. (`cache_root` is not needed: AudioSet comes as files.)
   """
   root = checked_root(directory, 'AudioSet')
   labels_csv = root / AUDIOSET_LABELS_CSV

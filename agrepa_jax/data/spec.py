@@ -7,10 +7,16 @@ records that fit it, so the layout is written down once:
   at 24 kHz; num_samples (B,) int32 (24 kHz samples of real audio in the crop); domain (B,) int32;
   tokens (B, K, N) int32, N = round(clip_seconds · token_rate); teacher {domain: (B, C_d)
   float32}; with teacher frames, teacher_frames {domain: (B, F_d, C_d) float32},
-  F_d = round(clip_seconds · fps_d).
+  F_d = round(clip_seconds · fps_d); with online teachers (teachers.online), audio (B, S) int16:
+  each row's crop at its own domain's teacher rate r_d (PCM, 1.0 = 2**15), S the longest crop
+  S_d = round(clip_seconds · r_d) over the domains, zero past the row's audio and past S_d.
+
+With online teachers the rows also follow a fixed layout: row i holds a clip of domain
+layout[i % K] (`domain_layout`), so each domain's rows are a static slice of the batch.
 """
 
 import dataclasses
+import math
 
 import ml_dtypes
 import numpy as np
@@ -31,10 +37,21 @@ class BatchSpec:
   teacher_dims: dict  # {domain: C_d}
   teacher_frames: dict | None  # {domain: F_d} frames per crop, or None (utterance targets only)
   teacher_rates: dict  # {domain: teacher frames per second}
+  audio_rates: dict | None = None  # online teachers: {domain: audio rate of its teacher}, or None
+  layout: tuple[int, ...] | None = None  # online teachers: domain index of row i % len(layout)
 
   @property
   def domains(self) -> tuple[str, ...]:
     return tuple(self.teacher_dims)
+
+  def audio_samples(self, domain: str) -> int:
+    """S_d: samples of a crop at the rate of `domain`'s teacher."""
+    return round(self.num_samples * self.audio_rates[domain] / audio.SAMPLE_RATE)
+
+  @property
+  def audio_length(self) -> int:
+    """S: the audio columns of a batch, the longest S_d."""
+    return max(self.audio_samples(d) for d in self.domains)
 
   def shapes(self, batch_size: int) -> dict:
     """{key: (shape, dtype)} of a batch of `batch_size` clips, nested like the batch."""
@@ -50,6 +67,8 @@ class BatchSpec:
       out['teacher_frames'] = {
         d: ((b, self.teacher_frames[d], c), np.float32) for d, c in self.teacher_dims.items()
       }
+    if self.audio_rates is not None:
+      out['audio'] = ((b, self.audio_length), np.int16)
     return out
 
 
@@ -70,6 +89,7 @@ def batch_spec(config, teacher_dims: dict) -> BatchSpec:
   samples = crop_samples(data.clip_seconds)
   rates = {d: teachers.frames_per_second(config.teachers[d].name) for d in data.domains}
   frames = data.teacher_frames
+  online = bool(config.teachers.online)
   return BatchSpec(
     num_frames=audio.num_frames(samples),
     n_mels=config.model.n_mels,
@@ -80,7 +100,41 @@ def batch_spec(config, teacher_dims: dict) -> BatchSpec:
     teacher_dims={d: int(teacher_dims[d]) for d in data.domains},
     teacher_frames={d: round(data.clip_seconds * r) for d, r in rates.items()} if frames else None,
     teacher_rates=rates,
+    audio_rates={d: teachers.sample_rate(config.teachers[d].name) for d in data.domains}
+    if online
+    else None,
+    layout=domain_layout(data.domain_weights) if online else None,
   )
+
+
+PCM_SCALE = 2.0**15  # int16 audio: sample / PCM_SCALE is the waveform in [-1, 1]
+
+
+def to_pcm16(wave: np.ndarray) -> np.ndarray:
+  """float waveform in [-1, 1] -> int16 PCM (rounded, clipped)."""
+  return np.clip(np.round(np.asarray(wave, np.float32) * PCM_SCALE), -(2**15), 2**15 - 1).astype(
+    np.int16
+  )
+
+
+MAX_PERIOD = 64
+
+
+def domain_layout(domain_weights) -> tuple[int, ...]:
+  """The fixed row layout of online-teacher batches: data.domain_weights as whole counts per
+  domain, domain-major, e.g. (1, 1) -> (0, 1), (3, 1) -> (0, 0, 0, 1); zero weights get no row."""
+  weights = [float(w) for w in domain_weights]
+  smallest = min((w for w in weights if w > 0), default=0.0)
+  counts = [w / smallest if smallest else 0.0 for w in weights]
+  if not smallest or any(abs(c - round(c)) > 1e-6 for c in counts) or sum(counts) > MAX_PERIOD:
+    raise ValueError(
+      f'teachers.online=True gives every batch fixed per-domain counts, so data.domain_weights='
+      f'{tuple(weights)} must be a whole-number ratio, e.g. (1, 1) or (3, 1), of at most '
+      f'{MAX_PERIOD} clips in all'
+    )
+  counts = [round(c) for c in counts]
+  divisor = math.gcd(*counts)
+  return tuple(d for d, c in enumerate(counts) for _ in range(c // divisor))
 
 
 def zeros(spec: BatchSpec, batch_size: int) -> dict:

@@ -24,20 +24,19 @@ import itertools
 import json
 import logging
 import math
-import pathlib
 import re
 
 import jax
 import librosa
 import matplotlib
 import numpy as np
-import soundfile as sf
 import tqdm
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
 
-from agrepa_jax import audio, checkpoint, losses, metrics, teachers  # noqa: E402
+from agrepa_jax import audio, checkpoint, files, losses, metrics, teachers  # noqa: E402
 from agrepa_jax.data import features, synth  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
@@ -64,9 +63,7 @@ def select_clips(source, num_clips: int, clip_list: str = '') -> np.ndarray:
   taking the domains in turn, so that every domain is represented."""
   if clip_list:
     ids = [
-      line.strip()
-      for line in pathlib.Path(clip_list).expanduser().read_text().splitlines()
-      if line.strip()
+      line.strip() for line in files.as_path(clip_list).read_text().splitlines() if line.strip()
     ]
     rows = {clip['id']: i for i, clip in enumerate(source.clips)}
     missing = [i for i in ids if i not in rows]
@@ -303,7 +300,7 @@ def speech_wer(
   return scores, per_clip, ''
 
 
-def restore(config, workdir: pathlib.Path, step: int) -> checkpoint.TrainedRun:
+def restore(config, workdir: epath.Path, step: int) -> checkpoint.TrainedRun:
   run = checkpoint.restore_trained(config, workdir, None if step < 0 else step)
   logging.info('restored %s at step %d', workdir, run.step)
   return run
@@ -339,13 +336,13 @@ def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
   return generation, vocoder, waves
 
 
-def run_eval(config, workdir: pathlib.Path) -> dict:
+def run_eval(config, workdir: epath.Path) -> dict:
   """Generates config.eval.num_clips held-out clips and writes eval.json and a metrics.jsonl row.
 
   Returns the eval.json contents. Metric keys: mel_l1/<group>, fad/<embedding>/<group>,
   fad_original/…, fad_inf/…, wer/<generated|resynthesis|original>; groups are 'all' and domains.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = files.as_path(workdir)
   run = restore(config, workdir, config.eval.step)
   batch_size = config.eval.batch_size
   generation, vocoder, waves = generate_and_vocode(
@@ -413,7 +410,7 @@ def mel_color_range(
 
 
 def plot_mels(
-  path: pathlib.Path,
+  path: epath.Path,
   reference: np.ndarray,
   generated: np.ndarray,
   prompt_frames: int,
@@ -433,11 +430,11 @@ def plot_mels(
   axes[0].set_ylabel('mel band')
   fig.colorbar(image, ax=axes, fraction=0.03, label='normalized log-mel')
   fig.suptitle(title, fontsize=9)
-  fig.savefig(path, dpi=80, bbox_inches='tight')
+  files.save_figure(fig, path, dpi=80, bbox_inches='tight')
   plt.close(fig)
 
 
-def read_manifest_labels(directory: pathlib.Path) -> dict[str, str]:
+def read_manifest_labels(directory: epath.Path) -> dict[str, str]:
   """{clip id: 'label, label'} of a corpus manifest (synth.MANIFEST_NAME) in `directory`, if any."""
   manifest = directory / synth.MANIFEST_NAME
   if not manifest.is_file():
@@ -456,7 +453,7 @@ def clip_captions(clips: list[dict]) -> list[str]:
     if not isinstance(labels, str):
       labels = ', '.join(labels)
     if clip['domain'] != SPEECH_DOMAIN and not labels and clip.get('path'):
-      directory = pathlib.Path(clip['path']).parent
+      directory = epath.Path(clip['path']).parent
       if directory not in manifests:
         manifests[directory] = read_manifest_labels(directory)
       labels = manifests[directory].get(clip['id'], '')
@@ -500,10 +497,10 @@ Both mels of a clip share one color scale (0.5th to 99.5th percentile of their a
 """
 
 
-def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
+def run_sample(config, workdir: epath.Path) -> epath.Path:
   """Writes workdir/samples/: <id>_generated.wav, <id>_reference.wav (real mel, same vocoder),
   <id>_original.wav (when decodable), <id>.png and index.html. Returns that directory."""
-  workdir = pathlib.Path(workdir)
+  workdir = files.as_path(workdir)
   run = restore(config, workdir, config.sample.step)
   rows = select_clips(run.heldout_source, config.sample.num_clips, config.sample.clip_list)
   generation, vocoder, waves = generate_and_vocode(
@@ -528,12 +525,7 @@ def run_sample(config, workdir: pathlib.Path) -> pathlib.Path:
     }
     for kind, w in waves.items():
       entry[kind] = f'{stem}_{kind}.wav'
-      sf.write(
-        out / entry[kind],
-        np.clip(w[i, : num_samples[i]], -1, 1),
-        audio.SAMPLE_RATE,
-        subtype='PCM_16',
-      )
+      (out / entry[kind]).write_bytes(audio.wav_bytes(np.clip(w[i, : num_samples[i]], -1, 1)))
     plot_mels(
       out / entry['image'],
       generation.real[i],

@@ -14,10 +14,8 @@ Files (layers 1-based everywhere):
   storage measure, a column per domain).
 """
 
-import csv
 import json
 import logging
-import pathlib
 
 import jax
 import matplotlib
@@ -25,21 +23,15 @@ import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from etils import epath  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from agrepa_jax import checkpoint, selection  # noqa: E402
+from agrepa_jax import checkpoint, files, selection  # noqa: E402
 from agrepa_jax.probe import fog_a, lasp, probed_layers, scd, schedule_from_config  # noqa: E402
 from agrepa_jax.probe.batch import balanced_indices, stack_records  # noqa: E402
 
 
-def write_csv(path: pathlib.Path, header: tuple[str, ...], rows):
-  with path.open('w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
-
-
-def plot_fog_a(table: np.ndarray, t_values, domains, path: pathlib.Path):
+def plot_fog_a(table: np.ndarray, t_values, domains, path: epath.Path):
   figure, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 5), squeeze=False)
   num_layers = table.shape[0]
   for d, (axis, domain) in enumerate(zip(axes[0], domains)):
@@ -57,12 +49,12 @@ def plot_fog_a(table: np.ndarray, t_values, domains, path: pathlib.Path):
     axis.set_title(f'FoG-A Δ, {domain}')
     figure.colorbar(image, ax=axis)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  files.save_figure(figure, path, dpi=120)
   plt.close(figure)
 
 
 def plot_storage_vs_contribution(
-  contribution: np.ndarray, storage: dict, domains, path: pathlib.Path
+  contribution: np.ndarray, storage: dict, domains, path: epath.Path
 ):
   """Contribution (left axis) and every probe's storage score (right axis) over layers: a row per
   storage measure, a column per domain; one legend below the panels."""
@@ -86,7 +78,7 @@ def plot_storage_vs_contribution(
   labels = [label for ax in (axis, twin) for label in ax.get_legend_handles_labels()[1]]
   figure.legend(handles, labels, loc='lower center', ncol=len(labels), fontsize='small')
   figure.tight_layout(rect=(0, 0.03 + 0.06 / len(measures), 1, 1))
-  figure.savefig(path, dpi=120)
+  files.save_figure(figure, path, dpi=120)
   plt.close(figure)
 
 
@@ -95,7 +87,7 @@ def lasp_time(config, schedule) -> float:
   return schedule.t_values[0] if config.repa.quirks else config.probe.lasp_t
 
 
-def run_probe(config, workdir: pathlib.Path) -> dict:
+def run_probe(config, workdir: epath.Path) -> dict:
   """Probes the checkpoint `config.probe.checkpoint_step` (-1: latest) of `workdir`; writes
   workdir/probe/."""
   probe = config.probe
@@ -177,10 +169,10 @@ def run_probe(config, workdir: pathlib.Path) -> dict:
   return results
 
 
-def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
+def write_outputs(out: epath.Path, results: dict, schedule, probe, domains):
   out.mkdir(parents=True, exist_ok=True)
   table, t_values = results['fog_a'], schedule.t_values
-  write_csv(
+  files.write_csv(
     out / 'fog_a.csv',
     ('domain', 'layer', 't', 'score'),
     [
@@ -190,7 +182,7 @@ def write_outputs(out: pathlib.Path, results: dict, schedule, probe, domains):
       for j, t in enumerate(t_values)
     ],
   )
-  write_csv(
+  files.write_csv(
     out / 'lasp.csv',
     ('domain', 'layer', 'probe', 'measure', 'score'),
     [

