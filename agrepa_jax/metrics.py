@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
 
 from agrepa_jax import files  # noqa: E402
 
@@ -28,6 +27,8 @@ class MetricWriter:
       if after_step is not None:
         kept = [row for row in read_metrics(self.path) if row['step'] <= after_step]
         files.write_atomic(self.path, ''.join(json.dumps(row) + '\n' for row in kept))
+      from tensorboardX import SummaryWriter  # imports torch when installed: only where it writes
+
       self.tensorboard = SummaryWriter(os.fspath(workdir / 'tensorboard'))
 
   def write(self, step: int, scalars: dict):

@@ -42,6 +42,8 @@ RUNTIME_KEYS = (
   'data.num_workers',
   'model.remat',
   'model.dtype',
+  'model.scan_unroll',
+  'model.dropout_rng',
 )
 
 
