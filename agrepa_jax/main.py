@@ -56,7 +56,9 @@ flags.DEFINE_string(
   'compilation_cache',
   '~/.cache/agrepa_jax/jax_compilation_cache',
   "JAX's persistent compilation cache (local or gs://): a rerun, a resumed run and the compare "
-  "workflow's runs load compiled steps instead of compiling them again; '' turns it off.",
+  "workflow's runs load compiled steps instead of compiling them again; '' turns it off. On "
+  'multi-host jobs give a directory every host shares (gs://...), so that all hosts find the '
+  'same compiled steps and reach their first collective together.',
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS

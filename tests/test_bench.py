@@ -13,7 +13,6 @@ from flax import nnx
 
 from agrepa_jax import losses, train
 from agrepa_jax import model as model_lib
-from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
 from bench import flops
 from tests.reference import official
@@ -28,6 +27,8 @@ from tests.test_reference import (
   mels,
   official_lambdas,
   official_tokens,
+  official_twin,
+  random_model,
   relative_error,
   to_torch,
 )
@@ -38,15 +39,6 @@ DUAL = dataclasses.replace(
   SINGLE, num_codebooks=2, codebook_fusion='concat', second_vocab_size=7, bitc_form='affine'
 )
 MERGE = dataclasses.replace(OURS, num_codebooks=2, codebook_fusion='merge')
-
-
-def random_model(cfg, seed: int = 0) -> AgRepaModel:
-  """Our model with every parameter (frozen ones too) drawn from N(0, 0.2²)."""
-  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: AgRepaModel(cfg, TEACHER_DIMS, nnx.Rngs(0))))
-  leaves, treedef = jax.tree.flatten(shapes)
-  rng = np.random.default_rng(seed)
-  draws = [0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in draws]))
 
 
 def loss_config(bitc: bool, max_layers: int = 3) -> losses.LossConfig:
@@ -124,19 +116,7 @@ def test_one_official_training_step_matches_ours():
   """Same weights and draws, dropout off: losses, gradient norm and every AdamW update agree."""
   cfg, learning_rate, weight_decay = OFFICIAL_STEP, 1e-3, 0.1
   model = random_model(cfg)
-  reference = official.FlowModel(
-    official.OfficialConfig(
-      num_layers=cfg.num_layers,
-      width=cfg.width,
-      num_heads=cfg.num_heads,
-      n_mels=cfg.n_mels,
-      token_dim=cfg.token_dim,
-      vocab_size=cfg.vocab_size,
-      teacher_dims=TEACHER_DIMS,
-      dropout=0.0,
-    )
-  )
-  export_weights(model, reference)
+  reference = official_twin(model, cfg)  # OFFICIAL_STEP: dropout off
   before = {k: v.clone() for k, v in reference.state_dict().items()}
 
   batch = make_batch(cfg)

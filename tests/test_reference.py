@@ -62,15 +62,17 @@ def mels(x):
   return to_torch(x).permute(0, 2, 1)
 
 
-@functools.cache
-def models(name: str) -> tuple[AgRepaModel, FlowModel]:
-  """Our model with every parameter drawn from N(0, 0.2²), and the reference holding its weights."""
-  cfg = CONFIGS[name]
+def random_model(cfg: ModelConfig, seed: int = 0) -> AgRepaModel:
+  """Our model with every parameter (frozen ones too) drawn from N(0, 0.2²)."""
   graphdef, shapes = nnx.split(nnx.eval_shape(lambda: AgRepaModel(cfg, TEACHER_DIMS, nnx.Rngs(0))))
   leaves, treedef = jax.tree.flatten(shapes)
-  rng = np.random.default_rng(0)  # numpy: drawing with JAX would compile a program per shape
+  rng = np.random.default_rng(seed)  # numpy: drawing with JAX would compile a program per shape
   draws = [0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
-  ours = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in draws]))
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x) for x in draws]))
+
+
+def official_twin(ours: AgRepaModel, cfg: ModelConfig) -> FlowModel:
+  """The reference model at the dimensions and settings of `cfg`, holding `ours`'s weights."""
   reference = FlowModel(
     OfficialConfig(
       num_layers=cfg.num_layers,
@@ -85,9 +87,16 @@ def models(name: str) -> tuple[AgRepaModel, FlowModel]:
       mlp_ratio=cfg.mlp_ratio,
       dropout=cfg.dropout,
     )
-  ).eval()
+  )
   export_weights(ours, reference)
-  return ours, reference
+  return reference
+
+
+@functools.cache
+def models(name: str) -> tuple[AgRepaModel, FlowModel]:
+  """Our model with random parameters (random_model), and the reference holding its weights."""
+  ours = random_model(CONFIGS[name])
+  return ours, official_twin(ours, CONFIGS[name]).eval()
 
 
 def make_batch(cfg: ModelConfig, seed: int = 1) -> dict:

@@ -161,8 +161,8 @@ def speech_entries(folder: epath.Path) -> list[Entry]:
 
 def archive_speech_entries(archive: epath.Path, cache_root: epath.Path | None) -> list[Entry]:
   """The audio members of a LibriSpeech archive, in archive order (the order it is read in)."""
-  scan = scan_archive(archive, cache_root)
   stamp = file_stamp(archive)
+  scan = scan_archive(archive, stamp, cache_root)
   return [
     speech_entry(
       epath.Path(member).stem,
@@ -191,9 +191,9 @@ def archive_members(archive: epath.Path) -> Iterator[tuple[str, Callable[[], byt
     raise ValueError(f'{archive}: cannot read the archive ({e}); download it again') from e
 
 
-def scan_archive(archive: epath.Path, cache_root: epath.Path | None) -> dict:
-  """{'audio': [audio member names, in archive order], 'transcripts': {utterance: text}}."""
-  stamp = file_stamp(archive)
+def scan_archive(archive: epath.Path, stamp: str, cache_root: epath.Path | None) -> dict:
+  """{'audio': [audio member names, in archive order], 'transcripts': {utterance: text}} of the
+  archive with file stamp `stamp`."""
   key = hashlib.sha256(str(archive).encode()).hexdigest()[:8]
   cached = cache_root / 'archives' / f'{archive.name}-{key}-{stamp}.json' if cache_root else None
   if cached is not None and cached.exists():
