@@ -41,7 +41,7 @@ def write_config_file(tmp_path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def train(config_file, workdir, processes: int, num_steps: int):
+def train(config_file, workdir, processes: int, num_steps: int, *overrides: str):
   """Runs (or resumes) training to `num_steps` with `processes` × (8 / processes) CPU devices."""
   env = {
     **os.environ,
@@ -62,6 +62,7 @@ def train(config_file, workdir, processes: int, num_steps: int):
     f'--config={config_file}',
     f'--workdir={workdir}',
     f'--config.num_steps={num_steps}',
+    *overrides,
   ]
   result = subprocess.run(command, env=env, cwd=REPOSITORY, timeout=600)
   logs = '\n'.join(p.read_text()[-20000:] for p in sorted((workdir / 'launcher').glob('*.log')))
@@ -87,3 +88,24 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5
   )
   assert one[NUM_STEPS][0] < one[1][0]  # it trains
+
+
+@pytest.mark.slow
+def test_online_teachers_on_two_processes_train_like_one(tmp_path):
+  """teachers.online on the embedded corpus with Whisper tiny.en: the replicated teacher and the
+  per-domain rows of each process give the losses of one process."""
+  overrides = [
+    '--config.teachers.online=True',
+    f'--config.data.cache_dir={tmp_path / "cache"}',
+    '--config.data.num_speech=24',
+    '--config.data.num_audio=24',
+    '--config.data.tokenizer_clips=16',
+    *[f'--config.{k}={v}' for k, v in OVERRIDES.items()],
+  ]
+  for processes in (1, 2):
+    train('configs/default.py', tmp_path / str(processes), processes, 4, *overrides)
+  one, two = losses(tmp_path / '1'), losses(tmp_path / '2')
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-5)
+  rows = metrics.read_metrics(tmp_path / '2' / 'metrics.jsonl')
+  assert all(row['loss_repa'] > 0 for row in rows)  # the online targets reach the REPA loss
