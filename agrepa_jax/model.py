@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agrepa_jax import sharding
+from agrepa_jax import ops, sharding
 
 HiddenOutput = Literal['none', 'utterance', 'frame']
 REMAT_POLICIES = {
@@ -275,7 +275,7 @@ class DiTBlock(nnx.Module):
     h = h + gate * gate1 * attn
 
     x = layer_norm(h) * (1 + scale2) + shift2
-    hidden = jax.nn.gelu(self.mlp_in(x), approximate=False)
+    hidden = ops.gelu(self.mlp_in(x))
     if official:
       hidden = dropout(hidden, cfg.dropout, keys[2], cfg.dropout_rng)
     mlp = dropout(self.mlp_out(hidden), cfg.dropout, keys[1], cfg.dropout_rng)
@@ -551,7 +551,7 @@ class RepaMLP(nnx.Module):
     self.out = _dense(width, n_out, rngs, ('hidden', 'teacher'))
 
   def __call__(self, z):
-    hidden = jax.nn.gelu(self.hidden(l2_normalize(sharding.constrain_batch(z))), approximate=False)
+    hidden = ops.gelu(self.hidden(l2_normalize(sharding.constrain_batch(z))))
     return sharding.constrain_batch(self.out(sharding.constrain_batch(hidden)))
 
 

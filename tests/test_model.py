@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from agrepa_jax import ops
 from agrepa_jax.model import (
   AgRepaModel,
   BitcHeads,
@@ -308,3 +309,15 @@ def test_rbg_dropout_is_deterministic_per_key(model):
   rbg.cfg = ModelConfig(**{**CFG.__dict__, 'dropout_rng': 'philox'})
   with pytest.raises(ValueError, match='model.dropout_rng'):
     rbg(**x, dropout_key=jax.random.key(0))
+
+
+def test_gelu_is_the_exact_erf_gelu_with_its_gradient():
+  x = jnp.linspace(-12.0, 12.0, 4001)
+  np.testing.assert_allclose(ops.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(ops.gelu))(x)
+  np.testing.assert_allclose(
+    grad, jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=2e-6
+  )
+  # Φ(1) = 0.8413447, φ(1) = 0.2419707: gelu(±1) = ±Φ(±1), gelu'(1) = Φ(1) + φ(1)
+  np.testing.assert_allclose(ops.gelu(jnp.array([1.0, -1.0])), [0.8413447, -0.1586553], atol=1e-6)
+  np.testing.assert_allclose(jax.grad(ops.gelu)(1.0), 0.8413447 + 0.2419707, atol=1e-6)
