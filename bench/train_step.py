@@ -22,7 +22,11 @@ the same JAX process (`fraction_of_matmul`). Memory: per device, the allocator's
 device reports one, else the compiled step's (`peak_memory_bytes`); and for each framework the
 process's resident memory (Linux VmHWM): `*_baseline_rss_bytes` after importing the framework,
 `*_peak_rss_bytes` the peak over the timed steps (the high-water mark is reset after the warm-up
-step, so JAX's compilation is not in it; `jax_compile_peak_rss_bytes` has it).
+step, so JAX's compilation is not in it; `jax_compile_peak_rss_bytes` has it), `*_step_rss_bytes`
+that peak less the memory resident before the steps (what the step itself adds). A JAX process
+that has compiled keeps ≈ 0.1-0.2 GB of the compiler's heap; `jax_cached_*` are the figures of a
+second JAX worker that loads the step from the persistent compilation cache the first one wrote,
+as a rerun or a resumed run does (main.py --compilation_cache).
 `fog_a_fraction` is the share of training time that online AG-REPA spends re-measuring FoG-A every
 repa.probe_every steps. Batches are random arrays of the right shapes: no data is read.
 
@@ -44,6 +48,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -179,7 +184,8 @@ def reset_peak_rss() -> None:
 
 # ----- The workers: one process per framework, driven over stdin/stdout -----
 def serve(setup) -> None:
-  """Announces `setup()`'s ready message, then answers `round N` (run N steps) and `finish`."""
+  """Announces `setup()`'s ready message, then answers `round N` (run N steps), `memory` (the
+  resident memory now and its peak) and `finish`."""
   ready, run_steps, finish = setup()
   reply(ready)
   for line in sys.stdin:
@@ -188,6 +194,8 @@ def serve(setup) -> None:
       start = time.perf_counter()
       seconds = run_steps(int(args[0]))
       reply({'seconds': time.perf_counter() - start if seconds is None else seconds})
+    elif command == 'memory':
+      reply({'rss_bytes': rss_bytes(), 'peak_rss_bytes': rss_bytes('VmHWM')})
     elif command == 'finish':
       reply(finish())
       return
@@ -279,6 +287,7 @@ def jax_setup(config):
   compile_seconds = time.perf_counter() - start
   state, parts = compiled(state, batch)  # one untimed step: buffers allocated, caches warm
   jax.block_until_ready(parts)
+  matmul = matmul_flops_per_second()  # before the reset: its compile and arrays are not the step's
   compile_peak = rss_bytes('VmHWM')
   reset_peak_rss()
   trimmed = rss_bytes()
@@ -311,7 +320,7 @@ def jax_setup(config):
     'jax_baseline_rss_bytes': baseline,
     'jax_compile_peak_rss_bytes': compile_peak,
     'jax_rss_before_steps_bytes': trimmed,
-    'matmul_flops_per_second': matmul_flops_per_second(),
+    'matmul_flops_per_second': matmul,
   }
   holder = {'state': state, 'parts': parts}
 
@@ -460,9 +469,11 @@ def torch_setup(spec):
 
 # ----- The driver -----
 class Worker:
-  def __init__(self, args: list[str]):
+  def __init__(self, args: list[str], **environ: str):
     env = dict(
-      os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])
+      os.environ,
+      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
+      **environ,
     )
     self.process = subprocess.Popen(
       [sys.executable, __file__, *args],
@@ -489,9 +500,17 @@ class Worker:
 
 
 def bench(name: str, args) -> dict:
+  with tempfile.TemporaryDirectory(prefix='bench_compilation_cache_') as cache:
+    return bench_with_cache(name, args, cache)
+
+
+def bench_with_cache(name: str, args, cache: str) -> dict:
+  """The timed JAX worker compiles into the empty persistent compilation cache `cache`; a second
+  JAX worker then loads its executables from there and measures the step's memory once more."""
   config = bench_config(name, args.forms, args.set)
   common = ['--configs', name, '--forms', args.forms, *[f'--set={s}' for s in args.set]]
-  jax_worker = Worker(['--worker', 'jax', *common])
+  jax_args = ['--worker', 'jax', *common]
+  jax_worker = Worker(jax_args, JAX_COMPILATION_CACHE_DIR=cache)
   result = {'config': name, **jax_worker.read()}
   workers = {'jax': jax_worker}
   torch_reason = torch_missing(args, result['platform'])
@@ -509,6 +528,7 @@ def bench(name: str, args) -> dict:
   for worker in workers.values():
     result.update(worker.ask('finish'))
     worker.close()
+  result.update(cached_executable_memory(jax_args, cache, args.steps))
 
   step_seconds = statistics.median(seconds['jax'])
   model = model_config(config)
@@ -544,6 +564,10 @@ def bench(name: str, args) -> dict:
     fog_a_fraction=fog_a / (every * step_seconds + fog_a),
     probe_every=every,
   )
+  for framework in workers:
+    result[f'{framework}_step_rss_bytes'] = (
+      result[f'{framework}_peak_rss_bytes'] - result[f'{framework}_rss_before_steps_bytes']
+    )
   if 'torch' in seconds:
     torch_seconds = statistics.median(seconds['torch'])
     result.update(
@@ -553,8 +577,27 @@ def bench(name: str, args) -> dict:
       torch_over_jax_fastest_rounds=min(seconds['torch']) / min(seconds['jax']),
       torch_over_jax_per_round=[t / j for t, j in zip(seconds['torch'], seconds['jax'])],
       jax_over_torch_peak_rss=result['jax_peak_rss_bytes'] / result['torch_peak_rss_bytes'],
+      jax_over_torch_cached_peak_rss=(
+        result['jax_cached_peak_rss_bytes'] / result['torch_peak_rss_bytes']
+      ),
+      jax_over_torch_step_rss=result['jax_step_rss_bytes'] / result['torch_step_rss_bytes'],
     )
   return result
+
+
+def cached_executable_memory(jax_args: list[str], cache: str, steps: int) -> dict:
+  """Resident memory of a JAX worker whose step comes from the persistent compilation cache, as
+  in a rerun or a resumed run (main.py's --compilation_cache): no compiler heap in the process."""
+  worker = Worker(jax_args, JAX_COMPILATION_CACHE_DIR=cache)
+  ready = worker.read()
+  worker.ask(f'round {steps}')
+  memory = worker.ask('memory')
+  worker.close()
+  return {
+    'jax_cached_compile_seconds': ready['compile_seconds'],
+    'jax_cached_rss_before_steps_bytes': ready['jax_rss_before_steps_bytes'],
+    'jax_cached_peak_rss_bytes': memory['peak_rss_bytes'],
+  }
 
 
 def torch_missing(args, platform: str) -> str:

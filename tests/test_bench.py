@@ -193,6 +193,12 @@ def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   assert result['flops_per_step'] > result['xla_cost_analysis_flops_per_device'] > 0
   for framework in ('jax', 'torch'):
     assert result[f'{framework}_peak_rss_bytes'] > result[f'{framework}_baseline_rss_bytes'] > 0
+    assert result[f'{framework}_step_rss_bytes'] == (
+      result[f'{framework}_peak_rss_bytes'] - result[f'{framework}_rss_before_steps_bytes']
+    )
+  # the second JAX worker loads the step from the compilation cache the first one wrote
+  assert result['jax_cached_compile_seconds'] < result['compile_seconds']
+  assert result['jax_cached_peak_rss_bytes'] > result['jax_cached_rss_before_steps_bytes'] > 0
   assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
 
 
