@@ -24,9 +24,10 @@ process's resident memory (Linux VmHWM): `*_baseline_rss_bytes` after importing 
 `*_peak_rss_bytes` the peak over the timed steps (the high-water mark is reset after the warm-up
 step, so JAX's compilation is not in it; `jax_compile_peak_rss_bytes` has it), `*_step_rss_bytes`
 that peak less the memory resident before the steps (what the step itself adds). A JAX process
-that has compiled keeps ≈ 0.1-0.2 GB of the compiler's heap; `jax_cached_*` are the figures of a
-second JAX worker that loads the step from the persistent compilation cache the first one wrote,
-as a rerun or a resumed run does (main.py --compilation_cache).
+keeps ≈ 0.25 GB of XLA's compiler heap after its first compile; `jax_cached_*` are the figures of
+a second JAX worker that loads the train step from the persistent compilation cache the first one
+wrote, as a rerun or a resumed run does (main.py --compilation_cache); it still compiles the jits
+too quick to be cached (JAX caches compiles of ≥ 1 s).
 `fog_a_fraction` is the share of training time that online AG-REPA spends re-measuring FoG-A every
 repa.probe_every steps. Batches are random arrays of the right shapes: no data is read.
 
@@ -185,7 +186,7 @@ def reset_peak_rss() -> None:
 # ----- The workers: one process per framework, driven over stdin/stdout -----
 def serve(setup) -> None:
   """Announces `setup()`'s ready message, then answers `round N` (run N steps), `memory` (the
-  resident memory now and its peak) and `finish`."""
+  peak resident memory since the last reset) and `finish`."""
   ready, run_steps, finish = setup()
   reply(ready)
   for line in sys.stdin:
@@ -195,7 +196,7 @@ def serve(setup) -> None:
       seconds = run_steps(int(args[0]))
       reply({'seconds': time.perf_counter() - start if seconds is None else seconds})
     elif command == 'memory':
-      reply({'rss_bytes': rss_bytes(), 'peak_rss_bytes': rss_bytes('VmHWM')})
+      reply({'peak_rss_bytes': rss_bytes('VmHWM')})
     elif command == 'finish':
       reply(finish())
       return
@@ -586,8 +587,9 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
 
 
 def cached_executable_memory(jax_args: list[str], cache: str, steps: int) -> dict:
-  """Resident memory of a JAX worker whose step comes from the persistent compilation cache, as
-  in a rerun or a resumed run (main.py's --compilation_cache): no compiler heap in the process."""
+  """Resident memory of a JAX worker whose train step comes from the persistent compilation
+  cache, as in a rerun or a resumed run (main.py's --compilation_cache): the step's compile adds
+  no compiler heap to the process."""
   worker = Worker(jax_args, JAX_COMPILATION_CACHE_DIR=cache)
   ready = worker.read()
   worker.ask(f'round {steps}')
