@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import console, files
+from agrepa_jax import console, files, host_memory
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
 MODES = {
@@ -88,4 +88,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   app.run(main)

@@ -2,6 +2,7 @@
 
   python bench/train_step.py [--steps 3] [--rounds 5] [--configs default,paper_width]
       [--forms official|config] [--set model.remat=none ...] [--no-torch]
+      [--huge_pages jax|both|none]
 
 Each framework runs in a fresh subprocess of its own, so its memory is its own: the JAX step
 (train.jit_train_step) and, on CPU, the same step in PyTorch eager on the re-implementation of the
@@ -13,6 +14,9 @@ torch_step_seconds / step_seconds; `torch_over_jax_fastest_rounds` the ratio of 
 frameworks' fastest rounds (the least disturbed estimate on a shared machine). Each PyTorch round
 runs with the faster of 1 and all threads, timed on one untimed step each at the round's start
 (`torch_threads_per_round`): its OpenMP threads slow down ≈ 10× when another process holds a core.
+Each JAX round likewise begins with one untimed step. The JAX worker runs with huge-page malloc,
+as main.py does (agrepa_jax.host_memory; `--huge_pages both` gives it to PyTorch too, `none` to
+neither); `*_glibc_tunables` say what each worker had.
 
 Per config: compile seconds, steps/s, clips/s, matmul FLOPs per step (counted by hand,
 bench/flops.py; XLA's cost analysis counts the depth scan's body once, it is printed beside as
@@ -55,6 +59,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+from agrepa_jax import host_memory  # noqa: E402
 
 # dense bf16 peak FLOP/s per chip, by the start of jax's device_kind
 PEAK_FLOPS = {
@@ -321,16 +327,23 @@ def jax_setup(config):
     'jax_baseline_rss_bytes': baseline,
     'jax_compile_peak_rss_bytes': compile_peak,
     'jax_rss_before_steps_bytes': trimmed,
+    'jax_glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
     'matmul_flops_per_second': matmul,
   }
   holder = {'state': state, 'parts': parts}
 
   def run_steps(n):
-    state, parts = holder['state'], holder['parts']
+    """One untimed step first, as PyTorch's thread trial: the round then times steps as they
+    follow one another in training, not the first one after the other framework's round (whose
+    memory traffic evicts this process's freed pages)."""
+    state, parts = compiled(holder['state'], batch)
+    jax.block_until_ready(parts)
+    start = time.perf_counter()
     for _ in range(n):
       state, parts = compiled(state, batch)
     jax.block_until_ready(parts)
     holder.update(state=state, parts=parts)
+    return time.perf_counter() - start
 
   def finish():
     result = {
@@ -435,6 +448,7 @@ def torch_setup(spec):
     'torch_baseline_rss_bytes': baseline,
     'torch_setup_peak_rss_bytes': rss_bytes('VmHWM'),
     'torch_params': sum(p.numel() for p in model.parameters()),
+    'torch_glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
   reset_peak_rss()
   ready['torch_rss_before_steps_bytes'] = rss_bytes()
@@ -511,7 +525,8 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
   config = bench_config(name, args.forms, args.set)
   common = ['--configs', name, '--forms', args.forms, *[f'--set={s}' for s in args.set]]
   jax_args = ['--worker', 'jax', *common]
-  jax_worker = Worker(jax_args, JAX_COMPILATION_CACHE_DIR=cache)
+  jax_environ = {'JAX_COMPILATION_CACHE_DIR': cache, **malloc_environ(args.huge_pages != 'none')}
+  jax_worker = Worker(jax_args, **jax_environ)
   result = {'config': name, **jax_worker.read()}
   workers = {'jax': jax_worker}
   torch_reason = torch_missing(args, result['platform'])
@@ -519,7 +534,10 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
     print(f'bench: no PyTorch column: {torch_reason}', file=sys.stderr)
   else:
     spec = torch_spec(config, result['frames'], result['tokens_per_clip'])
-    workers['torch'] = Worker(['--worker', 'torch', '--spec', json.dumps(spec)])
+    workers['torch'] = Worker(
+      ['--worker', 'torch', '--spec', json.dumps(spec)],
+      **malloc_environ(args.huge_pages == 'both'),
+    )
     result.update(workers['torch'].read())
 
   seconds = {key: [] for key in workers}
@@ -529,7 +547,7 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
   for worker in workers.values():
     result.update(worker.ask('finish'))
     worker.close()
-  result.update(cached_executable_memory(jax_args, cache, args.steps))
+  result.update(cached_executable_memory(jax_args, jax_environ, args.steps))
 
   step_seconds = statistics.median(seconds['jax'])
   model = model_config(config)
@@ -586,11 +604,11 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
   return result
 
 
-def cached_executable_memory(jax_args: list[str], cache: str, steps: int) -> dict:
+def cached_executable_memory(jax_args: list[str], jax_environ: dict, steps: int) -> dict:
   """Resident memory of a JAX worker whose train step comes from the persistent compilation
   cache, as in a rerun or a resumed run (main.py's --compilation_cache): the step's compile adds
   no compiler heap to the process."""
-  worker = Worker(jax_args, JAX_COMPILATION_CACHE_DIR=cache)
+  worker = Worker(jax_args, **jax_environ)
   ready = worker.read()
   worker.ask(f'round {steps}')
   memory = worker.ask('memory')
@@ -600,6 +618,15 @@ def cached_executable_memory(jax_args: list[str], cache: str, steps: int) -> dic
     'jax_cached_rss_before_steps_bytes': ready['jax_rss_before_steps_bytes'],
     'jax_cached_peak_rss_bytes': memory['peak_rss_bytes'],
   }
+
+
+def malloc_environ(huge_pages: bool) -> dict:
+  """A worker's GLIBC_TUNABLES: with huge-page malloc where the system has it, as main.py runs
+  (agrepa_jax.host_memory), or as the caller's environment has it."""
+  environ = host_memory.huge_page_environ(os.environ)
+  if not (huge_pages and environ and host_memory.huge_pages_supported()):
+    return {}
+  return {'GLIBC_TUNABLES': environ['GLIBC_TUNABLES']}
 
 
 def torch_missing(args, platform: str) -> str:
@@ -620,6 +647,12 @@ def main(argv):
   parser.add_argument('--forms', default='official', choices=('official', 'config'))
   parser.add_argument('--set', action='append', default=[], help='config override KEY=VALUE')
   parser.add_argument('--no-torch', action='store_true')
+  parser.add_argument(
+    '--huge_pages',
+    default='jax',
+    choices=('jax', 'both', 'none'),
+    help="huge-page malloc for the JAX worker as main.py runs it; 'both': for PyTorch's too",
+  )
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)

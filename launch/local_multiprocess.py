@@ -30,6 +30,10 @@ def free_port() -> int:
 
 def worker(args, main_args):
   """One process: initialize the distributed runtime, then the ordinary command line."""
+  sys.path.insert(0, str(REPOSITORY))  # this checkout's package, wherever it is installed from
+  from agrepa_jax import host_memory
+
+  host_memory.reexec_with_huge_pages()  # as main.py's command line does
   if args.platform == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.environ['XLA_FLAGS'] = (
@@ -49,7 +53,6 @@ def worker(args, main_args):
   )
   from absl import app
 
-  sys.path.insert(0, str(REPOSITORY))  # this checkout's package, wherever it is installed from
   from agrepa_jax import main
 
   app.run(main.main, argv=['agrepa_jax.main', *main_args])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from agrepa_jax import losses, train
+from agrepa_jax import host_memory, losses, train
 from agrepa_jax import model as model_lib
 from agrepa_jax.state import TrainState
 from bench import flops
@@ -200,6 +200,8 @@ def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   assert result['jax_cached_compile_seconds'] < result['compile_seconds']
   assert result['jax_cached_peak_rss_bytes'] > result['jax_cached_rss_before_steps_bytes'] > 0
   assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
+  if host_memory.huge_pages_supported():  # the JAX worker runs as main.py does
+    assert 'glibc.malloc.hugetlb=1' in result['jax_glibc_tunables'].split(':')
 
 
 @pytest.mark.parametrize('rng', ['threefry', 'hash'])
