@@ -44,12 +44,22 @@ def huge_pages_supported() -> bool:
     return False
 
 
+def startup_environ() -> dict[str, str]:
+  """The environment this process started with (Linux keeps it in /proc/self/environ), without
+  what imports have set in os.environ since (jax sets TF_CPP_MIN_LOG_LEVEL, and on Cloud TPU VMs
+  its topology variables)."""
+  entries = pathlib.Path('/proc/self/environ').read_bytes().split(b'\0')
+  return dict(os.fsdecode(e).split('=', 1) for e in entries if b'=' in e)
+
+
 def reexec_with_huge_pages() -> None:
-  """Replaces this process with the same command line under huge-page malloc. Returns (and the
-  process goes on as it is) when the tunable is already set in the environment or the system
-  cannot use it. Call it first thing, before any work worth keeping."""
-  environ = huge_page_environ(os.environ)
-  if environ is None or not huge_pages_supported():
+  """Replaces this process with the same command line, in the environment it started with, under
+  huge-page malloc. Returns (and the process goes on as it is) when the tunable is already set or
+  the system cannot use it. Call it first thing, before any work worth keeping."""
+  if not huge_pages_supported():
+    return
+  environ = huge_page_environ(startup_environ())
+  if environ is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -47,14 +47,16 @@ def run_python(code: str, **environ: str) -> str:
 
 @needs_huge_pages
 def test_the_process_reexecutes_itself_once_with_the_tunable():
+  """In the environment it started with: what the first run set in os.environ is gone."""
   output = run_python("""
     import os, sys
     from agrepa_jax import host_memory
-    print('started', flush=True)
+    print('started', os.environ.get('SET_AFTER_START'), flush=True)
+    os.environ['SET_AFTER_START'] = '1'
     host_memory.reexec_with_huge_pages()
     print(os.environ['GLIBC_TUNABLES'])
   """)
-  assert output.split('\n') == ['started', 'started', 'glibc.malloc.hugetlb=1', '']
+  assert output.split('\n') == ['started None', 'started None', 'glibc.malloc.hugetlb=1', '']
 
 
 @needs_huge_pages
