@@ -334,8 +334,8 @@ def jax_setup(config):
 
   def run_steps(n):
     """One untimed step first, as PyTorch's thread trial: the round then times steps as they
-    follow one another in training, not the first one after the other framework's round (whose
-    memory traffic evicts this process's freed pages)."""
+    follow one another in training, not the first one after the other framework's round (on a
+    VM, memory left free that long is much slower to fault in again; docs/scaling.md)."""
     state, parts = compiled(holder['state'], batch)
     jax.block_until_ready(parts)
     start = time.perf_counter()
