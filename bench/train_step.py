@@ -191,16 +191,14 @@ def reset_peak_rss() -> None:
 
 # ----- The workers: one process per framework, driven over stdin/stdout -----
 def serve(setup) -> None:
-  """Announces `setup()`'s ready message, then answers `round N` (run N steps), `memory` (the
-  peak resident memory since the last reset) and `finish`."""
+  """Announces `setup()`'s ready message, then answers `round N` (the seconds that `run_steps`
+  timed for N steps), `memory` (the peak resident memory since the last reset) and `finish`."""
   ready, run_steps, finish = setup()
   reply(ready)
   for line in sys.stdin:
     command, *args = line.split()
     if command == 'round':
-      start = time.perf_counter()
-      seconds = run_steps(int(args[0]))
-      reply({'seconds': time.perf_counter() - start if seconds is None else seconds})
+      reply({'seconds': run_steps(int(args[0]))})
     elif command == 'memory':
       reply({'peak_rss_bytes': rss_bytes('VmHWM')})
     elif command == 'finish':
@@ -623,10 +621,10 @@ def cached_executable_memory(jax_args: list[str], jax_environ: dict, steps: int)
 def malloc_environ(huge_pages: bool) -> dict:
   """A worker's GLIBC_TUNABLES: with huge-page malloc where the system has it, as main.py runs
   (agrepa_jax.host_memory), or as the caller's environment has it."""
-  environ = host_memory.huge_page_environ(os.environ)
-  if not (huge_pages and environ and host_memory.huge_pages_supported()):
+  if not (huge_pages and host_memory.huge_pages_supported()):
     return {}
-  return {'GLIBC_TUNABLES': environ['GLIBC_TUNABLES']}
+  environ = host_memory.huge_page_environ(os.environ)
+  return {'GLIBC_TUNABLES': environ['GLIBC_TUNABLES']} if environ else {}
 
 
 def torch_missing(args, platform: str) -> str:
