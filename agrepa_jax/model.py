@@ -6,6 +6,7 @@ g_ℓ = 0 makes block ℓ exactly the identity, which is what FoG-A measures.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -222,14 +223,52 @@ def attention_with_probability_dropout(
   """Multi-head attention of (B, T, H, D) heads -> (B, T, H, D), dropout on the probabilities.
 
   The official dropout position; it materializes the (B, H, T, T) probabilities. Keys past a
-  clip's `lengths` (B,) are masked, as in `attention`.
+  clip's `lengths` (B,) are masked, as in `attention`. The backward pass is written out
+  (`_probability_dropout_attention_backward`): it keeps the probabilities alone of the (B, H, T, T)
+  arrays and draws the dropout mask again, where autodiff keeps the probabilities, the mask and
+  the dropped probabilities, and it needs three (B, H, T, T) temporaries where autodiff needs more.
   """
+  keys_valid = None if lengths is None else valid_mask(jnp.maximum(lengths, 1), k.shape[1])
+  return _probability_dropout_attention(rate, rng, q, k, v, key, keys_valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _probability_dropout_attention(rate, rng, q, k, v, key, keys_valid):
+  return _probability_dropout_attention_forward(rate, rng, q, k, v, key, keys_valid)[0]
+
+
+def _probability_dropout_attention_forward(rate, rng, q, k, v, key, keys_valid):
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-  if lengths is not None:
-    keys_valid = valid_mask(jnp.maximum(lengths, 1), k.shape[1])[:, None, None, :]
-    logits = jnp.where(keys_valid, logits, jnp.finfo(jnp.float32).min)
-  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(q.dtype), rate, key, rng)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  if keys_valid is not None:
+    logits = jnp.where(keys_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  out = jnp.einsum('bhqk,bkhd->bqhd', dropout(probs, rate, key, rng), v)
+  return out, (q, k, v, key, keys_valid, probs, out)
+
+
+def _probability_dropout_attention_backward(rate, rng, residuals, d_out):
+  """Dropout is linear given its mask, so the gradient flows back through the same `dropout`.
+
+  The softmax gradient P ∘ (dP − rowsum(dP ∘ P)) takes its row sums as rowsum(dO ∘ O), which
+  equals rowsum(dP ∘ P) through the dropout and P·V, and needs no (B, H, T, T) product.
+  """
+  q, k, v, key, keys_valid, probs, out = residuals
+  # The barrier ties the recomputed mask to d_out: without it XLA merges it with the forward's or
+  # schedules it early, either way keeping every layer's (B, H, T, T) arrays alive at once.
+  probs, key, d_out = jax.lax.optimization_barrier((probs, key, d_out))
+  d_v = jnp.einsum('bhqk,bqhd->bkhd', dropout(probs, rate, key, rng), d_out)
+  d_probs = dropout(jnp.einsum('bqhd,bkhd->bhqk', d_out, v), rate, key, rng)
+  row_sums = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_logits = probs.astype(jnp.float32) * (d_probs.astype(jnp.float32) - row_sums[..., None])
+  d_logits = (d_logits / math.sqrt(q.shape[-1])).astype(q.dtype)
+  d_q = jnp.einsum('bhqk,bkhd->bqhd', d_logits, k)
+  d_k = jnp.einsum('bhqk,bqhd->bkhd', d_logits, q)
+  return d_q, d_k, d_v, None, None
+
+
+_probability_dropout_attention.defvjp(
+  _probability_dropout_attention_forward, _probability_dropout_attention_backward
+)
 
 
 class DiTBlock(nnx.Module):
@@ -275,11 +314,19 @@ class DiTBlock(nnx.Module):
     h = h + gate * gate1 * attn
 
     x = layer_norm(h) * (1 + scale2) + shift2
-    hidden = ops.gelu(self.mlp_in(x))
-    if official:
-      hidden = dropout(hidden, cfg.dropout, keys[2], cfg.dropout_rng)
-    mlp = dropout(self.mlp_out(hidden), cfg.dropout, keys[1], cfg.dropout_rng)
+    # The elementwise work after mlp_in runs again in the backward pass, where autodiff would keep
+    # its intermediates: two more (B, T, mlp_ratio·width) arrays per block, and the masks.
+    mlp = jax.checkpoint(self.mlp_tail)(self.mlp_in(x), keys[1:])
     return h + gate * gate2 * mlp
+
+  def mlp_tail(self, pre_activation, dropout_keys):
+    """The MLP branch after its first projection: GELU, (dropout), mlp_out, dropout."""
+    cfg = self.cfg
+    hidden_key, out_key = dropout_keys[1], dropout_keys[0]
+    hidden = ops.gelu(pre_activation)
+    if cfg.dropout_positions == 'official':
+      hidden = dropout(hidden, cfg.dropout, hidden_key, cfg.dropout_rng)
+    return dropout(self.mlp_out(hidden), cfg.dropout, out_key, cfg.dropout_rng)
 
 
 @nnx.vmap(in_axes=(None, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from agrepa_jax import ops
 from agrepa_jax.model import (
@@ -276,6 +277,51 @@ def test_attention_with_lengths_equals_attention_on_the_unpadded_clip():
   # the official form (dropout on the probabilities; none at rate 0) masks the same keys
   official = attention_with_probability_dropout(q, k, v, 0.0, jax.random.key(1), jnp.array([7, 4]))
   np.testing.assert_allclose(official, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('rng', ['hash', 'threefry', 'rbg'])
+def test_probability_dropout_attention_gradient_equals_autodiff(rng):
+  import agrepa_jax.model as model_lib
+
+  q, k, v, weights = (
+    jax.random.normal(key, (3, 9, 2, 4)) for key in jax.random.split(jax.random.key(0), 4)
+  )
+  lengths = jnp.array([9, 4, 0])
+  key = model_lib.dropout_rng_key(jax.random.key(3), rng)
+
+  def composed(q, k, v):  # the plain composition, differentiated by JAX
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / 2.0
+    keys_valid = model_lib.valid_mask(jnp.maximum(lengths, 1), 9)[:, None, None, :]
+    probs = jax.nn.softmax(jnp.where(keys_valid, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum('bhqk,bkhd->bqhd', model_lib.dropout(probs, 0.3, key, rng), v)
+
+  def loss(attend):
+    return lambda q, k, v: (attend(q, k, v) * weights).sum()
+
+  written_out = lambda q, k, v: attention_with_probability_dropout(q, k, v, 0.3, key, lengths, rng)
+  got = jax.value_and_grad(loss(written_out), (0, 1, 2))(q, k, v)
+  expected = jax.value_and_grad(loss(composed), (0, 1, 2))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_official_block_keeps_one_attention_and_one_mlp_sized_array_for_backward(capsys):
+  """What the backward pass of an official-form block keeps: the attention probabilities (not the
+  dropout mask or the dropped probabilities) and the MLP's input to the GELU (not the GELU's
+  intermediates, its output, the masks or the dropped outputs)."""
+  cfg = tiny_model_config(dropout_positions='official', dropout_rng='hash')
+  graphdef, params = nnx.split(randomize(DiTBlock(cfg, nnx.Rngs(1))))
+  h = jax.random.normal(jax.random.key(2), (2, 12, cfg.width))
+  time_emb = jax.random.normal(jax.random.key(3), (2, cfg.width))
+  block_sum = lambda params, h: nnx.merge(graphdef, params)(
+    h, time_emb, 1.0, jax.random.key(4)
+  ).sum()
+  print_saved_residuals(block_sum, params, h)
+  saved = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+  mlp_width = cfg.mlp_ratio * cfg.width
+  assert saved.count(f'f32[2,{cfg.num_heads},12,12]') == 1
+  assert saved.count(f'f32[2,12,{mlp_width}]') == 1
+  assert not any(shape.startswith('bool') for shape in saved)
 
 
 def test_utterance_pooling_averages_valid_frames_of_each_layer(model):
