@@ -238,12 +238,13 @@ def _probability_dropout_attention(rate, rng, q, k, v, key, keys_valid):
 
 
 def _probability_dropout_attention_forward(rate, rng, q, k, v, key, keys_valid):
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, D)
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
   if keys_valid is not None:
     logits = jnp.where(keys_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  out = jnp.einsum('bhqk,bkhd->bqhd', dropout(probs, rate, key, rng), v)
-  return out, (q, k, v, key, keys_valid, probs, out)
+  out = jnp.einsum('bhqk,bhkd->bhqd', dropout(probs, rate, key, rng), v)
+  return out.transpose(0, 2, 1, 3), (q, k, v, key, keys_valid, probs, out)
 
 
 def _probability_dropout_attention_backward(rate, rng, residuals, d_out):
@@ -253,17 +254,18 @@ def _probability_dropout_attention_backward(rate, rng, residuals, d_out):
   equals rowsum(dP ∘ P) through the dropout and P·V, and needs no (B, H, T, T) product.
   """
   q, k, v, key, keys_valid, probs, out = residuals
+  d_out = d_out.transpose(0, 2, 1, 3)
   # The barrier ties the recomputed mask to d_out: without it XLA merges it with the forward's or
   # schedules it early, either way keeping every layer's (B, H, T, T) arrays alive at once.
   probs, key, d_out = jax.lax.optimization_barrier((probs, key, d_out))
-  d_v = jnp.einsum('bhqk,bqhd->bkhd', dropout(probs, rate, key, rng), d_out)
-  d_probs = dropout(jnp.einsum('bqhd,bkhd->bhqk', d_out, v), rate, key, rng)
-  row_sums = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  d_v = jnp.einsum('bhqk,bhqd->bhkd', dropout(probs, rate, key, rng), d_out)
+  d_probs = dropout(jnp.einsum('bhqd,bhkd->bhqk', d_out, v), rate, key, rng)
+  row_sums = jnp.einsum('bhqd,bhqd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
   d_logits = probs.astype(jnp.float32) * (d_probs.astype(jnp.float32) - row_sums[..., None])
   d_logits = (d_logits / math.sqrt(q.shape[-1])).astype(q.dtype)
-  d_q = jnp.einsum('bhqk,bkhd->bqhd', d_logits, k)
-  d_k = jnp.einsum('bhqk,bqhd->bkhd', d_logits, q)
-  return d_q, d_k, d_v, None, None
+  d_q = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
+  d_k = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
+  return *(a.transpose(0, 2, 1, 3) for a in (d_q, d_k, d_v)), None, None
 
 
 _probability_dropout_attention.defvjp(
