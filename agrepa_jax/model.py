@@ -318,13 +318,14 @@ class DiTBlock(nnx.Module):
     x = layer_norm(h) * (1 + scale2) + shift2
     # The elementwise work after mlp_in runs again in the backward pass, where autodiff would keep
     # its intermediates: two more (B, T, mlp_ratio·width) arrays per block, and the masks.
-    mlp = jax.checkpoint(self.mlp_tail)(self.mlp_in(x), keys[1:])
+    mlp = jax.checkpoint(self.mlp_tail)(self.mlp_in(x), (keys[2], keys[1]))
     return h + gate * gate2 * mlp
 
   def mlp_tail(self, pre_activation, dropout_keys):
-    """The MLP branch after its first projection: GELU, (dropout), mlp_out, dropout."""
+    """The MLP branch after its first projection: GELU, (dropout), mlp_out, dropout; the keys of
+    the two dropouts in that order."""
     cfg = self.cfg
-    hidden_key, out_key = dropout_keys[1], dropout_keys[0]
+    hidden_key, out_key = dropout_keys
     hidden = ops.gelu(pre_activation)
     if cfg.dropout_positions == 'official':
       hidden = dropout(hidden, cfg.dropout, hidden_key, cfg.dropout_rng)
