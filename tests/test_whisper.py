@@ -307,8 +307,11 @@ def test_log_mel_matches_transformers_feature_extractor(n_mels):
   window[0, : clip.size] = clip
   ours = np.asarray(whisper.whisper_log_mel(window, n_mels))
   assert ours.shape == reference.shape == (1, n_mels, 3000)
-  # Measured: max 5.2e-6 for both filterbanks (values span about -0.7 to 1.3).
-  assert np.abs(ours - reference).max() < 2e-5
+  # Values span about -0.7 to 1.3. Measured max difference with jax 0.10.2: 80 mels 2.7e-6,
+  # 128 mels 3.0e-5, the same with transformers 4.45.2, 4.57.6, 5.20.2, 5.23.0, 5.24.0 and 5.25.0
+  # (pinned in the test extra); an earlier jax gave 5.2e-6 for both. The spread comes from the
+  # float32 FFT, not the reference.
+  assert np.abs(ours - reference).max() < 4e-5
 
 
 # --- Encoder against transformers, and the openai / Hugging Face loaders ---
