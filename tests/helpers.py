@@ -7,7 +7,7 @@ import numpy as np
 from etils import epath
 
 from agrepa_jax import config_base
-from agrepa_jax.data import features, prepare, spec
+from agrepa_jax.data import index, prepare, spec
 from agrepa_jax.model import ModelConfig
 
 TEACHER_DIMS = {'speech': 6, 'audio': 5}
@@ -45,16 +45,11 @@ def tiny_config(cache_dir: pathlib.Path, **overrides):
 def write_fake_store(config, splits: dict, teacher_dims: dict | None = None) -> epath.Path:
   """Writes a finished feature store where prepare.prepare(config) looks for it.
 
-  splits: {split: [record]} with records as the store holds them (features.py); one shard each.
+  splits: {split: [record]} with records as the store holds them (features.py).
   """
   directory = prepare.store_directory(config)
   domains = tuple(config.data.domains)
-  names = []
-  for split, records in splits.items():
-    name = features.shard_name(0, 1)
-    features.write_shard(directory / split, name, records, {'fingerprint': 'fake', 'skipped': []})
-    names.append((split, name))
-  manifest = features.write_manifest(directory, names, prepare.store_settings(config), domains, {})
+  manifest = index.import_records(directory, prepare.store_settings(config), domains, splits, 16)
   if teacher_dims is not None:
     assert manifest['teacher_dims'] == teacher_dims
   return directory

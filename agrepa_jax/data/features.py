@@ -1,24 +1,12 @@
-"""The feature store: one record per clip in sharded ArrayRecord files that every host writes.
+"""Per-clip features of the store: decode, 24 kHz log-mel, teacher targets and tokens.
 
-A record (msgpack of numpy arrays) holds the clip at its native length (up to data.max_seconds):
-`mel` (T, 100) bf16, `num_samples` (24 kHz samples of audio), `domain`, `teacher` (C_d,) float32
-(the utterance mean of its own domain's teacher), `tokens` (K, N) int32 at data.token_rate, with
-data.teacher_frames `teacher_frames` (F, C_d) bf16, and with teachers.online `audio` (S,) int16 PCM
-at its domain's teacher rate (the teacher computed the stored targets from exactly this audio);
-plus `id`, `path`, `text`.
-
-Layout of a store directory:
-  tokenizer/<domain>-<digest>.npy   (K, V, C) codebooks of the built-in tokenizer
-  <split>/shard-IIIII-of-NNNNN.array_record  the records of the clips whose id hashes to shard I
-  <split>/shard-IIIII-of-NNNNN.json  its sidecar: fingerprint, per-record id/domain/num_samples/
-                                     path/text, and the clips skipped with their reasons
-  manifest.json                     counts, teacher widths, skipped clips (written last)
-
-Clips go to shards by a hash of their id and shard I is built by host I mod process_count, so no
-host assembles anything and a changed input list changes only the shards whose clips changed. A
-shard is done when its sidecar holds the fingerprint of its inputs (clip ids and file stamps,
-settings, codebooks); files are written under a temporary name and renamed, so a build resumed
-after a crash gives exactly the result of a clean build.
+A record (records.py) holds the clip at its native length up to data.max_seconds: `mel` (T, 100)
+bf16, `num_samples` (24 kHz samples of audio), `domain`, `teacher` (C_d,) float32 (the utterance
+mean of its own domain's teacher), `tokens` (K, N) int32 at data.token_rate, with
+data.teacher_frames `teacher_frames` (F, C_d) bf16 of its own domain only, and with teachers.online
+`audio` (S,) int16 PCM at its domain's teacher rate (the teacher computed the stored targets from
+exactly this audio); plus `id`, `path`, `text` and class `labels`. store.py decides which clips
+each builder computes; this module computes them.
 """
 
 import dataclasses
@@ -27,41 +15,36 @@ import json
 import logging
 import os
 import tempfile
-import time
-import zlib
 
 import jax
 import jax.numpy as jnp
 import librosa
 import ml_dtypes
 import numpy as np
-import tqdm
-from array_record.python import array_record_module
 from etils import epath
-from flax import serialization
 
 from agrepa_jax import audio, sharding
 from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.data import tokenizer
 from agrepa_jax.teachers.base import Teacher, masked_mean
 
-STORE_VERSION = 3  # settings (the store key) say whether records hold audio
-SPLITS = ('train', 'heldout')
-MANIFEST = 'manifest.json'
+STORE_VERSION = 4  # tfds records with bf16 bits, whole utterances, content-defined shards
 
 
 @dataclasses.dataclass(frozen=True)
 class ClipRef:
-  """One clip the store is built from."""
+  """One clip the store is built from: where its bytes are and what the record keeps of it."""
 
-  id: str  # unique in the store
+  id: str  # unique in the store: '<domain>/<corpus id>'
   domain: str
   split: str  # train | heldout
-  source: str  # the tfds split holding its bytes, e.g. 'librispeech/train_clean_100'
-  index: int  # its example index there
-  stamp: str  # size and modification time of the file: a changed file changes its shard
-  path: str
+  unit: str  # the key of the listing unit that holds it
+  path: str  # where errors and originals find it: a file, or '<archive>/<member>'
+  offset: int  # archive members: the byte offset of its data in the tar stream; -1 for files
+  size: int
+  mtime: int
   text: str = ''
+  labels: tuple = ()
 
 
 class ClipError(ValueError):
@@ -81,42 +64,16 @@ def store_key(settings: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def stable_hash(text: str) -> int:
-  return zlib.crc32(text.encode())
-
-
-def split_of(clip_id: str, heldout_fraction: float) -> str:
-  """Deterministic split by a hash of the clip id, stable when clips are added."""
-  return 'heldout' if stable_hash(clip_id) % 10_000 < heldout_fraction * 10_000 else 'train'
-
-
-def num_shards_for(num_clips: int, shard_clips: int) -> int:
-  """A power of two near num_clips / shard_clips: it changes (and reshards) only when the corpus
-  doubles or halves."""
-  return 1 << max(0, round(np.log2(max(num_clips / shard_clips, 1.0))))
-
-
-def shard_name(index: int, count: int) -> str:
-  return f'shard-{index:05d}-of-{count:05d}'
-
-
-# ----- records -----
-
-
-def encode_record(record: dict) -> bytes:
-  return serialization.msgpack_serialize(record)
-
-
-def decode_record(data: bytes) -> dict:
-  return serialization.msgpack_restore(data)
-
-
 def atomic_write(path: epath.Path, write_local) -> None:
-  """Calls write_local(local file path), then moves the file to `path` (local or remote) at once."""
+  """Calls write_local(local file path), then moves the file to `path` (local or remote) at once.
+  The file is readable by the group and others as the user's umask allows (not mkstemp's 0600)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   local_dir = str(path.parent) if os.path.isdir(str(path.parent)) else None
   handle, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=local_dir)
   os.close(handle)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(temporary, 0o666 & ~umask)
   try:
     write_local(temporary)
     if local_dir:
@@ -128,31 +85,8 @@ def atomic_write(path: epath.Path, write_local) -> None:
       os.remove(temporary)
 
 
-def write_records(path: epath.Path, records: list[bytes]) -> None:
-  def write(local):
-    writer = array_record_module.ArrayRecordWriter(local, 'group_size:1')
-    for record in records:
-      writer.write(record)
-    writer.close()
-
-  atomic_write(path, write)
-
-
 def write_json(path: epath.Path, value) -> None:
   atomic_write(path, lambda local: epath.Path(local).write_text(json.dumps(value, default=str)))
-
-
-def write_shard(directory: epath.Path, name: str, records: list[dict], sidecar: dict) -> None:
-  """Writes a shard's records, then its sidecar (which marks the shard done)."""
-  write_records(directory / f'{name}.array_record', [encode_record(r) for r in records])
-  columns = {
-    'ids': [r['id'] for r in records],
-    'domain': [int(r['domain']) for r in records],
-    'num_samples': [int(r['num_samples']) for r in records],
-    'paths': [r['path'] for r in records],
-    'texts': [r['text'] for r in records],
-  }
-  write_json(directory / f'{name}.json', {**sidecar, **columns, 'num_records': len(records)})
 
 
 # ----- decoding, mels, teachers, tokens -----
@@ -161,11 +95,14 @@ def write_shard(directory: epath.Path, name: str, records: list[dict], sidecar: 
 def decode_clip(ref: ClipRef, data: bytes, max_samples: int) -> np.ndarray:
   """The clip's 24 kHz waveform, at most max_samples long. Raises ClipError for any bad file."""
   try:
-    return audio.decode_audio(data, ref.path)[:max_samples]
+    wave = audio.decode_audio(data, ref.path)[:max_samples]
   except audio.AudioDecodeError as e:
     raise ClipError(str(e)) from e
   except Exception as e:  # anything else a file can do (e.g. a resampler error) is this file's
     raise ClipError(f'{ref.path}: {type(e).__name__}: {e}') from e
+  if not np.any(wave):
+    raise ClipError(f'{ref.path}: every sample is zero (a silent clip)')
+  return wave
 
 
 def feature_mesh():
@@ -298,6 +235,7 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
       'id': ref.id,
       'path': ref.path,
       'text': ref.text,
+      'labels': list(ref.labels),
       'domain': np.int32(workers.domains.index(domain)),
       'num_samples': np.int64(num_samples[i]),
       'mel': mel[i, : audio.num_frames(int(num_samples[i]))].astype(ml_dtypes.bfloat16),
@@ -312,57 +250,45 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
   return records
 
 
-def decoded_batches(refs: list[ClipRef], read_bytes, settings: dict, skipped: list):
-  """Yields (refs, waves) of up to chunk_size decodable clips of one domain; bad clips go to
-  `skipped` as {'id', 'path', 'reason'}."""
-  by_domain = {}
-  for ref in refs:
-    by_domain.setdefault(ref.domain, []).append(ref)
-  for domain_refs in by_domain.values():
-    kept, waves = [], []
-    for ref in domain_refs:
-      try:
-        waves.append(decode_clip(ref, read_bytes(ref), settings['max_samples']))
-        kept.append(ref)
-      except ClipError as e:
+def decoded_batches(clips, settings: dict, skipped: list, warn: bool = True):
+  """Yields (refs, waves) of up to chunk_size decodable clips of one domain from `clips`, an
+  iterable of (ClipRef, its file's bytes, or the OSError met reading them). Bad clips go to
+  `skipped` as {'id', 'path', 'reason'} (and to the log once, with `warn`)."""
+  pending = {}
+  for ref, data in clips:
+    try:
+      if isinstance(data, Exception):
+        raise ClipError(f'{ref.path}: cannot read the file ({data})')
+      wave = decode_clip(ref, data, settings['max_samples'])
+    except ClipError as e:
+      if warn:
         logging.warning('skipping clip %s: %s', ref.id, e)
-        skipped.append({'id': ref.id, 'path': ref.path, 'reason': str(e)})
-      if len(kept) == settings['chunk_size']:
-        yield kept, waves
-        kept, waves = [], []
-    if kept:
-      yield kept, waves
+      skipped.append({'id': ref.id, 'path': ref.path, 'reason': str(e)})
+      continue
+    kept, waves = pending.setdefault(ref.domain, ([], []))
+    kept.append(ref)
+    waves.append(wave)
+    if len(kept) == settings['chunk_size']:
+      yield pending.pop(ref.domain)
+  yield from (batch for batch in pending.values() if batch[0])
 
 
-def build_shard_records(refs, read_bytes, workers: Workers) -> tuple[list[dict], list[dict]]:
-  """(records sorted by id, skipped clips) of one shard's clips."""
+def build_records(clips, workers: Workers) -> tuple[list[dict], list[dict]]:
+  """(records, skipped clips) of (ClipRef, bytes) pairs; records keep the order of `clips`."""
   skipped, records = [], []
-  for batch_refs, waves in decoded_batches(refs, read_bytes, workers.settings, skipped):
+  for batch_refs, waves in decoded_batches(clips, workers.settings, skipped):
     records += clip_records(batch_refs, waves, workers)
-  return sorted(records, key=lambda r: r['id']), skipped
+  return records, skipped
 
 
 # ----- the tokenizer -----
 
 
-def tokenizer_sample(refs: list[ClipRef], domain: str, cap: int) -> list[ClipRef]:
-  """At most `cap` training clips of `domain`: those with the smallest id hashes (a fixed sample
-  that a few added clips barely change, whatever the corpus size)."""
-  own = [r for r in refs if r.domain == domain and r.split == 'train']
-  return sorted(own, key=lambda r: (stable_hash(r.id), r.id))[:cap]
-
-
-def tokenizer_path(
-  directory: epath.Path, domain: str, sample: list[ClipRef], settings
-) -> epath.Path:
-  blob = json.dumps([settings, [(r.id, r.stamp) for r in sample]], sort_keys=True, default=str)
-  return directory / 'tokenizer' / f'{domain}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npy'
-
-
-def fit_tokenizer(sample, domain: str, read_bytes, workers: Workers, seed: int) -> np.ndarray:
-  """(K, V, C) residual k-means codebooks on the sample's teacher frames at the token rate."""
+def fit_tokenizer(clips, domain: str, workers: Workers, seed: int) -> np.ndarray:
+  """(K, V, C) residual k-means codebooks on the teacher frames, pooled to the token rate, of the
+  clips (ClipRef, bytes) of `domain`."""
   settings, pooled, skipped = workers.settings, [], []
-  for batch_refs, waves in decoded_batches(sample, read_bytes, settings, skipped):
+  for batch_refs, waves in decoded_batches(clips, settings, skipped, warn=False):
     num_samples = np.array([len(w) for w in waves])
     padded = pad_waves(waves, settings['max_samples'])
     teacher = workers.teachers[batch_refs[0].domain]
@@ -378,7 +304,7 @@ def fit_tokenizer(sample, domain: str, read_bytes, workers: Workers, seed: int) 
     ]
   if not pooled:
     reasons = [s['reason'] for s in skipped[:3]]
-    raise NoUsableClips([domain], f'{len(sample)} sampled for the tokenizer; e.g. {reasons}')
+    raise NoUsableClips([domain], f'{len(skipped)} sampled for the tokenizer; e.g. {reasons}')
   return np.stack(
     tokenizer.fit_codebooks(
       np.concatenate(pooled), settings['codebook_size'], settings['num_codebooks'], seed
@@ -396,198 +322,9 @@ def read_npy(path: epath.Path) -> np.ndarray:
     return np.load(f)
 
 
-def ensure_tokenizers(refs, directory, settings, domains, read_bytes, workers_fn) -> dict:
-  """{domain: codebook list}, fitted by process 0 where missing. {} with external token files."""
-  if settings['token_dir']:
-    return {}
-  paths = {
-    d: tokenizer_path(
-      directory, d, tokenizer_sample(refs, d, settings['tokenizer_clips']), settings
-    )
-    for d in domains
-  }
-  if jax.process_index() == 0:
-    for d, (name, path) in enumerate(paths.items()):
-      if not path.exists():
-        sample = tokenizer_sample(refs, name, settings['tokenizer_clips'])
-        codebooks = fit_tokenizer(sample, name, read_bytes, workers_fn(), settings['seed'] + d)
-        atomic_write(path, lambda local, c=codebooks: save_npy(local, c))
-  sync_processes('data-tokenizer')
-  return {d: list(read_npy(p)) for d, p in paths.items()}
-
-
 def codebook_digest(codebooks: dict) -> str:
   h = hashlib.sha256()
   for d in sorted(codebooks):
     for c in codebooks[d]:
       h.update(np.ascontiguousarray(c).tobytes())
   return h.hexdigest()[:16]
-
-
-# ----- the store -----
-
-
-def plan_shards(refs: list[ClipRef], shard_clips: int) -> dict:
-  """{(split, shard name): [ClipRef sorted by id]} of every shard of the store."""
-  plan = {}
-  for split in SPLITS:
-    own = sorted((r for r in refs if r.split == split), key=lambda r: r.id)
-    count = num_shards_for(len(own), shard_clips)
-    groups = [[] for _ in range(count)]
-    for ref in own:
-      groups[stable_hash(ref.id) % count].append(ref)
-    plan.update({(split, shard_name(i, count)): g for i, g in enumerate(groups)})
-  return plan
-
-
-def shard_fingerprint(refs: list[ClipRef], key: str, codebooks: str) -> str:
-  blob = json.dumps([key, codebooks, [(r.id, r.stamp) for r in refs]])
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_sidecar(path: epath.Path) -> dict | None:
-  try:
-    return json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
-
-
-def check_domains(refs: list[ClipRef], domains: tuple[str, ...]) -> None:
-  unknown = sorted({r.domain for r in refs} - set(domains))
-  if unknown:
-    raise ValueError(f'clips of domains {unknown} are not in data.domains={list(domains)}')
-  empty = [d for d in domains if not any(r.domain == d for r in refs)]
-  if empty:
-    raise ValueError(
-      f'domain(s) {empty} have no clips; give their data or drop them from data.domains'
-    )
-
-
-def build_store(refs, directory: epath.Path, settings: dict, domains, read_bytes, load_teachers):
-  """Builds, resumes or updates the store in `directory`; every process calls it. Returns the
-  manifest.
-
-  refs: every clip of the store; read_bytes(ClipRef) -> the file's bytes; load_teachers() ->
-  {domain: Teacher}, called only if something must be computed.
-  """
-  check_domains(refs, domains)
-  key = store_key(settings)
-  cache = {}
-
-  def workers(codebooks=None):
-    if 'workers' not in cache:
-      cache['workers'] = Workers(settings, domains, load_teachers(), {}, feature_mesh())
-    if codebooks is not None:
-      cache['workers'].codebooks = codebooks
-    return cache['workers']
-
-  codebooks = ensure_tokenizers(refs, directory, settings, domains, read_bytes, workers)
-  digest = codebook_digest(codebooks)
-  plan = plan_shards(refs, settings['shard_clips'])
-  names = sorted(plan)
-  mine = [n for i, n in enumerate(names) if i % jax.process_count() == jax.process_index()]
-  stats = {'shards': len(mine), 'computed': 0, 'clips': 0, 'seconds': 0.0}
-  start = time.perf_counter()
-  for split, name in tqdm.tqdm(
-    mine, desc='features (decode, mel, teachers)', unit='shard', disable=jax.process_index() != 0
-  ):
-    fingerprint = shard_fingerprint(plan[split, name], key, digest)
-    sidecar = read_sidecar(directory / split / f'{name}.json')
-    if sidecar and sidecar.get('fingerprint') == fingerprint:
-      continue
-    records, skipped = build_shard_records(plan[split, name], read_bytes, workers(codebooks))
-    write_shard(directory / split, name, records, {'fingerprint': fingerprint, 'skipped': skipped})
-    stats['computed'] += 1
-    stats['clips'] += len(plan[split, name])
-  stats['seconds'] = time.perf_counter() - start
-  if stats['computed']:
-    logging.info(
-      'features: %d shards computed (%d clips in %.1f s, %.2f clips/s)',
-      stats['computed'],
-      stats['clips'],
-      stats['seconds'],
-      stats['clips'] / max(stats['seconds'], 1e-9),
-    )
-  sync_processes('data-shards')
-  if jax.process_index() == 0:
-    write_manifest(directory, names, settings, domains, codebooks)
-  sync_processes('data-manifest')
-  manifest = json.loads((directory / MANIFEST).read_text())
-  manifest['this_run'] = stats
-  return manifest
-
-
-def remove_stale(directory: epath.Path, names: list) -> None:
-  """Deletes shard files of an earlier plan (a changed shard count) that no plan entry names."""
-  keep = {f'{name}{suffix}' for _, name in names for suffix in ('.json', '.array_record')}
-  for split in SPLITS:
-    if (directory / split).exists():
-      for path in (directory / split).iterdir():
-        if path.name.startswith('shard-') and path.name not in keep:
-          path.unlink()
-
-
-def write_manifest(directory, names, settings, domains, codebooks) -> dict:
-  """Counts, teacher widths and skipped clips of the finished shards -> manifest.json."""
-  remove_stale(directory, names)
-  counts = {split: {d: 0 for d in domains} for split in SPLITS}
-  skipped, shards = [], {split: [] for split in SPLITS}
-  for split, name in names:
-    sidecar = json.loads((directory / split / f'{name}.json').read_text())
-    skipped += sidecar['skipped']
-    for d in sidecar['domain']:
-      counts[split][domains[d]] += 1
-    shards[split].append({'name': name, 'num_records': sidecar['num_records']})
-  empty = [d for d in domains if not counts['train'][d]]
-  if empty:
-    reasons = [s['reason'] for s in skipped[:3]]
-    raise NoUsableClips(empty, f'{len(skipped)} clips skipped, e.g. {reasons}')
-  manifest = {
-    'settings': settings,
-    'domains': list(domains),
-    'teacher_dims': teacher_dims(directory, shards, domains),
-    'num_clips': {s: sum(c.values()) for s, c in counts.items()},
-    'clips_per_domain': counts,
-    'shards': shards,
-    'tokenizer': codebook_digest(codebooks) if codebooks else 'token files',
-    'skipped': skipped,
-  }
-  write_json(directory / MANIFEST, manifest)
-  logging.info(
-    'feature store ready in %s: %s clips, %d skipped',
-    directory,
-    manifest['num_clips'],
-    len(skipped),
-  )
-  return manifest
-
-
-def teacher_dims(directory, shards: dict, domains) -> dict:
-  """{domain: C_d} read off the first record of each domain."""
-  dims = {}
-  for split, entries in shards.items():
-    for entry in entries:
-      if len(dims) == len(domains):
-        return dims
-      if not entry['num_records']:
-        continue
-      sidecar = json.loads((directory / split / f'{entry["name"]}.json').read_text())
-      missing = {domains[d] for d in sidecar['domain']} - set(dims)
-      if not missing:
-        continue
-      reader = array_record_module.ArrayRecordReader(
-        str(directory / split / f'{entry["name"]}.array_record')
-      )
-      for i, d in enumerate(sidecar['domain']):
-        if domains[d] not in dims:
-          record = decode_record(reader.read([i])[0])
-          dims[domains[d]] = int(record['teacher'].shape[-1])
-      reader.close()
-  return dims
-
-
-def sync_processes(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)

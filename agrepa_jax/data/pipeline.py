@@ -8,6 +8,7 @@ to checkpoint is therefore just the step (or records consumed = step·B), so a r
 resumes on M hosts.
 """
 
+import functools
 import json
 import sys
 
@@ -18,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from agrepa_jax import audio
-from agrepa_jax.data import features
+from agrepa_jax.data import records
 from agrepa_jax.data.spec import BatchSpec
 
 SILENCE = float(audio.normalize(np.log(audio.LOG_FLOOR)))  # the normalized mel of silence
@@ -27,29 +28,41 @@ SILENCE = float(audio.normalize(np.log(audio.LOG_FLOOR)))  # the normalized mel 
 class FeatureSplit:
   """Random access to one split of the store; `split[i]` is clip i cropped from its start.
 
-  Also offers what probe, sample and eval read: `clips` (id, path, text, domain per record),
+  Opening reads the store's compact index only (records per shard, each record's domain and
+  length): nothing per clip or per shard, and shard files are opened as records are read, at
+  most records.MAX_OPEN_SHARDS at a time. Also offers what probe, sample and eval read: `clips`
+  (id, path, text, labels, domain per record, from the shard sidecars on first use),
   `arrays['domain']` and `indices_of_domain`.
   """
 
   def __init__(self, directory: epath.Path, split: str, spec: BatchSpec, domains: tuple[str, ...]):
     self.directory, self.split, self.spec, self.domains = directory, split, spec, domains
-    manifest = json.loads((directory / features.MANIFEST).read_text())
-    self.shards = [s['name'] for s in manifest['shards'][split] if s['num_records']]
-    sidecars = [json.loads((directory / split / f'{n}.json').read_text()) for n in self.shards]
-    self.arrays = {
-      'domain': np.array([d for s in sidecars for d in s['domain']], np.int32),
-      'num_samples': np.array([n for s in sidecars for n in s['num_samples']], np.int64),
-    }
-    paths = [str(directory / split / f'{n}.array_record') for n in self.shards]
-    self.source = grain.sources.ArrayRecordDataSource(paths) if paths else None
+    manifest = json.loads((directory / 'manifest.json').read_text())
+    self.settings = manifest['settings']
+    with (directory / 'index.npz').open('rb') as f, np.load(f) as index:
+      lengths = index[f'{split}/shard_lengths']
+      self.arrays = {
+        'domain': index[f'{split}/domain'].astype(np.int32),
+        'num_samples': index[f'{split}/num_samples'],
+      }
+    self.shard_lengths = lengths
+    paths = [str(records.shard_path(directory, split, i)) for i in range(len(lengths))]
+    self.source = records.ShardedRecords(paths, lengths)
     self._clips = None
+
+  @functools.cached_property
+  def codec(self):
+    return records.features_dict(self.settings, self.domains)
+
+  def __getstate__(self):  # grain worker processes rebuild the codec
+    return {k: v for k, v in self.__dict__.items() if k != 'codec'}
 
   def __len__(self):
     return len(self.arrays['domain'])
 
   def record(self, index: int) -> dict:
     """The stored record of clip `index` (native length)."""
-    return features.decode_record(self.source[int(index)])
+    return records.decode(self.codec, self.source[int(index)])
 
   def __getitem__(self, index) -> dict:
     """Clip `index` as a batch row cropped from its start, mel in float32 (for probe and eval)."""
@@ -58,15 +71,25 @@ class FeatureSplit:
 
   @property
   def clips(self) -> list[dict]:
-    """{'id', 'path', 'text', 'domain'} of every record, read from the sidecars on first use."""
+    """{'id', 'path', 'text', 'labels', 'domain'} of every record, read from the shard sidecars
+    on first use."""
     if self._clips is None:
       self._clips = []
-      for name in self.shards:
-        sidecar = json.loads((self.directory / self.split / f'{name}.json').read_text())
+      for index, length in enumerate(self.shard_lengths):
+        if not length:
+          continue
+        sidecar = json.loads(
+          (self.directory / 'shards' / f'{self.split}-{index:05d}.json').read_text()
+        )
         self._clips += [
-          {'id': i, 'path': p, 'text': t, 'domain': self.domains[d]}
-          for i, p, t, d in zip(
-            sidecar['ids'], sidecar['paths'], sidecar['texts'], sidecar['domain']
+          {'id': i, 'path': p, 'text': t, 'labels': labels, 'domain': self.domains[d]}
+          for i, p, t, labels, d in zip(
+            sidecar['ids'],
+            sidecar['paths'],
+            sidecar['texts'],
+            sidecar['labels'],
+            sidecar['domain'],
+            strict=True,
           )
         ]
     return self._clips

@@ -1,18 +1,22 @@
-"""From `config.data` and `config.teachers` to the train and held-out sources a run reads.
+"""From `config.data` and `config.teachers` to the feature store and the splits a run reads.
 
-corpora (listing) -> tfds datasets (datasets.py, ArrayRecord) -> feature store (features.py,
-ArrayRecord shards) -> grain (pipeline.py). The embedded corpus takes the same path as LibriSpeech
-and AudioSet.
+corpora (sources.py: listings) -> feature store (store.py: plan, tokenizer, shards, index) ->
+grain (pipeline.py). The embedded corpus takes the same path as LibriSpeech, AudioSet and plain
+folders of audio. A training start opens the store's index and reads nothing else; only
+`--mode features` lists the corpora again, so added, removed or changed files are picked up there.
 """
 
-import functools
 import json
+import logging
+import os
+import time
 
 import jax
+import numpy as np
 from etils import epath
 
 from agrepa_jax import audio
-from agrepa_jax.data import datasets, features, sources
+from agrepa_jax.data import claims, features, sources, store
 from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.data.pipeline import FeatureSplit
 
@@ -31,6 +35,9 @@ def store_settings(config) -> dict:
     'source': data.source,
     'domains': list(data.domains),
     'datasets': {d: data.datasets[d] for d in data.domains} if data.source != 'embedded' else {},
+    'splits': {d: [data.train_splits[d], data.heldout_splits[d]] for d in data.domains}
+    if data.source != 'embedded'
+    else {},
     'max_samples': round(max_seconds * audio.SAMPLE_RATE),
     'heldout_fraction': data.heldout_fraction,
     'token_rate': data.token_rate,
@@ -51,104 +58,61 @@ def store_directory(config) -> epath.Path:
   return cache_root(config) / f'features-{features.store_key(store_settings(config))}'
 
 
-def on_process_zero_first(name: str, fn):
-  """fn() on process 0, then on the others once it is done (for work that writes shared files)."""
-  if jax.process_index() != 0:
-    features.sync_processes(name)
-  result = fn()
-  if jax.process_index() == 0:
-    features.sync_processes(name)
-  return result
-
-
-def listings(config) -> list[tuple[sources.Listing, dict]]:
-  """[(listing, {domain: (train splits, heldout split or '')})] of the configured corpora."""
+def embedded_root(config) -> epath.Path:
   data = config.data
+  return cache_root(config) / (
+    f'embedded-{data.seed}-{data.num_speech}-{data.num_audio}-{data.clip_seconds}'
+  )
+
+
+def generate_embedded_corpus(config) -> None:
+  """The embedded corpus, generated once (one builder generates, the others wait for it)."""
+  from agrepa_jax.data import synth
+
+  data, root = config.data, embedded_root(config)
+  holder = claims.Claims(cache_root(config) / 'claims', stale_after=600.0)
+  claims.run_once(
+    holder,
+    root.name,
+    is_done=(root / synth.STAMP_NAME).exists,
+    work=lambda: synth.build_embedded_corpus(
+      root, data.num_speech, data.num_audio, data.seed, seconds=data.clip_seconds
+    ),
+  )
+
+
+def corpora(config) -> list[store.Corpus]:
+  """One Corpus per configured domain."""
+  data = config.data
+  fraction = data.heldout_fraction
   if data.source == 'embedded':
-    root = cache_root(config) / (
-      f'embedded-{data.seed}-{data.num_speech}-{data.num_audio}-{data.clip_seconds}'
-    )
-    listing = on_process_zero_first(
-      'embedded-corpus',
-      lambda: sources.embedded_listing(
-        root, data.num_speech, data.num_audio, data.seed, data.clip_seconds
-      ),
-    )
-    return [(listing, {d: (['train'], '') for d in data.domains})]
+    generate_embedded_corpus(config)
+    root = str(embedded_root(config))
+    return [
+      store.Corpus(d, 'embedded', root, sources.Splits(('train',), '', fraction))
+      for d in data.domains
+    ]
   if data.source != 'directories':
     raise ValueError(f"data.source={data.source!r}: expected 'embedded' or 'directories'")
   out = []
   for domain in data.domains:
-    directory = data.get(f'{domain}_dir', '')
-    if not directory:
+    root = data.get(f'{domain}_dir', '')
+    if not root:
       raise ValueError(
         f'data.{domain}_dir is empty: give the {domain} corpus or drop {domain!r} from data.domains'
       )
-    name = data.datasets[domain]
-    if name not in sources.LISTINGS:
-      raise ValueError(f'data.datasets.{domain}={name!r}: expected one of {list(sources.LISTINGS)}')
-    list_corpus = functools.partial(sources.LISTINGS[name], directory, cache_root(config))
-    listing = on_process_zero_first(f'listing-{domain}', list_corpus)  # 0 caches archive scans
-    out.append((listing, {domain: chosen_splits(listing, domain, data)}))
-  return out
-
-
-def chosen_splits(listing: sources.Listing, domain: str, data) -> tuple[list[str], str]:
-  """The configured train splits and held-out split that the listing holds."""
-  wanted = [s for s in data.train_splits[domain].split('+') if s]
-  train = [s for s in wanted if s in listing.splits] or (
-    ['train'] if 'train' in listing.splits else []
-  )
-  if not train:
-    raise ValueError(
-      f'data.train_splits.{domain}={data.train_splits[domain]!r}: none of these splits is in '
-      f'{listing.root} (it holds {sorted(listing.splits)})'
+    kind = data.datasets[domain]
+    if kind not in sources.CORPORA:
+      raise ValueError(f'data.datasets.{domain}={kind!r}: expected one of {list(sources.CORPORA)}')
+    configured = sources.Splits(
+      tuple(s for s in data.train_splits[domain].split('+') if s),
+      data.heldout_splits.get(domain, ''),
+      fraction,
     )
-  heldout = data.heldout_splits[domain]
-  return train, heldout if heldout in listing.splits else ''
-
-
-def clip_refs(listing: sources.Listing, plan: dict, heldout_fraction: float) -> list:
-  """ClipRefs of a listing's clips for the domains and splits of `plan`."""
-  refs = []
-  for domain, (train_splits, heldout_split) in plan.items():
-    for split in [*train_splits, heldout_split] if heldout_split else train_splits:
-      for index, entry in enumerate(listing.splits[split]):
-        if entry.fields.get('domain', domain) != domain:
-          continue
-        clip_id = f'{domain}/{entry.id}'
-        if split == heldout_split:
-          role = 'heldout'
-        elif heldout_split:
-          role = 'train'
-        else:
-          role = features.split_of(clip_id, heldout_fraction)
-        refs.append(
-          features.ClipRef(
-            clip_id,
-            domain,
-            role,
-            f'{listing.name}/{split}',
-            index,
-            entry.stamp,
-            entry.path,
-            entry.fields.get('text', ''),
-          )
-        )
-  return refs
-
-
-class TfdsBytes:
-  """read_bytes(ClipRef) over the tfds datasets, each opened once per process."""
-
-  def __init__(self, built: dict):
-    self.built, self.open = built, {}
-
-  def __call__(self, ref: features.ClipRef) -> bytes:
-    if ref.source not in self.open:
-      name, split = ref.source.split('/')
-      self.open[ref.source] = self.built[name].as_data_source(split)
-    return self.open[ref.source][ref.index]['audio']
+    out.append(
+      store.Corpus(domain, kind, root, sources.resolve_splits(domain, kind, root, configured))
+    )
+  return out
 
 
 def load_teachers(config) -> dict:
@@ -165,41 +129,59 @@ def load_teachers(config) -> dict:
   return per_domain
 
 
-def build(config) -> dict:
-  """Builds, resumes or updates the tfds datasets and the feature store of `config`; every process
-  takes part. Returns the store's manifest."""
-  domains = tuple(config.data.domains)
-  refs, built = [], {}
-  for listing, plan in listings(config):
-    built[listing.name] = on_process_zero_first(
-      f'tfds-{listing.name}', lambda listing=listing: datasets.build(listing, cache_root(config))
-    )
-    refs += clip_refs(listing, plan, config.data.heldout_fraction)
+def feature_store(config, options: store.BuildOptions | None = None) -> store.Store:
+  return store.Store(
+    store_directory(config),
+    store_settings(config),
+    config.data.domains,
+    corpora(config),
+    lambda: load_teachers(config),
+    options,
+  )
+
+
+def job_options(**overrides) -> store.BuildOptions:
+  """Build options of this process of a (possibly multi-process) job."""
+  return store.BuildOptions(
+    process=jax.process_index(), num_processes=jax.process_count(), **overrides
+  )
+
+
+def build(config, options: store.BuildOptions | None = None) -> dict:
+  """Builds, resumes or updates the feature store of `config` (this builder's share; every
+  process of a job takes part). Returns the store's manifest with this builder's figures
+  (`this_run`) and, when the index is written, the report (`skipped`, `problems`)."""
+  built = feature_store(config, options or job_options())
   try:
-    manifest = features.build_store(
-      refs,
-      store_directory(config),
-      store_settings(config),
-      domains,
-      TfdsBytes(built),
-      lambda: load_teachers(config),
-    )
+    complete = built.build()
   except features.NoUsableClips as e:
     roots = {d: config.data.get(f'{d}_dir') or 'the embedded corpus' for d in e.domains}
     raise ValueError(f'{e}; no usable audio file in {roots}') from e
-  manifest['missing'] = {b.listing.corpus: b.listing.missing for b in built.values()}
-  for domain in domains:
+  stats = {
+    **built.stats,
+    'clips_per_second': built.stats['clips'] / max(built.stats['seconds'], 1e-9),
+  }
+  if not complete:
+    return {'complete': False, 'this_run': stats}
+  manifest = json.loads((built.directory / 'manifest.json').read_text())
+  report = json.loads((built.directory / 'report.json').read_text())
+  check_teacher_dims(config, manifest['teacher_dims'])
+  return {'complete': True, **manifest, **report, 'this_run': stats}
+
+
+def check_teacher_dims(config, found: dict) -> None:
+  for domain in config.data.domains:
     dim = int(config.teachers[domain].dim)
-    if dim and dim != manifest['teacher_dims'][domain]:
+    if dim and dim != found[domain]:
       raise ValueError(
-        f'teachers.{domain}.dim={dim}, but the {domain} teacher gives '
-        f'{manifest["teacher_dims"][domain]}-d features'
+        f'teachers.{domain}.dim={dim}, but the {domain} teacher gives {found[domain]}-d features'
       )
-  return manifest
 
 
-def open_store(config, manifest: dict) -> tuple[FeatureSplit, FeatureSplit, dict]:
+def open_store(config) -> tuple[FeatureSplit, FeatureSplit, dict]:
   directory = store_directory(config)
+  manifest = json.loads((directory / 'manifest.json').read_text())
+  check_teacher_dims(config, manifest['teacher_dims'])
   spec = spec_lib.batch_spec(config, manifest['teacher_dims'])
   domains = tuple(config.data.domains)
   meta = {**manifest, 'directory': str(directory)}
@@ -211,26 +193,55 @@ def open_store(config, manifest: dict) -> tuple[FeatureSplit, FeatureSplit, dict
 
 
 def prepare(config) -> tuple[FeatureSplit, FeatureSplit, dict]:
-  """Builds what is missing or changed, then opens the store's splits.
+  """Opens the store; builds it first where it has no index yet (the first start of a run whose
+  store was not built with --mode features, or whose batch build left the index to it).
 
-  A finished store of the embedded corpus is opened as it is (the corpus is fixed by the settings
-  its key holds); real corpora are listed again, so added, removed or changed files are built in.
+  An existing index is used as it is: corpus changes are picked up by `--mode features`.
   """
-  manifest_path = store_directory(config) / features.MANIFEST
-  if config.data.source == 'embedded' and manifest_path.exists():
-    return open_store(config, json.loads(manifest_path.read_text()))
-  return open_store(config, build(config))
+  if not (store_directory(config) / store.INDEX).exists():
+    build(config)
+  return open_store(config)
 
 
-def write_features_report(config, workdir) -> dict:
-  """--mode features: builds the store and writes what it holds to DIR/features.json."""
-  manifest = build(config)
+def scan_id() -> str:
+  """One id for one scan of the corpora by every builder of a job: a SLURM array's job id, or
+  AGREPA_SCAN_ID; the processes of a jax.distributed job take process 0's clock."""
+  for variable in ('AGREPA_SCAN_ID', 'SLURM_ARRAY_JOB_ID'):
+    if os.environ.get(variable):
+      return os.environ[variable]
+  now = np.int64(time.time_ns())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    now = multihost_utils.broadcast_one_to_all(now)
+  return f'scan-{int(now)}'
+
+
+def write_features_report(config, workdir, task: int | None = None, num_tasks: int = 1) -> dict:
+  """--mode features: lists the corpora again, builds what changed (this task's slice with
+  `task`), verifies the checksums of finished shards, and when every shard is done writes the
+  index and DIR/features.json."""
+  if task is not None and not 0 <= task < num_tasks:
+    raise ValueError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
+  scan = scan_id() if task is None or os.environ.get('SLURM_ARRAY_JOB_ID') else ''
+  options = job_options(task=task, num_tasks=num_tasks, scan=scan, verify=True)
+  manifest = build(config, options)
+  if not manifest['complete']:
+    logging.info(
+      'features: task %d of %d done (%s); the index is written once every shard is built',
+      task,
+      num_tasks,
+      manifest['this_run'],
+    )
+    return manifest
   report = {
     'store': str(store_directory(config)),
     'num_clips': manifest['num_clips'],
     'clips_per_domain': manifest['clips_per_domain'],
-    'missing_on_disk': manifest['missing'],
+    'num_shards': manifest['num_shards'],
+    'missing_on_disk': missing_counts(manifest['problems']),
     'skipped': manifest['skipped'],
+    'problems': manifest['problems'],
     'teacher_dims': manifest['teacher_dims'],
     'teachers': {d: dict(config.teachers[d]) for d in config.data.domains},
     'this_run': manifest['this_run'],
@@ -238,5 +249,15 @@ def write_features_report(config, workdir) -> dict:
   if jax.process_index() == 0:
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'features.json').write_text(json.dumps(report, indent=2, default=str))
+    features.write_json(workdir / 'features.json', report)
   return report
+
+
+def missing_counts(problems: list) -> dict:
+  """{domain: clips a corpus lists (an AudioSet CSV row) that are not on disk}."""
+  counts = {}
+  for problem in problems:
+    if problem['reason'].endswith('but not on disk'):
+      domain = problem['id'].split('/')[0]
+      counts[domain] = counts.get(domain, 0) + 1
+  return counts
