@@ -58,10 +58,12 @@ def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.n
   """
   if not data:
     raise AudioDecodeError(f'{name}: file holds no audio samples (empty file)')
+  buffer = io.BytesIO(data)
   try:
-    wave, file_rate = sf.read(io.BytesIO(data), dtype='float32', always_2d=True)
+    wave, file_rate = sf.read(buffer, dtype='float32', always_2d=True)
   except Exception as e:  # soundfile raises several types for unreadable files
-    raise AudioDecodeError(f'{name}: cannot decode audio ({e})') from e
+    reason = str(e).replace(f'Error opening {buffer!r}: ', '')  # no object address in reports
+    raise AudioDecodeError(f'{name}: cannot decode audio ({reason})') from e
   if wave.size == 0:
     raise AudioDecodeError(f'{name}: file holds no audio samples')
   if not np.all(np.isfinite(wave)):

@@ -26,8 +26,7 @@ matplotlib.use('Agg')
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from agrepa_jax import config_base, files, metrics, selection, train  # noqa: E402
-from agrepa_jax.data import features  # noqa: E402
+from agrepa_jax import config_base, files, metrics, selection, sharding, train  # noqa: E402
 
 PHASE_ONE = 'none'
 # Metrics compared across variants; lower is better for each.
@@ -117,7 +116,7 @@ def run_seed(config, workdir: epath.Path, allow_config_change: bool = False) -> 
     from agrepa_jax.probe import report
 
     report.run_probe(phase_one, workdirs[PHASE_ONE])
-    features.sync_processes('probe-written')  # process 0 wrote it; every process reads it
+    sharding.sync_processes('probe-written')  # process 0 wrote it; every process reads it
   selection_file = phase_one_selection(config, workdirs[PHASE_ONE])
   for variant in config.compare.variants:
     if variant == PHASE_ONE:

@@ -167,3 +167,11 @@ def global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
   )
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of a multi-process job reaches this point (a no-op alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

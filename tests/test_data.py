@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import pathlib
 
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from agrepa_jax import audio
-from agrepa_jax.data import features, pipeline, prepare, sources, tokenizer
+from agrepa_jax.data import features, pipeline, prepare, records, sources, store, tokenizer
 from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.teachers.base import TeacherSpec
 from tests import helpers
@@ -149,11 +150,21 @@ def corpora(tmp_path, monkeypatch):
 
 
 def store_files(directory):
+  """The bytes of every file of a store but its claims and listing metadata (which name the
+  scan that wrote them)."""
   return {
     str(p.relative_to(directory)): p.read_bytes()
     for p in sorted(pathlib.Path(directory).rglob('*'))
-    if p.is_file()
+    if p.is_file() and p.parent.name != 'claims' and not p.name.endswith('.meta.json')
   }
+
+
+def rescan(config, **options):
+  """What --mode features does: list the corpora again and build what changed."""
+  return prepare.build(config, store.BuildOptions(scan=f'scan-{next(SCANS)}', **options))
+
+
+SCANS = itertools.count()
 
 
 @pytest.mark.slow
@@ -166,7 +177,7 @@ def test_librispeech_and_audioset_build_features_train_and_resume(corpora):
     'train': {'speech': 8, 'audio': 6},  # 8 good flacs; 7 clips of 8 listed, 1 corrupt
     'heldout': {'speech': 3, 'audio': 3},  # dev-clean and eval
   }
-  assert report['missing_on_disk'] == {'librispeech': 0, 'audioset': 1}
+  assert report['missing_on_disk'] == {'audio': 1}
   reasons = {s['id']: s['reason'] for s in report['skipped']}
   assert set(reasons) == {
     'speech/19-198-0100',
@@ -177,10 +188,15 @@ def test_librispeech_and_audioset_build_features_train_and_resume(corpora):
   assert 'NaN' in reasons['speech/19-198-0100'] and '0100.wav' in reasons['speech/19-198-0100']
   assert 'empty' in reasons['speech/19-198-0101'] and 'too short' in reasons['speech/19-198-0102']
   assert 'cannot decode' in reasons['audio/vid00000006_60']
+  problems = {(p['id'], p['reason']) for p in report['problems']}
+  assert ('audio/vid00000007_70', 'listed in balanced_train but not on disk') in problems
+  assert ('speech/19-198-0101', 'utterance has no transcript line') in problems
   train_split, heldout, meta = prepare.prepare(config)
   assert meta['teacher_dims'] == {'speech': 8, 'audio': 8}
   clip = next(c for c in heldout.clips if c['id'] == 'speech/84-198-0002')
   assert clip['text'] == 'WORDS OF 84-198-0002' and clip['domain'] == 'speech'
+  audio_clip = next(c for c in train_split.clips if c['id'] == 'audio/vid00000001_10')
+  assert audio_clip['labels'] == ['Music', 'Speech']
   # a stored record is the clip at its native length, with its own domain's teacher target
   i = [c['id'] for c in train_split.clips].index('speech/26-198-0003')
   record = train_split.record(i)
@@ -200,29 +216,56 @@ def test_librispeech_and_audioset_build_features_train_and_resume(corpora):
 def test_resumed_build_equals_clean_build_and_changes_rebuild_only_their_shards(corpora):
   config = corpus_config(corpora)
   directory = prepare.store_directory(config)
-  prepare.build(config)
+  first = rescan(config)
   clean = store_files(directory)
-  # a crash: some shards and the manifest never written
-  shards = sorted(directory.glob('train/shard-*.json'))
-  for p in shards[1:3] + [directory / 'manifest.json']:
+  # a crash: two shards and the index never finished
+  sidecars = sorted(directory.glob('shards/train-*.json'))
+  for p in sidecars[1:3] + [directory / 'index.json']:
     p.unlink()
-  FakeTeacher.calls = 0
-  manifest = prepare.build(config)
-  assert manifest['this_run']['computed'] == 2
+  assert rescan(config)['this_run']['computed'] == 2
   assert store_files(directory) == clean
-  # a file added and one removed (both outside the tokenizer's sample): only their shards rebuild
+  # an utterance added and one removed: only their shards are computed again
   chapter = corpora / 'librispeech' / 'LibriSpeech' / 'train-clean-100' / '26' / '198'
-  rank = lambda stem: features.stable_hash(f'speech/{stem}')
-  sampled = sorted(rank(f'{s}-198-{u:04d}') for s in (19, 26) for u in range(4))[:5]
-  added = next(f'26-198-{u:04d}' for u in range(10, 99) if rank(f'26-198-{u:04d}') > sampled[-1])
-  removed = max((f'26-198-{u:04d}' for u in range(4)), key=rank)
-  write_wave(chapter / f'{added}.flac', seconds=0.7, freq=333)
-  (chapter / f'{removed}.flac').unlink()
-  manifest = prepare.build(config)
-  assert 1 <= manifest['this_run']['computed'] <= 2
-  assert manifest['clips_per_domain']['train']['speech'] == 8
+  write_wave(chapter / '26-198-0004.flac', seconds=0.7, freq=333)
+  (chapter / '26-198-0001.flac').unlink()
+  again = rescan(config)
+  assert 1 <= again['this_run']['computed'] <= 2 < first['this_run']['computed']
+  assert again['clips_per_domain']['train']['speech'] == 8
   ids = [c['id'] for c in prepare.prepare(config)[0].clips]
-  assert f'speech/{added}' in ids and f'speech/{removed}' not in ids
+  assert 'speech/26-198-0004' in ids and 'speech/26-198-0001' not in ids
+  assert again['this_run']['listed'] == again['units'].__len__()  # a scan lists every unit
+
+
+def test_a_training_start_reads_the_index_only(corpora, monkeypatch):
+  config = corpus_config(corpora)
+  prepare.build(config)
+
+  def forbidden(*args):
+    raise AssertionError('a training start listed the corpus')
+
+  monkeypatch.setattr(sources, 'relative_files', forbidden)
+  monkeypatch.setattr(sources, 'size_and_mtime', forbidden)
+  train_split, heldout, _ = prepare.prepare(config)
+  assert len(train_split) == 14 and len(heldout) == 6
+  assert train_split.source.open_files() == 0  # shard files open on first read
+
+
+def test_the_store_opens_with_tfds_and_without_tensorflow(corpora):
+  import sys
+
+  import tensorflow_datasets as tfds
+
+  config = corpus_config(corpora)
+  prepare.build(config)
+  train_split, _, _ = prepare.prepare(config)
+  source = tfds.data_source(records.DATASET, data_dir=str(prepare.store_directory(config)))
+  assert len(source['train']) == len(train_split)
+  example = source['train'][3]
+  ours = train_split.record(3)
+  assert example['id'].decode() == ours['id']
+  np.testing.assert_array_equal(example['mel'].view(ml_dtypes.bfloat16), ours['mel'])
+  np.testing.assert_array_equal(example['tokens'], ours['tokens'])
+  assert 'tensorflow' not in sys.modules
 
 
 def test_directory_without_usable_files_and_missing_domain_fail_clearly(corpora, tmp_path):
@@ -238,25 +281,31 @@ def test_directory_without_usable_files_and_missing_domain_fail_clearly(corpora,
   assert prepare.build(speech_only)['num_clips']['train'] == 8
 
 
+def fixture_ids(corpora) -> dict:
+  """{domain: corpus ids} of the clips the fixtures write."""
+  speech = [p.stem for p in (corpora / 'librispeech').rglob('*') if p.suffix in ('.flac', '.wav')]
+  youtube = [
+    p.stem[1:12] if p.stem.startswith('Y') else p.stem[:11]
+    for p in (corpora / 'audioset' / 'audio').iterdir()
+  ]
+  starts = {f'vid{i:08d}': 10 * i for i in range(8)} | {f'evl{i:08d}': 30 for i in range(3)}
+  return {'speech': speech, 'audio': [f'{y}_{starts[y]}' for y in youtube]}
+
+
 def test_external_tokens_are_cut_with_the_audio_at_their_own_rate(corpora):
   token_dir = corpora / 'tokens'
   config = corpus_config(corpora, **{'data.token_dir': str(token_dir), 'data.token_rate': 25.0})
-  for listing in (sources.librispeech_listing(config.data.speech_dir),):
-    for entries in listing.splits.values():
-      for e in entries:
-        (token_dir / 'speech').mkdir(parents=True, exist_ok=True)
-        np.save(token_dir / 'speech' / f'{e.id}.npy', np.arange(60) % 4)  # 2.4 s of tokens
-  for listing in (sources.audioset_listing(config.data.audio_dir),):
-    for entries in listing.splits.values():
-      for e in entries:
-        (token_dir / 'audio').mkdir(parents=True, exist_ok=True)
-        np.save(token_dir / 'audio' / f'{e.id}.npy', np.arange(60) % 4)
+  for domain, ids in fixture_ids(corpora).items():
+    (token_dir / domain).mkdir(parents=True, exist_ok=True)
+    for clip_id in ids:
+      np.save(token_dir / domain / f'{clip_id}.npy', np.arange(60) % 4)  # 2.4 s of tokens
   train_split, _, _ = prepare.prepare(config)
   i = [c['id'] for c in train_split.clips].index('speech/26-198-0001')  # 0.6 s of audio
   record = train_split.record(i)
   np.testing.assert_array_equal(record['tokens'], [np.arange(15) % 4])  # the first 0.6 s
   row = pipeline.crop_record(record, train_split.spec, train_split.domains, start_token=5)
   np.testing.assert_array_equal(row['tokens'][0], np.r_[np.arange(5, 15) % 4, 0, 0])
+  assert not (prepare.store_directory(config) / 'tokenizer').exists()
 
 
 def test_crops_keep_mel_teacher_frames_and_tokens_aligned():
@@ -384,7 +433,7 @@ def test_data_position_is_global_two_hosts_resume_on_one():
   np.testing.assert_array_equal(next(resumed)['index'], next(one)['index'])
 
 
-def test_librispeech_listing_reads_transcripts_and_ids(tmp_path):
+def test_a_plain_speech_tree_is_one_train_split_with_its_transcripts(tmp_path):
   chapter = tmp_path / '19' / '198'
   chapter.mkdir(parents=True)
   write_wave(chapter / '19-198-0000.flac')
@@ -392,18 +441,53 @@ def test_librispeech_listing_reads_transcripts_and_ids(tmp_path):
   (chapter / '19-198.trans.txt').write_text(
     '19-198-0000 NORTHANGER ABBEY\n19-198-0001 THIS LITTLE WORK\n'
   )
-  listing = sources.librispeech_listing(str(tmp_path))
-  assert list(listing.splits) == ['train']  # no official split folders: one split
-  assert [(e.id, e.fields['text'], e.fields['speaker_id']) for e in listing.splits['train']] == [
-    ('19-198-0000', 'NORTHANGER ABBEY', 19),
-    ('19-198-0001', 'THIS LITTLE WORK', 19),
+  splits = sources.resolve_splits(
+    'speech', 'librispeech', str(tmp_path), sources.Splits(('train_clean_100',), 'dev_clean', 0.0)
+  )
+  assert splits == sources.Splits(('train',), '', 0.0)  # no official split folders: one split
+  units = sources.corpus_units('speech', 'librispeech', str(tmp_path), splits)
+  listings = [sources.list_unit(u, splits)[0] for u in units]
+  clips = sorted(
+    (i, t) for listing in listings for i, t in zip(listing.columns['id'], listing.columns['text'])
+  )
+  assert clips == [
+    ('speech/19-198-0000', 'NORTHANGER ABBEY'),
+    ('speech/19-198-0001', 'THIS LITTLE WORK'),
   ]
+  assert sum(len(listing) for listing in listings if listing.unit.bucket == units[0].bucket) in (
+    0,
+    2,
+  )
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    sources.librispeech_listing(str(tmp_path / 'nowhere'))
+    sources.corpus_units('speech', 'librispeech', str(tmp_path / 'nowhere'), splits)
+
+
+def test_a_folder_of_audio_is_a_dataset_with_labels_from_sub_folders(tmp_path, monkeypatch):
+  for label, count in (('dog', 3), ('rain', 2)):
+    (tmp_path / 'clips' / label).mkdir(parents=True)
+    for i in range(count):
+      write_wave(tmp_path / 'clips' / label / f'{label}{i}.wav', 0.6, 16000, 300 + 90 * i)
+  monkeypatch.setattr(
+    prepare, 'load_teachers', lambda c: {d: FakeTeacher() for d in c.data.domains}
+  )
+  config = corpus_config(
+    tmp_path,
+    **{
+      'data.domains': ('audio',),
+      'data.audio_dir': str(tmp_path / 'clips'),
+      'data.datasets': {'speech': 'librispeech', 'audio': 'folder'},
+      'data.heldout_fraction': 0.3,
+    },
+  )
+  report = prepare.build(config)
+  assert sum(report['num_clips'].values()) == 5 and not report['problems']
+  train_split, heldout, _ = prepare.prepare(config)
+  labels = {c['id']: c['labels'] for c in train_split.clips + heldout.clips}
+  assert labels['audio/dog/dog1'] == ['dog'] and labels['audio/rain/rain0'] == ['rain']
 
 
 def test_external_token_files_are_checked(tmp_path):
-  ref = features.ClipRef('b', 'speech', 'train', 'x/train', 0, '', '')
+  ref = features.ClipRef('b', 'speech', 'train', 'unit', 'b.flac', -1, 10, 0)
   settings = {'codebook_size': 8, 'num_codebooks': 1}
   np.save(tmp_path / 'b.npy', np.array([[5, 6], [7, 8]]))
   with pytest.raises(ValueError, match='b.npy: holds 2 codebooks'):

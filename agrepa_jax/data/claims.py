@@ -65,7 +65,7 @@ class Claims:
     """{'owner', 'age'} of a live claim on `name`, None if there is none or it is stale."""
     path = self.path(name)
     try:
-      age = time.time() - path.stat().mtime
+      age = time.time() - modified_time(path)
       owner = json.loads(path.read_text() or '{}').get('owner', '?')
     except (FileNotFoundError, json.JSONDecodeError):
       return None
@@ -110,6 +110,11 @@ class Claims:
       stop.set()
       thread.join()
       self.release(name)
+
+
+def modified_time(path: epath.Path) -> float:
+  text = os.fspath(path)
+  return os.stat(text).st_mtime if '://' not in text else path.stat().mtime
 
 
 def touch(path: epath.Path) -> None:

@@ -124,11 +124,9 @@ class Store:
     meta = self.listing_meta(unit)
     if meta is None or meta['unit'] != dataclasses.asdict(unit):
       return False
-    if self.options.scan and meta['scan'] != self.options.scan:
-      return False
-    return not unit.archive or meta['stamp'] == sources.file_stamp(
-      epath.Path(unit.root).expanduser() / unit.archive
-    )
+    if unit.archive:  # its own size and mtime tell whether it changed
+      return meta['stamp'] == sources.file_stamp(epath.Path(unit.root).expanduser() / unit.archive)
+    return not self.options.scan or meta['scan'] == self.options.scan
 
   def list_unit(self, unit: sources.Unit) -> None:
     listing, gzip_index = sources.list_unit(unit, self.splits_of(unit))
