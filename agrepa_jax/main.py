@@ -60,6 +60,20 @@ flags.DEFINE_string(
   'multi-host jobs give a directory every host shares (gs://...), so that all hosts find the '
   'same compiled steps and reach their first collective together.',
 )
+flags.DEFINE_integer(
+  'task',
+  None,
+  'features: build slice TASK (0-based) of --num_tasks and stop: one task of a batch-job array '
+  '(SLURM, TPU-VM workers); no jax.distributed, no accelerator needed but for teachers. The task '
+  'that finds every shard built writes the index; a last --mode features without --task checks.',
+)
+flags.DEFINE_integer('num_tasks', 1, 'features: the number of tasks --task is one of.')
+flags.DEFINE_bool(
+  'refit_tokenizer',
+  False,
+  'features: fit the built-in tokenizer again (every shard is then computed again); otherwise the '
+  'fitted tokenizer is kept whatever clips are added.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -78,6 +92,12 @@ def main(argv):
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
   module, function = MODES[mode]
   options = {'allow_config_change': FLAGS.allow_config_change} if mode in TRAINING_MODES else {}
+  if mode == 'features':
+    options = {
+      'task': FLAGS.task,
+      'num_tasks': FLAGS.num_tasks,
+      'refit_tokenizer': FLAGS.refit_tokenizer,
+    }
   try:
     result = getattr(importlib.import_module(module), function)(config, workdir, **options)
   except console.RunError as e:

@@ -217,14 +217,18 @@ def scan_id() -> str:
   return f'scan-{int(now)}'
 
 
-def write_features_report(config, workdir, task: int | None = None, num_tasks: int = 1) -> dict:
+def write_features_report(
+  config, workdir, task: int | None = None, num_tasks: int = 1, refit_tokenizer: bool = False
+) -> dict:
   """--mode features: lists the corpora again, builds what changed (this task's slice with
   `task`), verifies the checksums of finished shards, and when every shard is done writes the
   index and DIR/features.json."""
   if task is not None and not 0 <= task < num_tasks:
     raise ValueError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
   scan = scan_id() if task is None or os.environ.get('SLURM_ARRAY_JOB_ID') else ''
-  options = job_options(task=task, num_tasks=num_tasks, scan=scan, verify=True)
+  options = job_options(
+    task=task, num_tasks=num_tasks, scan=scan, verify=True, refit_tokenizer=refit_tokenizer
+  )
   manifest = build(config, options)
   if not manifest['complete']:
     logging.info(

@@ -288,13 +288,22 @@ class Store:
   def tokenizer_path(self, domain: str) -> epath.Path:
     return self.directory / 'tokenizer' / f'{domain}.npy'
 
+  def tokenizer_is_fitted(self, domain: str) -> bool:
+    """Fitted; with refit_tokenizer, fitted in this scan (the builders of a scan refit once)."""
+    fitted_in = read_json(self.tokenizer_path(domain).with_suffix('.json'))
+    if fitted_in is None or not self.tokenizer_path(domain).exists():
+      return False
+    return not self.options.refit_tokenizer or fitted_in['scan'] == self.options.scan
+
   def ensure_tokenizers(self, sample: dict) -> dict:
     """{domain: [(V, C) codebook]}; {} with external token files."""
     if self.settings['token_dir']:
       return {}
-    if self.options.refit_tokenizer:
-      for d in self.domains:
-        self.tokenizer_path(d).unlink(missing_ok=True)
+    if self.options.refit_tokenizer and not self.options.scan:
+      raise ValueError(
+        '--refit_tokenizer with --task needs one scan id for all tasks: run it as a SLURM array '
+        '(SLURM_ARRAY_JOB_ID) or set AGREPA_SCAN_ID'
+      )
 
     def fit(name):
       domain = name[len('tokenizer-') :]
@@ -305,13 +314,15 @@ class Store:
       ]
       seed = self.settings['seed'] + self.domains.index(domain)
       codebooks = features.fit_tokenizer(self.clip_bytes(refs), domain, self.workers(), seed)
-      features.atomic_write(
-        self.tokenizer_path(domain), lambda local: features.save_npy(local, codebooks)
+      path = self.tokenizer_path(domain)
+      features.atomic_write(path, lambda local: features.save_npy(local, codebooks))
+      features.write_json(
+        path.with_suffix('.json'), {'scan': self.options.scan, 'clips': len(refs)}
       )
 
     self.share_work(
       [f'tokenizer-{d}' for d in self.domains],
-      is_done=lambda name: self.tokenizer_path(name[len('tokenizer-') :]).exists(),
+      is_done=lambda name: self.tokenizer_is_fitted(name[len('tokenizer-') :]),
       work=fit,
       what='the tokenizer',
     )
