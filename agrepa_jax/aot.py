@@ -58,9 +58,9 @@ def compile_train_step(config, devices=None):
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
   online, teacher_params = online_teachers(config, teacher_dims, mesh)
-  step = train.jit_train_step(
-    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh, online
-  )
+  batch_spec = data_spec.batch_spec(config, dict(zip(config.data.domains, teacher_dims)))
+  step_cfg = train.StepConfig.from_config(config, batch_spec)
+  step = train.jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh, online)
   compiled = step.lower(
     state_lib.abstract_with_shardings(shapes, shardings),
     abstract_batch(config, teacher_dims, mesh),

@@ -19,6 +19,7 @@ from flax import nnx
 from agrepa_jax import console, losses, metrics, selection, sharding
 from agrepa_jax import state as state_lib
 from agrepa_jax import workdir as workdir_lib
+from agrepa_jax.data import spec as data_spec
 from agrepa_jax.state import TrainState
 
 
@@ -29,12 +30,25 @@ class StepConfig:
   loss: losses.LossConfig
   ema_decay: float = 0.0  # > 0: keep a moving average of the parameters for inference
   sharding_rules: tuple = ()  # mesh.rules: logical axes -> mesh axes, for activation constraints
+  frame_shapes: tuple = ()  # stored teacher frames: (domain, F_d, C_d) of the packed batch key
 
   @classmethod
-  def from_config(cls, config) -> 'StepConfig':
+  def from_config(cls, config, batch_spec=None) -> 'StepConfig':
+    frames = batch_spec.frame_shapes if batch_spec is not None else ()
     return cls(
-      losses.LossConfig.from_config(config), config.optim.ema_decay, tuple(config.mesh.rules)
+      losses.LossConfig.from_config(config),
+      config.optim.ema_decay,
+      tuple(config.mesh.rules),
+      frames,
     )
+
+
+def with_stored_targets(batch, step_cfg: StepConfig):
+  """The batch with its packed stored teacher frames as per-domain views (data.spec)."""
+  if not step_cfg.frame_shapes or 'teacher_frames' not in batch:
+    return batch
+  frames = data_spec.unpack_frames(batch['teacher_frames'], step_cfg.frame_shapes)
+  return {**batch, 'teacher_frames': frames}
 
 
 def train_step(
@@ -45,6 +59,7 @@ def train_step(
   online (teachers.online): the frozen teachers (parameters `teacher_params`, never trained) first
   give the batch's targets from its audio (teachers/online.py).
   """
+  batch = with_stored_targets(batch, step_cfg)
   if online is not None:
     batch = {**batch, **online.targets(teacher_params, batch)}
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -71,6 +86,7 @@ def eval_step(
   state: TrainState, batch, key, teacher_params=None, *, graphdef, step_cfg, online=None
 ):
   """Held-out losses, dropout off, a fixed key: every evaluation draws the same t and noise."""
+  batch = with_stored_targets(batch, step_cfg)
   if online is not None:  # held-out batches are in store order: every teacher sees every row
     batch = {**batch, **online.targets(teacher_params, batch, by_layout=False)}
   model = nnx.merge(graphdef, state.inference_params(), state.frozen)
@@ -187,7 +203,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
 
   # ----- Model, optimizer and the jitted steps -----
   tx, schedule = state_lib.make_optimizer(config)
-  step_cfg = StepConfig.from_config(config)
+  step_cfg = StepConfig.from_config(config, train_source.spec)
   graphdef, shapes, shardings = state_lib.sharded_shapes(config, teacher_dims, tx, mesh)
   online, teacher_params = online_teachers(config, train_source.spec, mesh)
   train_step_fn = jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh, online)

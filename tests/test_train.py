@@ -28,9 +28,8 @@ def run_steps(config, mesh_axes, batches, lambdas):
   mesh = sharding.make_mesh(mesh_axes, jax.devices()[: int(np.prod(list(mesh_axes.values())))])
   tx, schedule = state_lib.make_optimizer(config)
   graphdef, state, shardings = state_lib.sharded_init(config, dims(config), tx, mesh)
-  step = train.jit_train_step(
-    graphdef, tx, schedule, train.StepConfig.from_config(config), shardings, mesh
-  )
+  step_cfg = train.StepConfig.from_config(config, prepare.prepare(config)[0].spec)
+  step = train.jit_train_step(graphdef, tx, schedule, step_cfg, shardings, mesh)
   history = []
   state = state.replace(lambdas=jnp.asarray(lambdas))
   for batch in batches:

@@ -139,13 +139,12 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
       raise ValueError(
         'the feature store holds no teacher frames; rebuild with data.teacher_frames=True'
       )
-    out['teacher_frames'] = {}
-    for d in domains:
-      frames = np.zeros((spec.teacher_frames[d], spec.teacher_dims[d]), np.float32)
-      if d == own:
-        first = round(start_seconds * spec.teacher_rates[d])
-        frames = fit_rows(np.asarray(record['teacher_frames'], np.float32)[first:], len(frames))
-      out['teacher_frames'][d] = frames
+    rows, width = spec.packed_frames
+    first = round(start_seconds * spec.teacher_rates[own])
+    own_frames = np.asarray(record['teacher_frames'])[first : first + spec.teacher_frames[own]]
+    packed = np.zeros((rows, width), ml_dtypes.bfloat16)
+    packed[: len(own_frames), : own_frames.shape[-1]] = own_frames
+    out['teacher_frames'] = packed
   if spec.audio_rates is not None:
     if 'audio' not in record:
       raise ValueError('the feature store holds no audio; rebuild it with teachers.online=True')

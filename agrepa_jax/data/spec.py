@@ -6,10 +6,12 @@ records that fit it, so the layout is written down once:
   mel (B, T, n_mels) bf16 (the loss casts it to float32 on the device), T = frames of clip_seconds
   at 24 kHz; num_samples (B,) int32 (24 kHz samples of real audio in the crop); domain (B,) int32;
   tokens (B, K, N) int32, N = round(clip_seconds · token_rate); teacher {domain: (B, C_d)
-  float32}; with teacher frames, teacher_frames {domain: (B, F_d, C_d) float32},
-  F_d = round(clip_seconds · fps_d); with online teachers (teachers.online), audio (B, S) int16:
-  each row's crop at its own domain's teacher rate r_d (PCM, 1.0 = 2**15), S the longest crop
-  S_d = round(clip_seconds · r_d) over the domains, zero past the row's audio and past S_d.
+  float32}; with teacher frames, teacher_frames (B, F, C) bf16: each row its own domain's
+  (F_d, C_d) frames, F_d = round(clip_seconds · fps_d), zero-padded to the largest F_d and C_d
+  (unpack_frames gives the per-domain views on the device); with online teachers
+  (teachers.online), audio (B, S) int16: each row's crop at its own domain's teacher rate r_d
+  (PCM, 1.0 = 2**15), S the longest crop S_d = round(clip_seconds · r_d) over the domains, zero
+  past the row's audio and past S_d.
 
 With online teachers the rows also follow a fixed layout: row i holds a clip of domain
 layout[i % K] (`domain_layout`), so each domain's rows are a static slice of the batch.
@@ -49,6 +51,18 @@ class BatchSpec:
     return round(self.num_samples * self.audio_rates[domain] / audio.SAMPLE_RATE)
 
   @property
+  def frame_shapes(self) -> tuple[tuple[str, int, int], ...]:
+    """(domain, F_d, C_d) of each domain's teacher frames in a crop; () without frames."""
+    if self.teacher_frames is None:
+      return ()
+    return tuple((d, self.teacher_frames[d], c) for d, c in self.teacher_dims.items())
+
+  @property
+  def packed_frames(self) -> tuple[int, int]:
+    """(F, C) of a row's packed teacher frames: the largest F_d and C_d over the domains."""
+    return max(f for _, f, _ in self.frame_shapes), max(c for _, _, c in self.frame_shapes)
+
+  @property
   def audio_length(self) -> int:
     """S: the audio columns of a batch, the longest S_d."""
     return max(self.audio_samples(d) for d in self.domains)
@@ -63,13 +77,17 @@ class BatchSpec:
       'tokens': ((b, self.num_codebooks, self.num_tokens), np.int32),
       'teacher': {d: ((b, c), np.float32) for d, c in self.teacher_dims.items()},
     }
-    if self.teacher_frames is not None:
-      out['teacher_frames'] = {
-        d: ((b, self.teacher_frames[d], c), np.float32) for d, c in self.teacher_dims.items()
-      }
+    if self.teacher_frames is not None:  # each row its own domain's frames, packed
+      out['teacher_frames'] = ((b, *self.packed_frames), ml_dtypes.bfloat16)
     if self.audio_rates is not None:
       out['audio'] = ((b, self.audio_length), np.int16)
     return out
+
+
+def unpack_frames(packed, frame_shapes) -> dict:
+  """(B, F, C) packed bf16 teacher frames -> {domain: (B, F_d, C_d) float32} views; a row's values
+  mean something only for its own domain (the losses weigh rows by domain)."""
+  return {d: packed[:, :f, :c].astype(np.float32) for d, f, c in frame_shapes}
 
 
 def crop_samples(seconds: float) -> int:
