@@ -552,3 +552,24 @@ def test_batch_spec_serves_aot_and_matches_reader_rows():
     row = pipeline.crop_record(record, batch_spec, batch_spec.domains, 0)
     expected = spec_lib.map_shapes(lambda shape, dtype: (shape[1:], np.dtype(dtype)), shapes)
     assert described(row) == expected
+
+
+class WindowedTeacher(FakeTeacher):
+  """FakeTeacher that takes at most 0.5 s at once (as Whisper takes at most 30 s)."""
+
+  spec = dataclasses.replace(FakeTeacher.spec, max_seconds=0.5)
+
+
+def test_a_clip_longer_than_the_teachers_window_is_read_window_by_window():
+  rng = np.random.default_rng(0)
+  waves = rng.standard_normal((3, 36000)).astype(np.float32)  # 1.5 s at 24 kHz
+  num_samples = np.array([36000, 20000, 9000])
+  for i, n in enumerate(num_samples):
+    waves[i, n:] = 0
+  mesh = features.feature_mesh()
+  whole = features.teacher_features(FakeTeacher(), waves, num_samples, mesh)
+  windowed = features.teacher_features(WindowedTeacher(), waves, num_samples, mesh)
+  assert windowed[1].shape == whole[1].shape == (3, 75, 8)  # 50 frames/s, 3 windows of 25
+  np.testing.assert_array_equal(windowed[2], whole[2])  # frames past each clip's end masked
+  np.testing.assert_allclose(windowed[1][whole[2]], whole[1][whole[2]], rtol=1e-6)
+  np.testing.assert_allclose(windowed[0], whole[0], rtol=1e-6)

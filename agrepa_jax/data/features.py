@@ -148,9 +148,10 @@ def teacher_features(
 
   waves (N, S) are 24 kHz, zero past num_samples; they are resampled to the teacher's rate, padded
   to `rows` rows rounded up to a multiple of the mesh size (one shape: the teacher compiles once)
-  and sharded over the mesh. pcm: `teacher_audio(waves, num_samples, rate)`, which the teacher then
-  reads instead: exactly the audio the store keeps for online teachers, so stored and online
-  targets agree.
+  and sharded over the mesh. Clips longer than the teacher's longest input (Whisper: 30 s) are
+  read in consecutive windows of that length, their frames concatenated. pcm: `teacher_audio(waves,
+  num_samples, rate)`, which the teacher then reads instead: exactly the audio the store keeps for
+  online teachers, so stored and online targets agree.
   """
   rate = teacher.spec.sample_rate
   if pcm is not None:
@@ -162,11 +163,20 @@ def teacher_features(
     )
     teacher_samples = np.ceil(num_samples * rate / audio.SAMPLE_RATE).astype(np.int64)
   rows = -(-max(rows, len(waves)) // mesh.devices.size) * mesh.devices.size
-  batch = jax.device_put(
-    pad_rows(resampled.astype(np.float32), rows), sharding.batch_sharding(mesh)
-  )
-  frames, mask = teacher.features(batch, pad_rows(teacher_samples, rows))
-  frames, mask = np.asarray(frames, np.float32)[: len(waves)], np.asarray(mask)[: len(waves)]
+  resampled = pad_rows(resampled.astype(np.float32), rows)
+  teacher_samples = pad_rows(teacher_samples, rows)
+  limit = round(teacher.spec.max_seconds * rate) or resampled.shape[1]
+  frames, mask = [], []
+  for start in range(0, resampled.shape[1], limit):  # a teacher's longest input at a time
+    chunk = jax.device_put(resampled[:, start : start + limit], sharding.batch_sharding(mesh))
+    counts = np.clip(teacher_samples - start, 0, chunk.shape[1])
+    # a clip that ended before this chunk reads one sample of silence (no teacher attends to
+    # nothing); its frames are masked out here
+    chunk_frames, chunk_mask = teacher.features(chunk, np.maximum(counts, 1))
+    frames.append(np.asarray(chunk_frames, np.float32))
+    mask.append(np.asarray(chunk_mask) & (counts > 0)[:, None])
+  frames = np.concatenate(frames, axis=1)[: len(waves)]
+  mask = np.concatenate(mask, axis=1)[: len(waves)]
   return masked_mean(frames, mask), frames, mask
 
 

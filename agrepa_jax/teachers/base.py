@@ -13,6 +13,7 @@ class TeacherSpec:
   dim: int  # feature width C_d
   sample_rate: int  # rate the teacher's audio input must have
   frames_per_second: float
+  max_seconds: float = 0.0  # the longest input it takes at once (Whisper: 30 s); 0 = any
 
 
 class Teacher(Protocol):

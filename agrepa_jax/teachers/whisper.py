@@ -645,6 +645,7 @@ class WhisperTeacher:
       dim=self.dims.n_audio_state,
       sample_rate=SAMPLE_RATE,
       frames_per_second=ENCODER_FRAMES_PER_SECOND,
+      max_seconds=float(CHUNK_SECONDS),
     )
     self._graphdef, self._state = nnx.split(encoder)
 
