@@ -54,8 +54,11 @@ def get_config():
     final_div_factor=100.0,
   )
 
-  # Data: 10 s clips of LibriSpeech (speech) and AudioSet (audio), tokens at 25 Hz.
-  config.data.update(source='directories', clip_seconds=10.0, token_rate=25.0, chunk_size=32)
+  # Data: LibriSpeech (speech) and AudioSet (audio) stored whole up to 35 s (LibriSpeech's longest
+  # utterance); each epoch trains a fresh random 10 s crop of each; tokens at 25 Hz.
+  config.data.update(
+    source='directories', clip_seconds=10.0, max_seconds=35.0, token_rate=25.0, chunk_size=32
+  )
   # Teachers: Whisper large-v3 encoder (1280-d) and BEATs iter3+ AS2M (768-d).
   config.teachers.speech.update(name='whisper', checkpoint='', dim=1280)
   config.teachers.audio.update(name='beats', checkpoint='', dim=768)
