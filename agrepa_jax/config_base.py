@@ -103,12 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.data = _section(
     source='embedded',  # embedded (generated, no download) | directories (real corpora)
-    cache_dir='~/.cache/agrepa_jax',  # tfds datasets and feature stores (local or gs://)
+    cache_dir='~/.cache/agrepa_jax',  # feature stores and the embedded corpus (local or gs://)
     domains=('speech', 'audio'),  # the domains trained; order of λ columns and heads
     domain_weights=(1.0, 1.0),  # sampling ratio of the domains (paper: 1:1)
     speech_dir='',  # directories: the speech corpus root (LibriSpeech, or any folder of speech)
-    audio_dir='',  # directories: the general-audio corpus root (AudioSet clips + segment CSVs)
-    datasets={'speech': 'librispeech', 'audio': 'audioset'},  # directories: tfds builder per domain
+    audio_dir='',  # directories: the general-audio corpus root (AudioSet, or a folder of audio)
+    datasets={'speech': 'librispeech', 'audio': 'audioset'},  # librispeech | audioset | folder
     train_splits={  # directories: tfds splits trained on, joined by '+'
       'speech': 'train_clean_100+train_clean_360+train_other_500',
       'audio': 'balanced_train+unbalanced_train',
@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     shard_clips=256,  # about this many clips per feature-store shard
     num_workers=0,  # grain worker processes reading training batches; 0 = in the trainer
     teacher_frames=False,  # also store teacher frame features (repa.granularity='frame')
+    claim_timeout=600.0,  # s without a heartbeat before another builder takes a claim over
   )
   config.mesh = _section(
     data=-1,  # data-parallel axis size; -1 = all remaining devices

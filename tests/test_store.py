@@ -88,6 +88,15 @@ def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
   os.utime(second.path('shard-1'), (old, old))
   assert first.holder('shard-1') is None and first.try_claim('shard-1')
   assert oct(os.stat(first.path('shard-1')).st_mode & 0o777) == '0o644'
+  # a builder of this host killed with -9: its claim is free at once, not after stale_after
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  gone = claims.Claims(
+    directory, stale_after=600.0, owner=f'{claims.socket.gethostname()}:{dead.pid}'
+  )
+  assert (
+    gone.try_claim('shard-2') and first.holder('shard-2') is None and first.try_claim('shard-2')
+  )
 
 
 def test_a_held_claim_keeps_its_heartbeat_and_others_wait_for_the_work(tmp_path, monkeypatch):

@@ -26,6 +26,20 @@ def owner_name() -> str:
   return f'{socket.gethostname()}:{os.getpid()}'
 
 
+def process_is_gone(owner: str) -> bool:
+  """Whether `owner` ('host:pid') names a process of this host that no longer runs."""
+  host, _, pid = owner.rpartition(':')
+  if host != socket.gethostname() or not pid.isdigit():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # it runs, as another user
+    return False
+  return False
+
+
 def create_exclusive(path: epath.Path, content: str) -> bool:
   """Creates `path` with `content` unless it exists; True if this call created it."""
   text = os.fspath(path)
@@ -62,14 +76,17 @@ class Claims:
     return self.directory / f'{name}.claim'
 
   def holder(self, name: str) -> dict | None:
-    """{'owner', 'age'} of a live claim on `name`, None if there is none or it is stale."""
+    """{'owner', 'age'} of a live claim on `name`; None if there is none, or it is stale: no
+    heartbeat for `stale_after` seconds, or its owner was a process of this host that is gone."""
     path = self.path(name)
     try:
       age = time.time() - modified_time(path)
       owner = json.loads(path.read_text() or '{}').get('owner', '?')
     except (FileNotFoundError, json.JSONDecodeError):
       return None
-    return None if age > self.stale_after else {'owner': owner, 'age': age}
+    if age > self.stale_after or process_is_gone(owner):
+      return None
+    return {'owner': owner, 'age': age}
 
   def try_claim(self, name: str) -> bool:
     """Claims `name`; a stale claim is taken over (renamed aside first, so only one builder can)."""

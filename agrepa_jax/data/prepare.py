@@ -140,10 +140,13 @@ def feature_store(config, options: store.BuildOptions | None = None) -> store.St
   )
 
 
-def job_options(**overrides) -> store.BuildOptions:
+def job_options(config, **overrides) -> store.BuildOptions:
   """Build options of this process of a (possibly multi-process) job."""
   return store.BuildOptions(
-    process=jax.process_index(), num_processes=jax.process_count(), **overrides
+    process=jax.process_index(),
+    num_processes=jax.process_count(),
+    stale_after=config.data.claim_timeout,
+    **overrides,
   )
 
 
@@ -151,7 +154,7 @@ def build(config, options: store.BuildOptions | None = None) -> dict:
   """Builds, resumes or updates the feature store of `config` (this builder's share; every
   process of a job takes part). Returns the store's manifest with this builder's figures
   (`this_run`) and, when the index is written, the report (`skipped`, `problems`)."""
-  built = feature_store(config, options or job_options())
+  built = feature_store(config, options or job_options(config))
   try:
     complete = built.build()
   except features.NoUsableClips as e:
@@ -227,7 +230,7 @@ def write_features_report(
     raise ValueError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
   scan = scan_id() if task is None or os.environ.get('SLURM_ARRAY_JOB_ID') else ''
   options = job_options(
-    task=task, num_tasks=num_tasks, scan=scan, verify=True, refit_tokenizer=refit_tokenizer
+    config, task=task, num_tasks=num_tasks, scan=scan, verify=True, refit_tokenizer=refit_tokenizer
   )
   manifest = build(config, options)
   if not manifest['complete']:
