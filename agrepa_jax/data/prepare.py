@@ -206,12 +206,15 @@ def prepare(config) -> tuple[FeatureSplit, FeatureSplit, dict]:
   return open_store(config)
 
 
-def scan_id() -> str:
-  """One id for one scan of the corpora by every builder of a job: a SLURM array's job id, or
-  AGREPA_SCAN_ID; the processes of a jax.distributed job take process 0's clock."""
+def scan_id(task: int | None) -> str:
+  """One id for one scan of the corpora by every builder: AGREPA_SCAN_ID, or a SLURM array's job
+  id; the processes of a job take process 0's clock. Tasks without a shared id ('') list only
+  the units not listed yet (and archives that changed)."""
   for variable in ('AGREPA_SCAN_ID', 'SLURM_ARRAY_JOB_ID'):
     if os.environ.get(variable):
       return os.environ[variable]
+  if task is not None:
+    return ''
   now = np.int64(time.time_ns())
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -228,7 +231,7 @@ def write_features_report(
   index and DIR/features.json."""
   if task is not None and not 0 <= task < num_tasks:
     raise ValueError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
-  scan = scan_id() if task is None or os.environ.get('SLURM_ARRAY_JOB_ID') else ''
+  scan = scan_id(task)
   options = job_options(
     config, task=task, num_tasks=num_tasks, scan=scan, verify=True, refit_tokenizer=refit_tokenizer
   )
