@@ -371,6 +371,10 @@ def test_residual_kmeans_recovers_separated_clusters():
   assert all(np.all(tokens[0][labels == k] == mapping[k]) for k in range(3))
   with pytest.raises(ValueError, match='codebook_size'):
     tokenizer.fit_codebooks(points[:2], 3, 1, seed=0)
+  clips = [points[:7], points[7:40], points[40:41]]  # several clips' tokens in one padded call
+  together = tokenizer.assign_token_lists(clips, codebooks)
+  for clip, tokens in zip(clips, together, strict=True):
+    np.testing.assert_array_equal(tokens, tokenizer.assign_tokens(clip, codebooks))
 
 
 class ListSource:

@@ -218,29 +218,46 @@ class Workers:
   mesh: object
 
 
+BUCKET_SAMPLES = 5 * audio.SAMPLE_RATE  # a batch is padded to a multiple of 5 s
+
+
+def batch_length(num_samples: np.ndarray, max_samples: int) -> int:
+  """The padded length of a batch: a multiple of BUCKET_SAMPLES that leaves at least half an STFT
+  window of zeros after its longest clip (so every kept mel frame equals the one of a clip padded
+  to max_samples), at most max_samples. A few lengths, so the mel and teachers compile a few
+  shapes, and 10 s clips do not pay for 35 s of padding."""
+  needed = int(num_samples.max()) + audio.N_FFT // 2
+  return min(max_samples, -(-needed // BUCKET_SAMPLES) * BUCKET_SAMPLES)
+
+
 def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers) -> list[dict]:
   """Records of decoded clips of one domain (a teacher batch)."""
   settings, domain = workers.settings, refs[0].domain
   num_samples = np.array([len(w) for w in waves])
-  padded = pad_waves(waves, settings['max_samples'])
-  mel = np.asarray(audio.log_mel(jnp.asarray(padded)))
+  padded = pad_waves(waves, batch_length(num_samples, settings['max_samples']))
+  mel = np.asarray(audio.log_mel(jnp.asarray(pad_rows(padded, settings['chunk_size']))))
   teacher = workers.teachers[domain]
   store_audio = settings.get('teacher_audio', False)
   pcm = teacher_audio(padded, num_samples, teacher.spec.sample_rate) if store_audio else None
   utterance, frames, mask = teacher_features(
     teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm
   )
+  valid = mask.sum(1)
+  if settings['token_dir']:
+    tokens = [
+      read_token_file(settings['token_dir'], ref, settings)[
+        :, : spec_lib.token_count(n / audio.SAMPLE_RATE, settings['token_rate'])
+      ]
+      for ref, n in zip(refs, num_samples, strict=True)
+    ]
+  else:
+    pooled = [
+      token_features(frames[i], int(valid[i]), num_samples[i], settings['token_rate'])
+      for i in range(len(refs))
+    ]
+    tokens = tokenizer.assign_token_lists(pooled, workers.codebooks[domain])
   records = []
   for i, ref in enumerate(refs):
-    valid = int(mask[i].sum())
-    if settings['token_dir']:
-      tokens = read_token_file(settings['token_dir'], ref, settings)
-      tokens = tokens[
-        :, : spec_lib.token_count(num_samples[i] / audio.SAMPLE_RATE, settings['token_rate'])
-      ]
-    else:
-      pooled = token_features(frames[i], valid, num_samples[i], settings['token_rate'])
-      tokens = tokenizer.assign_tokens(pooled, workers.codebooks[domain])
     record = {
       'id': ref.id,
       'path': ref.path,
@@ -250,10 +267,10 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
       'num_samples': np.int64(num_samples[i]),
       'mel': mel[i, : audio.num_frames(int(num_samples[i]))].astype(ml_dtypes.bfloat16),
       'teacher': utterance[i].astype(np.float32),
-      'tokens': np.asarray(tokens, np.int32),
+      'tokens': np.asarray(tokens[i], np.int32),
     }
     if settings['teacher_frames']:
-      record['teacher_frames'] = frames[i, : max(valid, 1)].astype(ml_dtypes.bfloat16)
+      record['teacher_frames'] = frames[i, : max(int(valid[i]), 1)].astype(ml_dtypes.bfloat16)
     if pcm is not None:
       record['audio'] = pcm[0][i, : pcm[1][i]]
     records.append(record)
@@ -300,7 +317,7 @@ def fit_tokenizer(clips, domain: str, workers: Workers, seed: int) -> np.ndarray
   settings, pooled, skipped = workers.settings, [], []
   for batch_refs, waves in decoded_batches(clips, settings, skipped, warn=False):
     num_samples = np.array([len(w) for w in waves])
-    padded = pad_waves(waves, settings['max_samples'])
+    padded = pad_waves(waves, batch_length(num_samples, settings['max_samples']))
     teacher = workers.teachers[batch_refs[0].domain]
     pcm = None
     if settings.get('teacher_audio', False):

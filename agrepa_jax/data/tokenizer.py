@@ -65,3 +65,15 @@ def assign_tokens(features: np.ndarray, codebooks: list[np.ndarray]) -> np.ndarr
     rows.append(np.asarray(index).reshape(features.shape[:-1]).astype(np.int32))
     residual = residual - centroids[index]
   return np.stack(rows)
+
+
+def assign_token_lists(features: list[np.ndarray], codebooks: list[np.ndarray]) -> list[np.ndarray]:
+  """[(N_i, C)] features of several clips -> [(K, N_i)] tokens, in one call on rows padded to a
+  power of two (so clips of any length compile a handful of shapes, not one per length)."""
+  lengths = [len(f) for f in features]
+  total = sum(lengths)
+  rows = 1 << max(total - 1, 0).bit_length()
+  flat = np.zeros((rows, features[0].shape[-1]), np.float32)
+  flat[:total] = np.concatenate(features)
+  tokens = assign_tokens(flat, codebooks)[:, :total]
+  return np.split(tokens, np.cumsum(lengths)[:-1], axis=1)
