@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from agrepa_jax import audio, config_base, metrics, teachers, train
+from agrepa_jax import audio, checkpoint, config_base, metrics, teachers, train
 from agrepa_jax.data import spec
 from agrepa_jax.generation import evaluate, normalizer, vocos, wer
 from agrepa_jax.teachers.base import TeacherSpec
@@ -127,20 +127,26 @@ def test_corpus_wer_is_total_edits_over_total_reference_words():
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def test_select_clips_takes_domains_in_turn_or_the_listed_ids(tmp_path):
-  domain = np.array([0, 0, 0, 0, 1, 1])
+def test_select_clips_takes_domains_in_turn_or_the_listed_ids_that_fit_a_clip(tmp_path):
+  domain = np.array([0, 0, 0, 0, 1, 1, 0])
   source = types.SimpleNamespace(
-    clips=[{'id': f'c{i}'} for i in range(6)],
+    clips=[{'id': f'c{i}'} for i in range(7)],
     domains=('speech', 'audio'),
     indices_of_domain=lambda d: np.flatnonzero(domain == d),
+    arrays={'num_samples': np.array([100, 100, 100, 100, 100, 100, 101])},  # c6: a long utterance
   )
-  np.testing.assert_array_equal(evaluate.select_clips(source, 5), [0, 4, 1, 5, 2])
+  np.testing.assert_array_equal(evaluate.select_clips(source, 6, 100), [0, 4, 1, 5, 2, 3])
   listing = tmp_path / 'ids.txt'
   listing.write_text('c5\n\nc1\n')
-  np.testing.assert_array_equal(evaluate.select_clips(source, 5, str(listing)), [5, 1])
+  np.testing.assert_array_equal(evaluate.select_clips(source, 5, 100, str(listing)), [5, 1])
   listing.write_text('c1\nnope\n')
   with pytest.raises(ValueError, match='nope'):
-    evaluate.select_clips(source, 5, str(listing))
+    evaluate.select_clips(source, 5, 100, str(listing))
+  listing.write_text('c6\n')  # its transcript would describe more than the audio generated
+  with pytest.raises(ValueError, match='longer than data.clip_seconds.*c6'):
+    evaluate.select_clips(source, 5, 100, str(listing))
+  with pytest.raises(ValueError, match='no held-out clip fits'):
+    evaluate.select_clips(source, 5, 50)
 
 
 def test_mel_color_range_covers_loud_clips_and_is_shared():
@@ -152,15 +158,13 @@ def test_mel_color_range_covers_loud_clips_and_is_shared():
   assert low == pytest.approx(0.0) and high == pytest.approx(6.0)
 
 
-def test_captions_are_transcripts_or_class_labels(tmp_path):
-  (tmp_path / 'manifest.jsonl').write_text(json.dumps({'id': 'a1', 'labels': ['rain', 'bell']}))
+def test_captions_are_transcripts_or_class_labels():
   clips = [
-    {'id': 's1', 'domain': 'speech', 'text': 'hello', 'path': ''},
-    {'id': 'a1', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a1.wav')},
-    {'id': 'a2', 'domain': 'audio', 'text': '', 'path': '', 'labels': ['dog']},
-    {'id': 'a3', 'domain': 'audio', 'text': '', 'path': str(tmp_path / 'a3.wav')},
+    {'id': 's1', 'domain': 'speech', 'text': 'hello', 'labels': []},
+    {'id': 'a1', 'domain': 'audio', 'text': '', 'labels': ['Rain', 'Church bell']},
+    {'id': 'a3', 'domain': 'audio', 'text': '', 'labels': []},
   ]
-  assert evaluate.clip_captions(clips) == ['hello', 'label: rain, bell', 'label: dog', '']
+  assert evaluate.clip_captions(clips) == ['hello', 'label: Rain, Church bell', '']
 
 
 def test_mel_l1_scores_only_audio_frames_after_the_prompt():
@@ -246,15 +250,9 @@ def write_fake_cache(config, root: pathlib.Path):
         tokens = rng.integers(0, config.model.vocab_size, (1, batch_spec.num_tokens))
         mel = np.asarray(audio.log_mel(jnp.asarray(wave)))
         record = fake_record(batch_spec, clip_id, d, mel, tokens, length, rng, text)
-        splits[split].append({**record, 'path': str(path)})
+        labels = ['siren', 'dog_bark'] if domain == 'audio' else []
+        splits[split].append({**record, 'path': str(path), 'labels': labels})
   write_fake_store(config, splits, dims)
-  labels = [
-    {'id': r['id'], 'labels': ['siren', 'dog_bark']}
-    for records in splits.values()
-    for r in records
-    if r['domain'] == 1
-  ]
-  (root / 'clips' / 'manifest.jsonl').write_text(''.join(json.dumps(e) + '\n' for e in labels))
 
 
 def tiny_config(root: pathlib.Path):
@@ -328,7 +326,9 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
   report = evaluate.run_eval(config, workdir)
   assert json.loads((workdir / 'eval.json').read_text()) == json.loads(json.dumps(report))
   scores = report['metrics']
-  assert report['step'] == 2 and report['counts'] == {'all': 6, 'speech': 3, 'audio': 3, 'wer': 3}
+  counts = {'all': 6, 'speech': 3, 'audio': 3, 'wer': 3, 'with_original': 6}
+  assert report['step'] == 2 and report['counts'] == counts
+  assert report['clips_evaluated'].startswith('held-out clips whose whole audio fits')
   assert report['embeddings'] == ['fake'] and report['vocoder'] == 'fake vocoder'
   expected = {
     f'{metric}/{group}'
@@ -353,6 +353,22 @@ def test_run_eval_writes_fad_wer_and_mel_l1_to_eval_json_and_metrics(trained, fa
   row = metrics.read_metrics(workdir / 'metrics.jsonl')[-1]
   assert row['step'] == 2 and row['eval/num_clips'] == 6
   assert row['eval/fad/fake/all'] == pytest.approx(scores['fad/fake/all'])
+
+
+@pytest.mark.slow
+def test_an_unreadable_original_costs_its_clip_only(trained, fake_models, tmp_path):
+  config, workdir = trained
+  clips = checkpoint.restore_trained(config, workdir).heldout_source.clips
+  original = pathlib.Path(next(c['path'] for c in clips if c['id'] == 'heldout-audio-1'))
+  kept = tmp_path / original.name
+  original.rename(kept)
+  try:
+    report = evaluate.run_eval(config, workdir)
+  finally:
+    kept.rename(original)
+  assert report['counts']['with_original'] == 5 and report['counts']['all'] == 6
+  assert 'fad_original/fake/audio' in report['metrics']  # over the 2 audio clips still readable
+  assert np.isfinite(report['metrics']['wer/original'])
 
 
 @pytest.mark.slow

@@ -115,6 +115,12 @@ def test_the_store_of_the_archives_equals_the_one_of_the_tree(corpus):
   for clip_id, record in ours.items():
     np.testing.assert_array_equal(record['mel'], theirs[clip_id]['mel'])
     assert record['text'] == theirs[clip_id]['text']
+  # the originals that sample and eval play are read from the archive, member by member
+  paths = [ours[i]['path'] for i in ('speech/26-198-0003', 'speech/19-198-0001')]
+  first, second, missing = prepare.source_bytes(config, paths + [paths[0] + '.missing'])
+  assert isinstance(missing, FileNotFoundError)  # it costs that clip only
+  assert first == (corpus / 'extracted' / paths[0].split('.tar.gz/')[1]).read_bytes()
+  assert second == (corpus / 'extracted' / paths[1].split('.tar.gz/')[1]).read_bytes()
   assert ours['speech/26-198-0003']['path'].endswith(
     'train-clean-100.tar.gz/LibriSpeech/train-clean-100/26/198/26-198-0003.flac'
   )

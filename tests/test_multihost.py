@@ -74,13 +74,20 @@ def losses(workdir) -> dict[int, tuple[float, float]]:
   return {row['step']: (row['loss'], row['grad_norm']) for row in rows}
 
 
+def heldout_losses(workdir) -> dict[int, float]:
+  rows = metrics.read_metrics(workdir / 'metrics.jsonl')
+  return {row['step']: row['eval_loss'] for row in rows if 'eval_loss' in row}
+
+
 @pytest.mark.slow
-def test_two_processes_train_and_resume_like_one(tmp_path):
+def test_two_and_four_processes_train_evaluate_and_resume_like_one(tmp_path):
   config_file = write_config_file(tmp_path)
-  train(config_file, tmp_path / 'one', processes=1, num_steps=NUM_STEPS)
-  train(config_file, tmp_path / 'two', processes=2, num_steps=NUM_STEPS // 2)
+  evaluate = f'--config.eval_every={NUM_STEPS // 2}'
+  train(config_file, tmp_path / 'one', 1, NUM_STEPS, evaluate)
+  train(config_file, tmp_path / 'two', 2, NUM_STEPS // 2, evaluate)
   assert (tmp_path / 'two' / 'checkpoints' / str(NUM_STEPS // 2)).is_dir()
-  train(config_file, tmp_path / 'two', processes=2, num_steps=NUM_STEPS)  # resumes at step 6
+  train(config_file, tmp_path / 'two', 2, NUM_STEPS, evaluate)  # resumes at step 6
+  train(config_file, tmp_path / 'four', 4, NUM_STEPS // 2, evaluate)
 
   one, two = losses(tmp_path / 'one'), losses(tmp_path / 'two')
   assert sorted(one) == sorted(two) == list(range(1, NUM_STEPS + 1))
@@ -88,6 +95,12 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
     [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5
   )
   assert one[NUM_STEPS][0] < one[1][0]  # it trains
+  # held-out batches hold the same records in the same rows on any number of processes
+  held_out = {n: heldout_losses(tmp_path / n) for n in ('one', 'two', 'four')}
+  assert sorted(held_out['one']) == sorted(held_out['two']) == [NUM_STEPS // 2, NUM_STEPS]
+  for n in ('two', 'four'):
+    for step, value in held_out[n].items():
+      np.testing.assert_allclose(value, held_out['one'][step], rtol=1e-5, err_msg=f'{n} {step}')
 
 
 @pytest.mark.slow

@@ -253,13 +253,20 @@ def training_dataset(
 def evaluation_batches(
   source: FeatureSplit, global_batch_size: int, max_batches: int | None = None
 ) -> list:
-  """Fixed held-out batches for this host: the split in order, wrapped to fill the last batch."""
+  """Fixed held-out batches for this host: the split in order, wrapped to fill the last batch.
+
+  Global batch b is records [b·B, (b+1)·B) in order, and host h reads the h-th contiguous part of
+  it, so every row of a global batch holds the same record (and the eval step's per-row draws the
+  same values) on any number of hosts.
+  """
   if not len(source):
     return []
   per_host = host_batch_size(global_batch_size)
   num_batches = -(-len(source) // global_batch_size)
   if max_batches:
     num_batches = min(num_batches, max_batches)
-  dataset = grain.MapDataset.source(np.arange(len(source))).repeat().map(source.__getitem__)
-  dataset = dataset.slice(slice(jax.process_index(), None, jax.process_count())).batch(per_host)
-  return [dataset[i] for i in range(num_batches)]
+  batch_starts = np.arange(num_batches)[:, None] * global_batch_size
+  rows = batch_starts + jax.process_index() * per_host + np.arange(per_host)[None, :]
+  dataset = grain.MapDataset.source(rows.reshape(-1) % len(source)).map(source.__getitem__)
+  batches = dataset.batch(per_host)
+  return [batches[i] for i in range(num_batches)]

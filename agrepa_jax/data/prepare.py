@@ -206,6 +206,11 @@ def prepare(config) -> tuple[FeatureSplit, FeatureSplit, dict]:
   return open_store(config)
 
 
+def source_bytes(config, paths: list[str]) -> list:
+  """The bytes of clips' source files (store.source_bytes), or the OSError met."""
+  return store.source_bytes(store_directory(config), paths)
+
+
 def scan_id(task: int | None) -> str:
   """One id for one scan of the corpora by every builder: AGREPA_SCAN_ID, or a SLURM array's job
   id; the processes of a job take process 0's clock. Tasks without a shared id ('') list only

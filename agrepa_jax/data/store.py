@@ -502,6 +502,43 @@ class Store:
     return True
 
 
+def source_bytes(directory: epath.Path, paths: list[str]) -> list:
+  """The bytes of clips' source files by the paths a store records — a file, or
+  '<archive>/<member>' read through the archive's seek index kept in the store — or the OSError
+  met reading each: an unreadable one costs that clip only."""
+  listing = directory / 'listing'
+  metas = [read_json(p) for p in listing.glob('*.meta.json')] if listing.exists() else []
+  archives = {}
+  for meta in metas:
+    unit = sources.Unit(**meta['unit'])
+    if unit.archive:
+      archives[sources.location(unit, '')] = unit
+  out = []
+  for path in paths:
+    prefix = next((p for p in archives if path.startswith(p)), None)
+    if prefix is None:
+      try:
+        out.append(epath.Path(path).read_bytes())
+      except OSError as e:
+        out.append(e)
+      continue
+    unit = archives[prefix]
+    columns = read_gzip_json(listing / f'{unit.key}.clips.json.gz')['columns']
+    member = path[len(prefix) :]
+    if member not in columns['path']:
+      out.append(FileNotFoundError(f'{path}: the listing of {unit.archive} has no such member'))
+      continue
+    i = columns['path'].index(member)
+    ref = features.ClipRef(
+      '', unit.domain, '', unit.key, path, columns['offset'][i], columns['size'][i], 0
+    )
+    index_path = listing / f'{unit.key}.gzindex'
+    gzip_index = index_path.read_bytes() if index_path.exists() else b''
+    archive = epath.Path(unit.root).expanduser() / unit.archive
+    out += [data for _, data in read_archive_clips(archive, gzip_index, [ref])]
+  return out
+
+
 def read_archive_clips(archive: epath.Path, gzip_index: bytes, refs):
   """(ref, bytes or OSError) of archive members, read forward from their offsets; a damaged
   region costs the members in it only."""

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
 
 from agrepa_jax import audio, checkpoint, files, losses, metrics, teachers  # noqa: E402
-from agrepa_jax.data import features, synth  # noqa: E402
+from agrepa_jax.data import features  # noqa: E402
 from agrepa_jax.generation import fad, sampler, vocos, wer  # noqa: E402
 
 SAMPLES_DIR = 'samples'
@@ -56,11 +56,14 @@ class Generation:
   prompt_frames: np.ndarray  # (N,) reference-prompt length
   real: np.ndarray  # (N, T, n_mels) normalized mels of the clips
   generated: np.ndarray  # (N, T, n_mels) normalized generated mels
+  has_original: np.ndarray | None = None  # (N,) whether each clip's original audio was read
 
 
-def select_clips(source, num_clips: int, clip_list: str = '') -> np.ndarray:
-  """Held-out rows: the ids listed in `clip_list` (one per line), else the first `num_clips`
-  taking the domains in turn, so that every domain is represented."""
+def select_clips(source, num_clips: int, max_samples: int, clip_list: str = '') -> np.ndarray:
+  """Held-out rows whose whole audio fits in a generated clip (`max_samples`, data.clip_seconds):
+  so a transcript is the text of exactly the audio scored. The ids listed in `clip_list` (one per
+  line), else the first `num_clips` taking the domains in turn, so that every domain is there."""
+  fits = np.asarray(source.arrays['num_samples']) <= max_samples
   if clip_list:
     ids = [
       line.strip() for line in files.as_path(clip_list).read_text().splitlines() if line.strip()
@@ -69,9 +72,23 @@ def select_clips(source, num_clips: int, clip_list: str = '') -> np.ndarray:
     missing = [i for i in ids if i not in rows]
     if missing:
       raise ValueError(f'{clip_list}: clips not in the held-out split: {missing[:5]}')
+    too_long = [i for i in ids if not fits[rows[i]]]
+    if too_long:
+      raise ValueError(
+        f'{clip_list}: clips longer than data.clip_seconds, whose transcripts would not match '
+        f'the audio generated: {too_long[:5]}'
+      )
     return np.array([rows[i] for i in ids], np.int64)
-  per_domain = [source.indices_of_domain(d) for d in range(len(source.domains))]
+  per_domain = [
+    np.intersect1d(source.indices_of_domain(d), np.flatnonzero(fits))
+    for d in range(len(source.domains))
+  ]
   in_turn = [i for group in itertools.zip_longest(*per_domain) for i in group if i is not None]
+  if not in_turn:
+    raise ValueError(
+      f'no held-out clip fits in data.clip_seconds ({max_samples / audio.SAMPLE_RATE:g} s); '
+      'raise data.clip_seconds to evaluate longer clips whole'
+    )
   return np.array(in_turn[:num_clips], np.int64)
 
 
@@ -159,13 +176,28 @@ def vocode(
   return zero_past(audio.fit_length(np.concatenate(waves), clip_samples), num_samples)
 
 
-def load_originals(clips: list[dict], clip_seconds: float) -> np.ndarray | None:
-  """The clips' original 24 kHz audio as the cache decoded it, or None if any cannot be read."""
-  try:
-    return np.stack([audio.load_audio(clip['path'], seconds=clip_seconds) for clip in clips])
-  except audio.AudioDecodeError as e:
-    logging.warning('original audio unavailable, metrics against it skipped: %s', e)
-    return None
+def load_originals(config, clips: list[dict], clip_seconds: float) -> tuple[np.ndarray, np.ndarray]:
+  """(N, samples) 24 kHz original audio of the clips, read as the store read them (files or
+  archive members) and cut to `clip_seconds`, and (N,) whether each could be read: a clip whose
+  original is unreadable is left out of the metrics against originals, alone."""
+  from agrepa_jax.data import prepare
+
+  samples = round(clip_seconds * audio.SAMPLE_RATE)
+  waves = np.zeros((len(clips), samples), np.float32)
+  available = np.zeros(len(clips), bool)
+  for i, (clip, data) in enumerate(
+    zip(clips, prepare.source_bytes(config, [c['path'] for c in clips]), strict=True)
+  ):
+    try:
+      if isinstance(data, Exception):
+        raise audio.AudioDecodeError(f'{clip["path"]}: cannot read the file ({data})')
+      waves[i] = audio.fit_length(audio.decode_audio(data, clip['path']), samples)
+      available[i] = True
+    except audio.AudioDecodeError as e:
+      logging.warning(
+        'original of %s unavailable, left out of the metrics against originals: %s', clip['id'], e
+      )
+  return waves, available
 
 
 def mel_l1(
@@ -221,11 +253,15 @@ def utterance_embeddings(
 
 
 def fad_scores(
-  embeddings: dict[str, dict[str, np.ndarray]], groups: dict[str, np.ndarray], fad_inf_points: int
+  embeddings: dict[str, dict[str, np.ndarray]],
+  groups: dict[str, np.ndarray],
+  fad_inf_points: int,
+  has_original: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
   """Scalar FAD metrics and the FAD∞ fits, per embedding model and clip group.
 
-  embeddings: label -> {'generated', 'resynthesis'[, 'original']: (N, C)}.
+  embeddings: label -> {'generated', 'resynthesis'[, 'original']: (N, C)}; fad_original covers
+  the clips whose original was read (has_original).
   """
   scores, fits = {}, {}
   for label, sets in embeddings.items():
@@ -234,8 +270,11 @@ def fad_scores(
         continue
       generated = sets['generated'][rows]
       scores[f'fad/{label}/{group}'] = fad.fad(sets['resynthesis'][rows], generated)
-      if 'original' in sets:
-        scores[f'fad_original/{label}/{group}'] = fad.fad(sets['original'][rows], generated)
+      with_original = rows[has_original[rows]] if has_original is not None else rows
+      if 'original' in sets and len(with_original) >= 2:
+        scores[f'fad_original/{label}/{group}'] = fad.fad(
+          sets['original'][with_original], sets['generated'][with_original]
+        )
       if len(rows) >= MIN_FAD_INF_CLIPS:
         fit = fad.fad_infinity(sets['resynthesis'][rows], generated, num_points=fad_inf_points)
         scores[f'fad_inf/{label}/{group}'] = fit.value
@@ -278,24 +317,45 @@ def speech_wer(
   waves: dict[str, np.ndarray],
   num_samples: np.ndarray,
   batch_size: int,
+  has_original: np.ndarray | None = None,
 ) -> tuple[dict, list[dict], str]:
-  """Corpus WER of each audio kind on the speech clips that have a transcript, every such clip's
-  transcripts, and '' — or no scores and the reason WER was skipped."""
+  """Corpus WER of each audio kind on the speech clips that have a transcript (the original audio
+  on those whose original was read), every such clip's transcripts, and '' — or no scores and the
+  reason WER was skipped."""
   rows = [i for i, clip in enumerate(clips) if clip['domain'] == SPEECH_DOMAIN and clip.get('text')]
   if not rows:
     return {}, [], 'no speech clips with a transcript'
   transcriber, skipped = load_transcriber(transcriber_checkpoint)
   if transcriber is None:
     return {}, [], skipped
-  texts = [clips[i]['text'] for i in rows]
-  hypotheses = {
-    kind: transcribe(transcriber, w[rows], num_samples[rows], batch_size, f'transcribe {kind}')
-    for kind, w in waves.items()
+  scored = {
+    kind: [i for i in rows if kind != 'original' or has_original is None or has_original[i]]
+    for kind in waves
   }
-  scores = {f'wer/{kind}': wer.corpus_wer(texts, h) for kind, h in hypotheses.items()}
+  hypotheses = {
+    kind: dict(
+      zip(
+        scored[kind],
+        transcribe(
+          transcriber, w[scored[kind]], num_samples[scored[kind]], batch_size, f'transcribe {kind}'
+        ),
+        strict=True,
+      )
+    )
+    for kind, w in waves.items()
+    if scored[kind]
+  }
+  scores = {
+    f'wer/{kind}': wer.corpus_wer([clips[i]['text'] for i in h], list(h.values()))
+    for kind, h in hypotheses.items()
+  }
   per_clip = [
-    {'id': clips[row]['id'], 'text': text, **{kind: h[j] for kind, h in hypotheses.items()}}
-    for j, (row, text) in enumerate(zip(rows, texts))
+    {
+      'id': clips[row]['id'],
+      'text': clips[row]['text'],
+      **{kind: h[row] for kind, h in hypotheses.items() if row in h},
+    }
+    for row in rows
   ]
   return scores, per_clip, ''
 
@@ -321,8 +381,8 @@ def sampler_settings(config) -> dict:
 
 def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
   """Generates the clips `rows`; returns the generation, the vocoder, and waves {'generated',
-  real_kind (the real mel through the same vocoder), and 'original' when the clips' files
-  decode}."""
+  real_kind (the real mel through the same vocoder), and 'original' when any clip's original
+  decodes (generation.has_original says which)}."""
   generation = generate(run, rows, config.sample, config.flow.noise_std)
   vocoder = open_vocoder(config.vocoder.checkpoint)
   clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
@@ -330,9 +390,11 @@ def generate_and_vocode(config, run, rows, batch_size: int, real_kind: str):
     kind: vocode(vocoder, mels, generation.num_samples, clip_samples, batch_size, f'vocode {kind}')
     for kind, mels in (('generated', generation.generated), (real_kind, generation.real))
   }
-  original = load_originals(generation.clips, config.data.clip_seconds)
-  if original is not None:
-    waves['original'] = original
+  original, generation.has_original = load_originals(
+    config, generation.clips, config.data.clip_seconds
+  )
+  if generation.has_original.any():
+    waves['original'] = zero_past(original, generation.num_samples)
   return generation, vocoder, waves
 
 
@@ -345,9 +407,9 @@ def run_eval(config, workdir: epath.Path) -> dict:
   workdir = files.as_path(workdir)
   run = restore(config, workdir, config.eval.step)
   batch_size = config.eval.batch_size
-  generation, vocoder, waves = generate_and_vocode(
-    config, run, select_clips(run.heldout_source, config.eval.num_clips), batch_size, 'resynthesis'
-  )
+  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
+  rows = select_clips(run.heldout_source, config.eval.num_clips, clip_samples)
+  generation, vocoder, waves = generate_and_vocode(config, run, rows, batch_size, 'resynthesis')
   num_samples = generation.num_samples
 
   groups = domain_groups(generation.domain, config.data.domains)
@@ -359,11 +421,18 @@ def run_eval(config, workdir: epath.Path) -> dict:
     }
     for label, teacher in embedding_teachers(config).items()
   }
-  fad_values, fad_inf_fits = fad_scores(embeddings, groups, config.eval.fad_inf_points)
+  fad_values, fad_inf_fits = fad_scores(
+    embeddings, groups, config.eval.fad_inf_points, generation.has_original
+  )
   scores.update(fad_values)
 
   wer_values, transcripts, wer_skipped = speech_wer(
-    config.eval.whisper_checkpoint, generation.clips, waves, num_samples, batch_size
+    config.eval.whisper_checkpoint,
+    generation.clips,
+    waves,
+    num_samples,
+    batch_size,
+    generation.has_original,
   )
   scores.update(wer_values)
   if wer_skipped:
@@ -374,7 +443,14 @@ def run_eval(config, workdir: epath.Path) -> dict:
     'vocoder': vocoder.name,
     'sampler': sampler_settings(config),
     'metrics': scores,
-    'counts': {group: len(rows) for group, rows in groups.items()} | {'wer': len(transcripts)},
+    'counts': {group: len(rows) for group, rows in groups.items()}
+    | {'wer': len(transcripts), 'with_original': int(generation.has_original.sum())},
+    'clips_evaluated': (
+      f'held-out clips whose whole audio fits in data.clip_seconds={config.data.clip_seconds:g} s '
+      f'({int((run.heldout_source.arrays["num_samples"] <= clip_samples).sum())} of '
+      f'{len(run.heldout_source)}): each is generated whole, so its transcript is the text of '
+      'exactly the audio scored'
+    ),
     'fad_real_reference': 'fad: real mels through the same vocoder; fad_original: original audio',
     'embeddings': list(embeddings),
     'fad_infinity': fad_inf_fits,
@@ -434,29 +510,12 @@ def plot_mels(
   plt.close(fig)
 
 
-def read_manifest_labels(directory: epath.Path) -> dict[str, str]:
-  """{clip id: 'label, label'} of a corpus manifest (synth.MANIFEST_NAME) in `directory`, if any."""
-  manifest = directory / synth.MANIFEST_NAME
-  if not manifest.is_file():
-    return {}
-  entries = (json.loads(line) for line in manifest.read_text().splitlines() if line.strip())
-  return {e['id']: ', '.join(e['labels']) for e in entries if e.get('labels')}
-
-
 def clip_captions(clips: list[dict]) -> list[str]:
   """Per clip what it should sound like: a speech clip's transcript, an audio clip's class labels
-  (its own 'labels' or 'label' entry, else its corpus manifest's), or ''."""
-  manifests = {}
+  (AudioSet display names, a folder's sub-folder), or ''."""
   captions = []
   for clip in clips:
-    labels = clip.get('labels') or clip.get('label') or ''
-    if not isinstance(labels, str):
-      labels = ', '.join(labels)
-    if clip['domain'] != SPEECH_DOMAIN and not labels and clip.get('path'):
-      directory = epath.Path(clip['path']).parent
-      if directory not in manifests:
-        manifests[directory] = read_manifest_labels(directory)
-      labels = manifests[directory].get(clip['id'], '')
+    labels = ', '.join(clip.get('labels') or ())
     captions.append(clip.get('text') or (f'label: {labels}' if labels else ''))
   return captions
 
@@ -502,7 +561,10 @@ def run_sample(config, workdir: epath.Path) -> epath.Path:
   <id>_original.wav (when decodable), <id>.png and index.html. Returns that directory."""
   workdir = files.as_path(workdir)
   run = restore(config, workdir, config.sample.step)
-  rows = select_clips(run.heldout_source, config.sample.num_clips, config.sample.clip_list)
+  clip_samples = round(config.data.clip_seconds * audio.SAMPLE_RATE)
+  rows = select_clips(
+    run.heldout_source, config.sample.num_clips, clip_samples, config.sample.clip_list
+  )
   generation, vocoder, waves = generate_and_vocode(
     config, run, rows, config.sample.batch_size, 'reference'
   )
@@ -524,6 +586,8 @@ def run_sample(config, workdir: epath.Path) -> epath.Path:
       'image': f'{stem}.png',
     }
     for kind, w in waves.items():
+      if kind == 'original' and not generation.has_original[i]:
+        continue
       entry[kind] = f'{stem}_{kind}.wav'
       (out / entry[kind]).write_bytes(audio.wav_bytes(np.clip(w[i, : num_samples[i]], -1, 1)))
     plot_mels(
