@@ -58,12 +58,14 @@ def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.n
   """
   if not data:
     raise AudioDecodeError(f'{name}: file holds no audio samples (empty file)')
-  buffer = io.BytesIO(data)
   try:
-    wave, file_rate = sf.read(buffer, dtype='float32', always_2d=True)
-  except Exception as e:  # soundfile raises several types for unreadable files
-    reason = str(e).replace(f'Error opening {buffer!r}: ', '')  # no object address in reports
-    raise AudioDecodeError(f'{name}: cannot decode audio ({reason})') from e
+    wave, file_rate = sf.read(io.BytesIO(data), dtype='float32', always_2d=True)
+  except Exception:  # soundfile raises several types; m4a/AAC, webm and others are FFmpeg's
+    try:
+      wave, file_rate = decode_with_ffmpeg(data)
+    except Exception as e:  # noqa: BLE001 PyAV raises one type per FFmpeg error
+      reason = getattr(e, 'strerror', None) or e
+      raise AudioDecodeError(f'{name}: cannot decode audio ({reason})') from e
   if wave.size == 0:
     raise AudioDecodeError(f'{name}: file holds no audio samples')
   if not np.all(np.isfinite(wave)):
@@ -79,6 +81,23 @@ def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.n
   if peak > 0:
     wave = wave / peak
   return wave.astype(np.float32)
+
+
+def decode_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:
+  """(samples, channels) float32 and the sample rate of an audio file that soundfile (wav, flac,
+  mp3, ogg) does not read — m4a/AAC, webm, ... — through FFmpeg (PyAV)."""
+  import av
+
+  with av.open(io.BytesIO(data)) as container:
+    if not container.streams.audio:
+      raise ValueError('no audio stream')
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format='fltp', layout=stream.layout, rate=stream.rate)
+    frames = [r.to_ndarray() for f in container.decode(stream) for r in resampler.resample(f)]
+    frames += [r.to_ndarray() for r in resampler.resample(None)]
+  if not frames:
+    return np.zeros((0, 1), np.float32), stream.rate
+  return np.concatenate(frames, axis=1).T.astype(np.float32), stream.rate
 
 
 def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:

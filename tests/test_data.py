@@ -161,7 +161,9 @@ def store_files(directory):
 
 def rescan(config, **options):
   """What --mode features does: list the corpora again and build what changed."""
-  return prepare.build(config, store.BuildOptions(scan=f'scan-{next(SCANS)}', **options))
+  return prepare.build(
+    config, store.BuildOptions(scan=f'scan-{next(SCANS)}', verify=True, **options)
+  )
 
 
 SCANS = itertools.count()
@@ -577,3 +579,49 @@ def test_a_clip_longer_than_the_teachers_window_is_read_window_by_window():
   np.testing.assert_array_equal(windowed[2], whole[2])  # frames past each clip's end masked
   np.testing.assert_allclose(windowed[1][whole[2]], whole[1][whole[2]], rtol=1e-6)
   np.testing.assert_allclose(windowed[0], whole[0], rtol=1e-6)
+
+
+def aac_bytes(wave: np.ndarray, rate: int) -> bytes:
+  """An .m4a (AAC in MP4) file, as yt-dlp downloads AudioSet clips, encoded by FFmpeg (PyAV)."""
+  import io
+
+  import av
+
+  buffer = io.BytesIO()
+  with av.open(buffer, 'w', format='ipod') as out:
+    stream = out.add_stream('aac', rate=rate, layout='mono')
+    frame = av.AudioFrame.from_ndarray(wave[None, :], format='flt', layout='mono')
+    frame.rate = rate
+    for packet in [*stream.encode(frame), *stream.encode(None)]:
+      out.mux(packet)
+  return buffer.getvalue()
+
+
+def test_m4a_clips_decode_through_ffmpeg():
+  rate = 44100
+  t = np.arange(rate) / rate
+  wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+  decoded = audio.decode_audio(aac_bytes(wave, rate), 'clip.m4a')
+  # AAC is lossy and adds encoder priming: compare the 440 Hz tone's share of the energy
+  energy = np.square(np.abs(np.fft.rfft(decoded[:24000])))
+  assert 24000 <= len(decoded) < 24000 + 1200 and energy[430:451].sum() > 0.9 * energy.sum()
+  with pytest.raises(audio.AudioDecodeError, match=r'clip.m4a: cannot decode audio'):
+    audio.decode_audio(b'\x00\x00\x00\x18ftypM4A not really', 'clip.m4a')
+
+
+def test_a_damaged_shard_is_named_when_read_and_rebuilt_by_the_next_features_run(corpora):
+  config = corpus_config(corpora)
+  prepare.build(config)
+  directory = prepare.store_directory(config)
+  train_split = prepare.prepare(config)[0]
+  shard = records.shard_path(directory, 'train', 1)
+  data = bytearray(shard.read_bytes())
+  data[100:164] = b'\xff' * 64  # bytes flipped on the disk, in the first records' chunk
+  shard.write_bytes(bytes(data))
+  first = int(train_split.source.starts[1])
+  with pytest.raises(records.ShardError, match=rf'{shard.name}: record \d+'):
+    [train_split.record(i) for i in range(first, int(train_split.source.starts[2]))]
+  again = rescan(config)
+  assert again['this_run']['computed'] == 1  # the damaged shard, and only it
+  reread = prepare.prepare(config)[0]
+  assert [reread.record(i)['id'] for i in range(len(reread))] == [c['id'] for c in reread.clips]

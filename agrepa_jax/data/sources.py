@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import indexed_gzip
 from etils import epath
 
-AUDIO_SUFFIXES = ('.wav', '.flac', '.mp3', '.ogg', '.opus', '.m4a')
+AUDIO_SUFFIXES = ('.wav', '.flac', '.mp3', '.ogg', '.opus', '.m4a', '.aac', '.webm')
 LIBRISPEECH_SPLITS = (
   'train-clean-100',
   'train-clean-360',
