@@ -4,10 +4,9 @@
   python bench/data_pipeline.py --rehearsal      # the real corpus sizes, 2 builders (≈ 30 min)
   python bench/data_pipeline.py --startup        # a training start on a 2 M-clip index
 
-- quick: for each of --sizes, a synthetic speech folder of that many clips is built into a store in
-  a fresh process (peak RSS, clips/s; rss_ratio is the largest over the smallest), and one host
-  reads batches of 64 random 10 s crops from a store of 10 s records, in the trainer's process and
-  with 2 grain worker processes (batches/s).
+- quick: for each of --sizes, a LibriSpeech-layout archive of that many 1–2 s utterances is built
+  into a store in a fresh process (peak RSS, clips/s; rss_ratio is the largest over the
+  smallest).
 - rehearsal: generates a LibriSpeech-layout train-clean-100.tar.gz of ≥ 1.5 GB (official member
   names, FLAC, 20–35 s utterances, transcripts) with a small dev-clean.tar.gz, and ≥ 2 000
   AudioSet-layout clips at 44.1/48 kHz (≥ 1 GB) with the segment CSVs as published (comment lines,
@@ -83,28 +82,29 @@ def add_member(tar, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
-def chapter_members(split: str, speaker: int, chapter: int, utterances: int, seed: int):
+def chapter_members(split, speaker, chapter, utterances, seed, seconds=(20.0, 35.0)):
   """[(member name, bytes)] of one LibriSpeech chapter: its FLACs and its .trans.txt."""
   rng = np.random.default_rng(seed)
   folder = f'LibriSpeech/{split}/{speaker}/{chapter}'
   members, lines = [], []
   for u in range(utterances):
     stem = f'{speaker}-{chapter}-{u:04d}'
-    wave = synthetic_wave(rng, rng.uniform(20, 35), 16000)
+    wave = synthetic_wave(rng, rng.uniform(*seconds), 16000)
     members.append((f'{folder}/{stem}.flac', flac_bytes(wave, 16000)))
     lines.append(f'{stem} SYNTHETIC UTTERANCE {u} OF CHAPTER {chapter}')
   members.append((f'{folder}/{speaker}-{chapter}.trans.txt', ('\n'.join(lines) + '\n').encode()))
   return members
 
 
-def write_librispeech(root: str, split: str, utterances: int, seed: int) -> None:
-  """<root>/<split>.tar.gz: chapters of 25 utterances, 5 chapters a speaker."""
+def write_librispeech(root, split, utterances, seed, seconds=(20.0, 35.0)) -> None:
+  """<root>/<split>.tar.gz: chapters of 25 utterances of `seconds`, 5 chapters a speaker."""
   os.makedirs(root, exist_ok=True)
   with tarfile.open(os.path.join(root, f'{split}.tar.gz'), 'w:gz') as tar:
     for c in range(-(-utterances // 25)):
       speaker, chapter = 100 + c // 5, 1000 + c
       count = min(25, utterances - 25 * c)
-      for name, data in chapter_members(split, speaker, chapter, count, seed * 10_000 + c):
+      members = chapter_members(split, speaker, chapter, count, seed * 10_000 + c, seconds)
+      for name, data in members:
         add_member(tar, name, data)
 
 
@@ -409,7 +409,7 @@ def quick(args) -> dict:
   with tempfile.TemporaryDirectory() as root:
     for size in [int(s) for s in args.sizes.split(',')]:
       speech = os.path.join(root, f'speech-{size}')
-      write_librispeech(speech, 'train-clean-100', size, seed=size)
+      write_librispeech(speech, 'train-clean-100', size, seed=size, seconds=(1.0, 2.0))
       result, seconds = build_with(
         [
           '--cache',
@@ -418,8 +418,6 @@ def quick(args) -> dict:
           speech,
           '--audio',
           '',
-          '--seconds',
-          '10.0',
         ],
         processes=1,
       )
@@ -437,7 +435,7 @@ def main():
   parser.add_argument('--audio_clips', type=int, default=2000)
   parser.add_argument('--clips', type=int, default=2_000_000)
   parser.add_argument('--shards', type=int, default=8192)
-  parser.add_argument('--sizes', default='100,400')
+  parser.add_argument('--sizes', default='500,2000')
   # a worker process's arguments
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   parser.add_argument('--cache', help=argparse.SUPPRESS)
