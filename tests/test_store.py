@@ -163,3 +163,38 @@ def test_shard_files_named_as_tfds_names_them():
   path = records.shard_path(epath.Path('/s'), 'train', 7)
   assert str(path) == '/s/agrepa_features/4.0.0/agrepa_features-train.array_record-00007'
   assert np.isclose(plan.cut_hash('speech/x') % 1, 0)
+
+
+def test_a_store_without_held_out_clips_opens_and_reads(tmp_path):
+  from agrepa_jax.data import index, pipeline, records
+
+  settings = {'num_codebooks': 1}
+  rows = [
+    {
+      'id': f'speech/{i}',
+      'path': '',
+      'text': 'x',
+      'labels': [],
+      'domain': np.int32(0),
+      'num_samples': np.int64(2400),
+      'mel': np.full((10, 100), i, np.float32),
+      'teacher': np.ones(3, np.float32),
+      'tokens': np.zeros((1, 2), np.int32),
+    }
+    for i in range(5)
+  ]
+  directory = epath.Path(tmp_path)
+  manifest = index.import_records(directory, settings, ('speech',), {'train': rows}, 2)
+  assert (
+    manifest['num_clips'] == {'train': 5, 'heldout': 0} and manifest['num_shards']['train'] == 3
+  )
+  heldout = pipeline.FeatureSplit(directory, 'heldout', None, ('speech',))
+  train = pipeline.FeatureSplit(directory, 'train', None, ('speech',))
+  assert len(heldout) == 0 and [float(train.record(i)['mel'][0, 0]) for i in range(5)] == [
+    0,
+    1,
+    2,
+    3,
+    4,
+  ]
+  assert train.record(4)['mel'].dtype == records.ml_dtypes.bfloat16

@@ -91,6 +91,7 @@ def write_tfds_metadata(store: epath.Path, features, shard_lengths: dict) -> Non
       name=split, shard_lengths=[int(n) for n in lengths], num_bytes=0, filename_template=template
     )
     for split, lengths in shard_lengths.items()
+    if len(lengths)  # a split without shards (no held-out clips) is not a tfds split
   ]
   tfds.folder_dataset.write_metadata(
     data_dir=dataset_dir(store),
