@@ -625,3 +625,25 @@ def test_a_damaged_shard_is_named_when_read_and_rebuilt_by_the_next_features_run
   assert again['this_run']['computed'] == 1  # the damaged shard, and only it
   reread = prepare.prepare(config)[0]
   assert [reread.record(i)['id'] for i in range(len(reread))] == [c['id'] for c in reread.clips]
+
+
+def test_source_problems_are_listed_by_id_and_reason(tmp_path):
+  write_librispeech(tmp_path / 'librispeech', bad=False)
+  chapter = tmp_path / 'librispeech' / 'LibriSpeech' / 'train-clean-100' / '19' / '198'
+  with (chapter / '19-198.trans.txt').open('a') as f:
+    f.write('19-198-0042 A LINE WHOSE AUDIO IS GONE\n')
+  write_wave(chapter / '19-198-0043.flac')  # no transcript line
+  splits = sources.Splits(('train_clean_100',), 'dev_clean', 0.0)
+  root = str(tmp_path / 'librispeech')
+  problems = {
+    (p['id'], p['reason'])
+    for u in sources.corpus_units('speech', 'librispeech', root, splits)
+    for p in sources.list_unit(u, splits)[0].problems
+  }
+  assert problems == {
+    ('speech/19-198-0042', 'transcript line has no audio file'),
+    ('speech/19-198-0043', 'utterance has no transcript line'),
+  }
+  silent = features.ClipRef('speech/s', 'speech', 'train', 'u', 'silent.wav', -1, 0, 0)
+  with pytest.raises(features.ClipError, match='silent.wav: every sample is zero'):
+    features.decode_clip(silent, audio.wav_bytes(np.zeros(4800)), 24000)
