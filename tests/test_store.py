@@ -21,6 +21,7 @@ def listing(key: str, ids: list[str], roles=None):
   columns = {c: [] for c in sources.COLUMNS}
   columns['id'] = list(ids)
   columns['split'] = list(roles or ['train'] * len(ids))
+  columns['size'] = columns['mtime'] = [0] * len(ids)
   return sources.UnitListing(unit, columns, [])
 
 

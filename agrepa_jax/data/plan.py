@@ -11,6 +11,8 @@ indices freed by removed shards are reused, and any left over hold an empty shar
 """
 
 import dataclasses
+import hashlib
+import json
 import zlib
 
 import numpy as np
@@ -36,31 +38,45 @@ class Shard:
     return f'{self.split}-{self.index:05d}'
 
 
-def cut_shards(split: str, listings: list, shard_clips: int) -> list[tuple[str, list, int]]:
-  """[(key, segments, clips)] of one store split, in listing order."""
-  shards = []
-  key, segments, count = '', [], 0
-  for listing in listings:
-    roles = listing.columns['split']
-    ids = listing.columns['id']
+class Cutter:
+  """Cuts the clips of one store split into shards, fed one unit listing at a time (so planning
+  holds one listing in memory, whatever the corpus size)."""
+
+  def __init__(self, split: str, shard_clips: int):
+    self.split, self.shard_clips = split, shard_clips
+    self.shards = []  # [(key, segments, clips, inputs digest)]
+    self.key, self.segments, self.count = '', [], 0
+    self.inputs = hashlib.sha256()
+
+  def close_shard(self):
+    self.shards.append((self.key, self.segments, self.count, self.inputs.hexdigest()[:16]))
+    self.segments, self.count, self.inputs = [], 0, hashlib.sha256()
+
+  def feed(self, listing) -> None:
+    columns, unit_key = listing.columns, listing.unit.key
     start = None
-    for position, role in enumerate(roles):
-      if role != split:
+    for position, role in enumerate(columns['split']):
+      if role != self.split:
         continue
-      if count and cut_hash(ids[position]) % shard_clips == 0:
+      clip_id = columns['id'][position]
+      if self.count and cut_hash(clip_id) % self.shard_clips == 0:
         if start is not None:
-          segments.append((listing.unit.key, start, position))
-        shards.append((key, segments, count))
-        key, segments, count, start = ids[position], [], 0, None
+          self.segments.append((unit_key, start, position))
+        self.close_shard()
+        self.key, start = clip_id, None
       if start is None:
         start = position
-      count += 1
+      stamp = (clip_id, columns['size'][position], columns['mtime'][position])
+      self.inputs.update(json.dumps(stamp).encode())
+      self.count += 1
       last = position
     if start is not None:
-      segments.append((listing.unit.key, start, last + 1))
-  if count:
-    shards.append((key, segments, count))
-  return shards
+      self.segments.append((unit_key, start, last + 1))
+
+  def finish(self) -> list[tuple]:
+    if self.count:
+      self.close_shard()
+    return self.shards
 
 
 def assign_indices(cut: list, previous: dict) -> list[int]:
@@ -82,19 +98,28 @@ def assign_indices(cut: list, previous: dict) -> list[int]:
   return indices
 
 
-def plan_shards(listings: list, splits: tuple[str, ...], shard_clips: int, previous: dict):
+def plan_shards(listings, splits: tuple[str, ...], shard_clips: int, previous: dict):
   """{split: [Shard in listing order]} and {split: number of shard indices}; an index below that
   number that no shard has holds an empty shard.
 
-  previous: {split: {key: index}} of the last plan.
+  listings: unit listings in order (any iterable: each is read once); previous: {split: {key:
+  index}} of the last plan.
   """
+  cutters = {split: Cutter(split, shard_clips) for split in splits}
+  for listing in listings:
+    for cutter in cutters.values():
+      cutter.feed(listing)
+  return assign_shards({s: c.finish() for s, c in cutters.items()}, previous)
+
+
+def assign_shards(cut: dict, previous: dict):
+  """`plan_shards` from the cut shards {split: [(key, segments, clips, inputs)]}."""
   plan, counts = {}, {}
-  for split in splits:
-    cut = cut_shards(split, listings, shard_clips)
-    indices = assign_indices(cut, previous.get(split, {}))
+  for split, shards in cut.items():
+    indices = assign_indices(shards, previous.get(split, {}))
     plan[split] = [
-      Shard(split, index, key, segments, n)
-      for index, (key, segments, n) in zip(indices, cut, strict=True)
+      Shard(split, index, key, segments, n, inputs)
+      for index, (key, segments, n, inputs) in zip(indices, shards, strict=True)
     ]
     counts[split] = max(indices, default=-1) + 1
   return plan, counts

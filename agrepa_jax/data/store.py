@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import heapq
 import itertools
 import json
 import logging
@@ -87,6 +88,28 @@ def write_gzip_json(path: epath.Path, value) -> None:
 
 def read_gzip_json(path: epath.Path):
   return json.loads(gzip.decompress(path.read_bytes()))
+
+
+class TokenizerSample:
+  """The at most `size` training clips of a domain with the smallest id hashes, [unit key,
+  position]: a fixed sample that does not grow with the corpus, kept in a bounded heap."""
+
+  def __init__(self, size: int):
+    self.size, self.heap = size, []
+
+  def feed(self, listing) -> None:
+    columns = listing.columns
+    for position, (clip_id, role) in enumerate(zip(columns['id'], columns['split'], strict=True)):
+      if role != 'train':
+        continue
+      entry = (-sources.stable_hash(clip_id), clip_id, listing.unit.key, position)
+      if len(self.heap) < self.size:
+        heapq.heappush(self.heap, entry)
+      elif entry > self.heap[0]:
+        heapq.heapreplace(self.heap, entry)
+
+  def chosen(self) -> list:
+    return sorted([unit_key, position] for _, _, unit_key, position in self.heap)
 
 
 class Store:
@@ -180,54 +203,31 @@ class Store:
     return existing is not None and existing['listing_digest'] == self.listing_digest()
 
   def write_plan(self) -> None:
-    listings = [self.listing(u.key) for u in self.units]
-    self.check_domains(listings)
+    """plan.json from one pass over the unit listings (one in memory at a time)."""
     previous = read_json(self.directory / 'plan.json') or {'shards': {}}
     indices = {s: {e['key']: e['index'] for e in es} for s, es in previous['shards'].items()}
-    shards, counts = plan.plan_shards(listings, SPLITS, self.settings['shard_clips'], indices)
-    value = {
-      'listing_digest': self.listing_digest(),
-      'num_indices': counts,
-      'shards': {
-        split: [
-          dataclasses.asdict(dataclasses.replace(s, inputs=digest(self.clip_stamps(s))))
-          for s in split_shards
-        ]
-        for split, split_shards in shards.items()
-      },
-      'tokenizer_sample': {d: self.tokenizer_sample(listings, d) for d in self.domains},
-    }
-    features.write_json(self.directory / 'plan.json', value)
-    self.listing.cache_clear()
-
-  def check_domains(self, listings) -> None:
-    empty = [
-      d
-      for d in self.domains
-      if not any(len(listing) for listing in listings if listing.unit.domain == d)
-    ]
+    cutters = {split: plan.Cutter(split, self.settings['shard_clips']) for split in SPLITS}
+    samples = {d: TokenizerSample(self.settings['tokenizer_clips']) for d in self.domains}
+    clips = dict.fromkeys(self.domains, 0)
+    for unit in self.units:
+      listing = self.listing(unit.key)
+      for cutter in cutters.values():
+        cutter.feed(listing)
+      samples[unit.domain].feed(listing)
+      clips[unit.domain] += len(listing)
+    empty = [d for d, n in clips.items() if not n]
     if empty:
       raise ValueError(
         f'domain(s) {empty} have no clips; give their data or drop them from data.domains'
       )
-
-  def tokenizer_sample(self, listings, domain: str) -> list:
-    """At most data.tokenizer_clips training clips of `domain`, [unit key, position]: those with
-    the smallest id hashes (a fixed sample that does not grow with the corpus)."""
-    candidates = [
-      (sources.stable_hash(clip_id), clip_id, listing.unit.key, position)
-      for listing in listings
-      if listing.unit.domain == domain
-      for position, (clip_id, role) in enumerate(
-        zip(listing.columns['id'], listing.columns['split'], strict=True)
-      )
-      if role == 'train'
-    ]
-    chosen = sorted(candidates)[: self.settings['tokenizer_clips']]
-    return sorted([unit_key, position] for _, _, unit_key, position in chosen)
-
-  def clip_stamps(self, shard: plan.Shard) -> list:
-    return [(r.id, r.size, r.mtime) for r in self.refs(shard.split, shard.segments)]
+    shards, counts = plan.assign_shards({s: c.finish() for s, c in cutters.items()}, indices)
+    value = {
+      'listing_digest': self.listing_digest(),
+      'num_indices': counts,
+      'shards': {split: [dataclasses.asdict(s) for s in ss] for split, ss in shards.items()},
+      'tokenizer_sample': {d: sample.chosen() for d, sample in samples.items()},
+    }
+    features.write_json(self.directory / 'plan.json', value)
 
   def ensure_plan(self) -> dict:
     """The current plan.json: {'shards': {split: [Shard]}, 'num_indices', 'tokenizer_sample'}."""
