@@ -16,8 +16,10 @@ from agrepa_jax import config_base, losses, model, selection
 from agrepa_jax.console import UsageError
 from agrepa_jax.generation import sampler
 
-# Sections a config may add to base_config's: the compare workflow's settings, more mesh presets.
-OPEN_SECTIONS = ('compare', 'mesh.presets')
+# A config may add to base_config: the compare workflow's section, and entries of the open sections
+# (more mesh presets; more teachers, say as FAD embeddings: eval.embeddings names them).
+ADDED_SECTIONS = ('compare',)
+OPEN_SECTIONS = ('mesh.presets', 'teachers')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +132,15 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = ''):
 
 
 def unknown_keys(config, known, prefix: str = '') -> list[str]:
-  """Problems naming each key of `config` that `known` (base_config) lacks, but in OPEN_SECTIONS."""
+  """Problems naming each key of `config` that `known` (base_config) lacks and may not add."""
   problems = []
   for key, value in config.items():
     name = f'{prefix}{key}'
-    if name in OPEN_SECTIONS:
-      continue
     if key not in known:
-      close = difflib.get_close_matches(key, list(known.keys()), n=1)
-      hint = f' (did you mean {prefix}{close[0]}?)' if close else ''
-      problems.append(f'{name}: no such key{hint}')
+      if name not in ADDED_SECTIONS and prefix[:-1] not in OPEN_SECTIONS:
+        close = difflib.get_close_matches(key, list(known.keys()), n=1)
+        hint = f' (did you mean {prefix}{close[0]}?)' if close else ''
+        problems.append(f'{name}: no such key{hint}')
     elif isinstance(value, ml_collections.ConfigDict) and isinstance(
       known[key], ml_collections.ConfigDict
     ):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agrepa_jax import checkpoint, config_base, console, metrics, train
+from agrepa_jax import checkpoint, config_base, config_checks, console, metrics, train
 from agrepa_jax import workdir as workdir_lib
 from tests.helpers import tiny_config, write_fake_cache
 from tests.test_main import (
@@ -386,6 +386,25 @@ def test_every_bad_value_or_path_exits_2_with_one_error_line_and_writes_nothing(
   assert (workdir_files(held), workdir_files(read_only)) == before
   assert not (held / 'logs').exists() and not new.exists()
   assert a_file.read_text() == 'not a workdir'
+
+
+def test_config_checks_accept_the_sections_a_config_may_add_and_list_every_problem():
+  config = config_base.base_config()
+  config.compare = {'num_seeds': 3}  # the compare workflow's section
+  config.teachers.beats_fad = {'name': 'beats', 'checkpoint': ''}  # an extra FAD embedding
+  config.mesh.presets.v6e_8 = {'devices': 8, 'data': 1, 'fsdp': 8, 'tensor': 1, 'hbm_gb': 32.0}
+  config_checks.check(config)
+  config.teachers.speech.chekpoint = ''
+  config.model.update(dropout=1.0, remat='all')
+  config.optim.pct_start = 0.0
+  with pytest.raises(console.UsageError) as error:
+    config_checks.check(config)
+  assert str(error.value).split('; ') == [
+    'teachers.speech.chekpoint: no such key (did you mean teachers.speech.checkpoint?)',
+    'optim.pct_start=0.0: expected a number in (0, 1)',
+    'model.dropout=1.0: expected a number in [0, 1)',
+    "model.remat='all': expected one of 'none', 'full', 'dots'",
+  ]
 
 
 # ----- inference modes on a workdir without a checkpoint -----
