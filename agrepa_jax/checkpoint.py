@@ -1,21 +1,31 @@
-"""Checkpoints of a run: orbax save/restore of the train state and data position, stopping on
-SIGTERM/Ctrl-C, and restoring a trained model for probing, sampling and
-evaluation (which therefore never import the trainer)."""
+"""Checkpoints of a run: orbax save/restore of the train state, data position and config, falling
+back past damaged checkpoints; stopping on SIGTERM/Ctrl-C; and restoring a trained model for
+probing, sampling and evaluation (which therefore never import the trainer)."""
 
 import dataclasses
+import datetime
 import logging
 import os
 import signal
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from agrepa_jax import files, sharding
+from agrepa_jax import console, files, sharding
 from agrepa_jax import state as state_lib
+from agrepa_jax import workdir as workdir_lib
 from agrepa_jax.model import AgRepaModel
 from agrepa_jax.state import TrainState
+
+CONFIG_ITEM = 'config'  # the config a checkpoint belongs to (workdir.config_record), saved with it
+DAMAGED_NAME = 'damaged_checkpoints'  # DIR/damaged_checkpoints/<step>-<time>: moved aside, kept
+
+
+class NoUsableCheckpoint(console.RunError):
+  exit_code = 7
 
 
 def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
@@ -26,7 +36,14 @@ def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
     cleanup_tmp_directories=True,  # safe: the trainer holds the workdir lock
     enable_async_checkpointing=config.async_checkpointing,
   )
-  return ocp.CheckpointManager(checkpoint_directory(workdir), options=options)
+  handlers = {
+    'state': ocp.StandardCheckpointHandler(),
+    'data': ocp.JsonCheckpointHandler(),
+    CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+  }  # named, so that a checkpoint's metadata can be read before it is restored
+  return ocp.CheckpointManager(
+    checkpoint_directory(workdir), options=options, item_handlers=handlers
+  )
 
 
 def checkpoint_directory(workdir) -> epath.Path:
@@ -40,12 +57,15 @@ def data_position(step: int, global_batch_size: int) -> dict:
   return {'step': int(step), 'records_consumed': int(step) * global_batch_size}
 
 
-def save_checkpoint(manager, step: int, state: TrainState, global_batch_size: int, force=False):
+def save_checkpoint(manager, step: int, state: TrainState, config, force=False):
+  """Saves the train state, the data position and the config of the run (the reference a resumed
+  run's config is judged against, whatever happens to DIR/config.json)."""
   manager.save(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_position(step, global_batch_size)),
+      data=ocp.args.JsonSave(data_position(step, config.batch_size)),
+      **{CONFIG_ITEM: ocp.args.JsonSave(workdir_lib.config_record(config))},
     ),
     force=force,
   )
@@ -60,9 +80,123 @@ def restore_checkpoint(manager, step: int, abstract: TrainState) -> tuple[TrainS
   return restored['state'], dict(restored['data'])
 
 
-def preemption_service_running() -> bool:
-  """Whether JAX's preemption notifier owns SIGTERM (multi-process runs, jax.distributed)."""
-  return jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+def saved_config(workdir: epath.Path, step: int) -> dict | None:
+  """The config saved with checkpoint `step`; None for one saved before checkpoints carried it."""
+  path = checkpoint_directory(workdir) / str(step) / CONFIG_ITEM
+  if not path.exists():
+    return None
+  return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path, ocp.args.JsonRestore()))
+
+
+def newest_saved_config(workdir: epath.Path) -> dict | None:
+  """The config saved with the newest checkpoint whose config can be read (an unreadable one is
+  damage that restore_newest reports); None without one."""
+  for step in reversed(saved_steps(workdir)):
+    try:
+      return saved_config(workdir, step)
+    except Exception:  # damage: restore_newest reports it with the checkpoint's step
+      continue
+  return None
+
+
+def leaf_shapes(tree) -> dict[str, tuple]:
+  """{'params.backbone.blocks.attn_out.kernel.value': shape, ...}: the same names for a train
+  state and for the metadata tree orbax saved of it."""
+  name = lambda key: str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+  return {
+    '.'.join(map(name, path)): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def check_shapes(manager, step: int, abstract: TrainState):
+  """Raises ConfigChanged when checkpoint `step` holds other arrays than `abstract` (a config change
+  that no restore can bridge); an unreadable metadata file raises as damage."""
+  metadata = manager.item_metadata(step)['state']
+  if metadata is None:
+    raise FileNotFoundError(f'checkpoint {step}: no metadata of its arrays (state/_METADATA)')
+  stored, wanted = leaf_shapes(metadata), leaf_shapes(abstract)
+  differ = [
+    f'{k}: {stored.get(k, "absent")} saved, {wanted.get(k, "absent")} now'
+    for k in sorted(set(stored) | set(wanted), key=lambda k: (not k.startswith('params.'), k))
+    if stored.get(k) != wanted.get(k)
+  ]
+  if differ:
+    raise workdir_lib.ConfigChanged(
+      f'checkpoint {step} in {manager.directory} holds arrays of other shapes than this config '
+      f'builds ({len(differ)} differ; first: {"; ".join(differ[:3])}); --allow_config_change '
+      'covers only changes that keep every shape: use a new --workdir or restore the settings'
+    )
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (all processes call this together)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def describe(error: BaseException) -> str:
+  """One line: the exception's type and the first line of its message, at most 300 characters."""
+  lines = str(error).strip().splitlines() or ['']
+  return f'{type(error).__name__}: {lines[0][:300]}'
+
+
+def try_restore(manager, step: int, abstract: TrainState):
+  """((train state, data position, saved config), None), or (None, the error) when checkpoint
+  `step` fails to restore; ConfigChanged (other shapes) is raised, it is not damage."""
+  try:
+    check_shapes(manager, step, abstract)
+    state, position = restore_checkpoint(manager, step, abstract)
+    return (state, position, saved_config(manager.directory.parent, step)), None
+  except workdir_lib.ConfigChanged:
+    raise
+  except Exception as error:  # any failure to read a checkpoint is damage
+    return None, error
+
+
+def move_aside(manager, steps: list[int]):
+  """Moves the checkpoints of `steps` to DIR/damaged_checkpoints/<step>-<UTC time> (process 0)."""
+  target = manager.directory.parent / DAMAGED_NAME
+  stamp = datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%S')
+  if jax.process_index() == 0:
+    target.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      (manager.directory / str(step)).rename(target / f'{step}-{stamp}')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('damaged checkpoints moved')
+  manager.reload()
+  logging.warning('moved the checkpoints of steps %s to %s (never deleted)', steps, target)
+
+
+def restore_newest(manager, abstract: TrainState) -> tuple[TrainState, dict, dict | None]:
+  """(train state, data position, saved config) of the newest checkpoint that restores.
+
+  Each checkpoint that fails (a truncated or missing file, unreadable metadata or JSON) is reported
+  with its step and the reason; once an older one has restored, the failed ones are moved aside
+  (move_aside). Raises ConfigChanged when a checkpoint holds arrays of other shapes, and
+  NoUsableCheckpoint when none restores; neither moves anything (the next run must not silently
+  start from step 0).
+  """
+  failed = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    restored, error = try_restore(manager, step, abstract)
+    if not any_process(error is not None):
+      if failed:
+        move_aside(manager, [s for s, _ in failed])
+      return restored
+    failed.append((step, describe(error) if error else 'failed on another process'))
+    logging.warning('checkpoint %d cannot be restored: %s', step, failed[-1][1])
+    logging.warning('checkpoint %d:', step, exc_info=error, extra={console.FILE_ONLY: True})
+  raise NoUsableCheckpoint(
+    f'no checkpoint in {manager.directory} can be restored:\n'
+    + '\n'.join(f'  step {s}: {reason}' for s, reason in failed)
+    + f'\nthey are left in place; to train this workdir from step 0, move {manager.directory} aside'
+  )
 
 
 class StopRequest:
@@ -73,12 +207,14 @@ class StopRequest:
   tells every process, and a Ctrl-C is forwarded to it as SIGTERM. A single process sets a flag.
   Stopping between steps matters: the step donates the train state, so an exception raised inside
   it would leave no valid state to save. A second Ctrl-C interrupts at once, without saving.
+  `preempted` tells a stop for SIGTERM (exit status 6, for a scheduler to requeue) from Ctrl-C.
   """
 
   def __init__(self, check_every: int):
     self.check_every = max(1, check_every)
-    self.distributed = preemption_service_running()
-    self.requested = False
+    self.distributed = workdir_lib.preemption_service_running()
+    self.requested = self.stopped = False
+    self.received = None  # the first signal this process received
     self._checks = 0  # the sync point protocol needs consecutive ids, the same on every process
     handled = (signal.SIGINT,) if self.distributed else (signal.SIGINT, signal.SIGTERM)
     self._previous = {s: signal.signal(s, self._handle) for s in handled}
@@ -88,6 +224,7 @@ class StopRequest:
       '%s received: saving a checkpoint and stopping (a second Ctrl-C exits at once, unsaved)',
       signal.Signals(signum).name,
     )
+    self.received = self.received or signal.Signals(signum)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if self.distributed:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
@@ -98,10 +235,18 @@ class StopRequest:
     """Whether every process stops after `step` (always False between checks)."""
     if step % self.check_every:
       return False
-    if not self.distributed:
-      return self.requested
-    self._checks += 1
-    return ocp.multihost.reached_preemption(self._checks)
+    if self.distributed:
+      self._checks += 1
+      self.stopped = ocp.multihost.reached_preemption(self._checks)
+    else:
+      self.stopped = self.requested
+    return self.stopped
+
+  @property
+  def preempted(self) -> bool:
+    """Whether the run stopped for SIGTERM (on multi-process runs: for JAX's preemption notice,
+    unless this process received the Ctrl-C)."""
+    return self.stopped and self.received != signal.SIGINT
 
   def restore(self):
     for s, handler in self._previous.items():

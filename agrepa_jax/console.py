@@ -20,9 +20,29 @@ FORMAT = '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(messag
 
 
 class RunError(RuntimeError):
-  """A failure the command line reports as its message alone, with its own exit status."""
+  """A failure the command line reports as its message alone (the traceback goes to the log file),
+  with its own exit status."""
 
   exit_code = 1
+
+
+class UsageError(RunError):
+  """A config value, config file or path the command cannot use."""
+
+  exit_code = 2
+
+
+class Preempted(BaseException):
+  """SIGTERM stopped the run with everything it trained saved: the same command resumes it.
+
+  A BaseException, as KeyboardInterrupt: raised from a signal handler during start-up, it must not
+  be caught by a library's `except Exception`.
+  """
+
+  exit_code = 6
+
+
+FILE_ONLY = 'file_only'  # a log record with this attribute set skips the terminal
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -37,6 +57,8 @@ class _TqdmHandler(logging.StreamHandler):
 
 def _terminal_filter(verbose: bool):
   def keep(record: logging.LogRecord) -> bool:
+    if getattr(record, FILE_ONLY, False):
+      return False
     if record.levelno >= logging.WARNING:
       return True
     if not (verbose or record.pathname.startswith(PACKAGE_DIR)):
@@ -73,6 +95,12 @@ def configure_logging(workdir, verbose: bool = False) -> pathlib.Path:
   to_file.setFormatter(logging.Formatter(FORMAT))
   root.addHandler(to_file)
   return log_path
+
+
+def report_error(error: BaseException):
+  """`error: <message>` on the terminal; the message with its traceback in the log file."""
+  logging.error('%s', error, exc_info=error, extra={FILE_ONLY: True})
+  tqdm.tqdm.write(f'error: {error}', file=sys.stderr)
 
 
 def log_start_summary(config, meta: dict, mesh, shapes):

@@ -1,16 +1,24 @@
 """Command line: python -m agrepa_jax.main --config configs/X.py --workdir DIR [--mode MODE]
-[--config.KEY=VALUE ...]. Modes are listed in MODES; each runs one function of the package."""
+[--config.KEY=VALUE ...]. Modes are listed in MODES; each runs one function of the package.
+
+A bad flag, config file, config value or workdir ends the command before it writes anything, with
+exit status 2 and one `error:` line; a run's own failures (console.RunError) print their message
+and keep the traceback in the log file.
+"""
 
 import importlib
 import logging
 import os
 import sys
+import traceback
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from agrepa_jax import console, files, host_memory
+from agrepa_jax import workdir as workdir_lib
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
 MODES = {
@@ -23,7 +31,10 @@ MODES = {
   'eval': ('agrepa_jax.generation.evaluate', 'run_eval'),
 }
 TRAINING_MODES = ('train', 'compare')  # they hold the workdir and check its config record
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+# Unlocked, so that an override of a key that does not exist reaches config_checks, which names it.
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file (configs/*.py).', lock_config=False, accept_new_attributes=True
+)
 flags.DEFINE_string(
   'workdir', None, 'Directory for everything the run writes; re-running resumes it.'
 )
@@ -78,15 +89,79 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+LIBRARY_DIRECTORIES = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+
+
+def describe_flag_error(error: BaseException) -> str:
+  """One line for a failed flag parse or config load: where the config file failed (its file and
+  line) and why, or absl's own message for a bad flag."""
+  cause = error
+  while cause.__cause__ or cause.__context__:
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, SyntaxError):
+    return f'--config {cause.filename}, line {cause.lineno}: {cause.msg}'
+  config_frames = [
+    frame
+    for frame in traceback.extract_tb(cause.__traceback__)
+    if not frame.filename.startswith((*LIBRARY_DIRECTORIES, '<', __file__))
+  ]
+  if config_frames:
+    where = config_frames[-1]
+    return f'--config {where.filename}, line {where.lineno}: {type(cause).__name__}: {cause}'
+  if isinstance(cause, KeyError):  # an override below a section the config does not have
+    key = str(cause.args[0]).splitlines()[0].strip('\'"')
+    names = [a.split('=')[0] for a in sys.argv if a.startswith('--config.')]
+    flag = [n for n in names if key in n.split('.')] or ['--config']
+    return f'{flag[0]}: no such key {key!r}'
+  return str(error).strip().splitlines()[0]
+
+
+def exit_for_usage(message: str):
+  sys.stderr.write(f'error: {message}\n')
+  sys.exit(console.UsageError.exit_code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with any failure (a config file that does not run, a bad flag value)
+  reported by exit_for_usage."""
+  try:
+    return FLAGS(argv)
+  except Exception as error:  # the config file is user code: anything it raises is bad input
+    exit_for_usage(describe_flag_error(error))
+
+
+def loaded_config() -> ml_collections.ConfigDict:
+  """--config, checked (config_checks) and locked; UsageError for a missing or failing file (which
+  config_flags only reports when the config is first used)."""
+  config = FLAGS.config
+  if not isinstance(config, ml_collections.ConfigDict):
+    path = FLAGS['config'].config_filename.split(':')[0]
+    if not os.path.isfile(path):
+      raise console.UsageError(f'--config {path}: no such file')
+    try:
+      config.lock()
+    except OSError as error:
+      raise console.UsageError(describe_flag_error(error)) from error
+  from agrepa_jax import config_checks  # here, after the huge-page re-exec: it imports the model
+
+  config_checks.check(config)
+  config.lock()
+  return config
+
+
 def main(argv):
   del argv
+  try:
+    config, workdir = loaded_config(), files.as_path(FLAGS.workdir)
+    workdir_lib.check_workdir(workdir)
+  except console.UsageError as error:
+    exit_for_usage(str(error))
   if FLAGS.distributed:
     jax.distributed.initialize()
   if FLAGS.compilation_cache:
     jax.config.update(
       'jax_compilation_cache_dir', os.fspath(files.as_path(FLAGS.compilation_cache))
     )
-  config, workdir = FLAGS.config, files.as_path(FLAGS.workdir)
   log_path = console.configure_logging(workdir, FLAGS.verbose)
   mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
@@ -100,13 +175,16 @@ def main(argv):
     }
   try:
     result = getattr(importlib.import_module(module), function)(config, workdir, **options)
-  except console.RunError as e:
-    logging.error('%s', e)
-    sys.exit(e.exit_code)
+  except console.RunError as error:
+    console.report_error(error)
+    sys.exit(error.exit_code)
+  except console.Preempted as stop:
+    logging.warning('%s', stop)
+    sys.exit(stop.exit_code)
   if mode in ('aot', 'features', 'eval'):
     logging.info('%s: %s', mode, result)
 
 
 if __name__ == '__main__':
   host_memory.reexec_with_huge_pages()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ import tqdm
 from etils import epath
 from flax import nnx
 
-from agrepa_jax import console, losses, metrics, selection, sharding
+from agrepa_jax import config_checks, console, losses, metrics, selection, sharding
 from agrepa_jax import state as state_lib
 from agrepa_jax import workdir as workdir_lib
 from agrepa_jax.data import spec as data_spec
@@ -173,8 +173,10 @@ def train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool = 
   Holds `workdir` for the run (workdir.WorkdirLocked if another run holds it), checks the config
   against the one stored with its checkpoints (workdir.ConfigChanged, unless
   `allow_config_change`), and stops with NonFiniteTraining when the loss or gradients stop being
-  finite, saving nothing after the last finite checkpoint.
+  finite, saving nothing after the last finite checkpoint. A stop for SIGTERM raises
+  console.Preempted once its checkpoint is saved.
   """
+  config_checks.check(config)
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lib.exclusive(workdir):
     return _train_and_evaluate(config, workdir, allow_config_change)
@@ -186,8 +188,10 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
   from agrepa_jax import checkpoint
   from agrepa_jax.data import pipeline, prepare
 
+  # Nothing is written to the workdir until the checkpoint is restored and every check passed.
   resumes = bool(checkpoint.saved_steps(workdir))
-  workdir_lib.record_config(config, workdir, resumes, allow_config_change)
+  checked = checkpoint.newest_saved_config(workdir)
+  changes = workdir_lib.check_config(config, workdir, checked, resumes, allow_config_change)
 
   # ----- Mesh and data -----
   mesh = sharding.make_mesh(config.mesh)
@@ -217,12 +221,15 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
     state = state_lib.initialize(config, teacher_dims, tx, shardings)
   else:
     abstract = state_lib.abstract_with_shardings(shapes, shardings)
-    state, position = checkpoint.restore_checkpoint(manager, manager.latest_step(), abstract)
+    state, position, saved = checkpoint.restore_newest(manager, abstract)
+    if saved != checked:  # fell back to an older checkpoint, of another config
+      changes = workdir_lib.check_config(config, workdir, saved, resumes, allow_config_change)
     records_consumed = position['records_consumed']
     logging.info('resumed from step %d', int(state.step))
     if not selection.measures_online(config):  # fixed λ follow the config, not the checkpoint
       lambdas = selection.lambdas_from_config(config)
       state = state.replace(lambdas=jax.device_put(lambdas, sharding.replicated(mesh)))
+  workdir_lib.record_config(config, workdir, changes, resumes)
   data_iterator = iter(
     pipeline.training_dataset(
       train_source,
@@ -270,7 +277,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
     elif int(first_bad):
       logging.error('the train state is not finite: not saved')
     elif manager.latest_step() != int(state.step):
-      checkpoint.save_checkpoint(manager, int(state.step), state, config.batch_size, force=True)
+      checkpoint.save_checkpoint(manager, int(state.step), state, config, force=True)
 
   last_log, last_step, step = time.perf_counter(), start_step, start_step
   try:
@@ -304,7 +311,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
         check_finite(int(bad), step, manager)
       if step % config.checkpoint_every == 0:
         check_finite(int(first_bad), step, manager)
-        checkpoint.save_checkpoint(manager, step, state, config.batch_size)
+        checkpoint.save_checkpoint(manager, step, state, config)
       if stop.reached(step):
         logging.info('stopping after step %d', step)
         break
@@ -325,6 +332,11 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
     manager.wait_until_finished()
     manager.close()
     writer.close()
+
+  if stop.preempted:
+    raise console.Preempted(
+      f'stopped by SIGTERM after saving step {step}: the same command resumes from it'
+    )
 
   # ----- Figures -----
   if jax.process_index() == 0:

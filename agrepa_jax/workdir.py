@@ -3,9 +3,11 @@
 The lock (`DIR/lock.json`) names its holder (host, pid, start time) and carries a heartbeat that
 a background thread renews; a lock whose holder is gone (its pid on this host, or its heartbeat
 for longer than STALE_SECONDS anywhere) is taken over with a warning. Multi-host runs take it once,
-on process 0. `DIR/config.json` is the config of the run that wrote the checkpoints; a resumed run
-may change only settings that do not shape the parameters or the data (STRUCTURAL_KEYS), and
-every run start appends its changes to `DIR/config_history.jsonl`. docs/reliability.md has more.
+on process 0. While it is held, SIGTERM and Ctrl-C raise exceptions (outside the training loop,
+which stops on them by itself), so that the lock is released whenever they arrive. Each checkpoint
+carries the config of the run that wrote it; a resumed run may change only settings that do not
+shape the parameters or the data (STRUCTURAL_KEYS). Once a run has started, `DIR/config.json`
+holds its config and `DIR/config_history.jsonl` its changes. docs/reliability.md has more.
 """
 
 import contextlib
@@ -13,6 +15,8 @@ import datetime
 import json
 import logging
 import os
+import pathlib
+import signal
 import socket
 import threading
 import time
@@ -22,7 +26,7 @@ import jax
 from etils import epath
 
 from agrepa_jax import files
-from agrepa_jax.console import RunError
+from agrepa_jax.console import Preempted, RunError, UsageError
 
 LOCK_NAME = 'lock.json'
 CONFIG_NAME = 'config.json'
@@ -53,6 +57,27 @@ class WorkdirLocked(RunError):
 
 class ConfigChanged(RunError):
   exit_code = 4
+
+
+def check_workdir(workdir: epath.Path):
+  """Raises UsageError unless `workdir` is a directory this user can write, or can be created as
+  one. Writes nothing; object stores show their permissions at the first write."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f'--workdir {workdir}: a file, not a directory')
+  if not files.is_local(workdir):
+    return
+  existing = pathlib.Path(workdir)
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise UsageError(f'--workdir {workdir}: {existing} is a file, not a directory')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f'--workdir {workdir}: {existing} is not writable by this user')
+
+
+def preemption_service_running() -> bool:
+  """Whether JAX's preemption notifier owns SIGTERM (multi-process runs, jax.distributed)."""
+  return jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
 
 
 def _now() -> str:
@@ -161,9 +186,50 @@ class WorkdirLock:
       self.path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def exclusive(workdir):
-  """Holds `workdir` for this run (on process 0); every process fails if another run holds it."""
+def _raise_for(signum: int):
+  if signum == signal.SIGINT:
+    raise KeyboardInterrupt
+  raise Preempted(
+    f'{signal.Signals(signum).name} received outside the training steps: stopped; the same '
+    'command resumes from the last checkpoint'
+  )
+
+
+class SignalsRaise:
+  """Until `close()`: SIGTERM raises console.Preempted and SIGINT KeyboardInterrupt, except inside
+  `deferred()` blocks (taking or releasing the lock), at whose end they are raised. Signals this
+  process ignores (nohup, a background job) stay ignored."""
+
+  def __init__(self, signals):
+    self.depth, self.pending = 0, None
+    self._previous = {
+      s: signal.signal(s, self._handle) for s in signals if signal.getsignal(s) != signal.SIG_IGN
+    }
+
+  def _handle(self, signum, frame):
+    if self.depth:
+      self.pending = self.pending or signum
+    else:
+      _raise_for(signum)
+
+  @contextlib.contextmanager
+  def deferred(self):
+    self.depth += 1
+    try:
+      yield
+    finally:
+      self.depth -= 1
+    if not self.depth and self.pending:
+      signum, self.pending = self.pending, None
+      _raise_for(signum)
+
+  def close(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _acquire_on_process_0(workdir) -> WorkdirLock | None:
+  """The lock of `workdir`, taken by process 0; WorkdirLocked on every process if it is held."""
   lock, error = None, ''
   if jax.process_index() == 0:
     lock = WorkdirLock(workdir)
@@ -179,11 +245,29 @@ def exclusive(workdir):
       error = f'{workdir} is in use by another run (process 0 names it)'
   if error:
     raise WorkdirLocked(error)
+  return lock
+
+
+@contextlib.contextmanager
+def exclusive(workdir):
+  """Holds `workdir` for this run (on process 0); every process fails if another run holds it.
+
+  A signal at any moment releases the lock: SIGTERM raises console.Preempted (on multi-process
+  runs JAX's preemption notifier keeps SIGTERM, and the loop stops at its next check) and Ctrl-C
+  KeyboardInterrupt, each after the lock is taken or released if that is under way.
+  """
+  handled = (signal.SIGINT,) if preemption_service_running() else (signal.SIGINT, signal.SIGTERM)
+  signals = SignalsRaise(handled)
+  lock = None
   try:
+    with signals.deferred():
+      lock = _acquire_on_process_0(workdir)
     yield
   finally:
-    if lock is not None:
-      lock.release()
+    with signals.deferred():
+      if lock is not None:
+        lock.release()
+      signals.close()
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -223,18 +307,34 @@ def format_changes(changes: dict[str, tuple]) -> str:
   return '\n'.join(f'  {k}: {old!r} -> {new!r}' for k, (old, new) in changes.items())
 
 
-def record_config(config, workdir, resumes: bool, allow_change: bool = False):
-  """Checks `config` against the one stored with the checkpoints, then records it (process 0).
+def read_stored_config(workdir) -> dict | None:
+  """DIR/config.json, or None when it is missing or unreadable (with a warning that names it)."""
+  path = epath.Path(workdir) / CONFIG_NAME
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+    if isinstance(record, dict):
+      return record
+    reason = f'a JSON {type(record).__name__}'
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    reason = str(e)
+  logging.warning('%s is not a config record (%s): ignored', path, reason)
+  return None
 
-  `resumes`: the workdir has checkpoints. A change to a STRUCTURAL_KEYS key then raises
-  ConfigChanged listing every such key, old -> new, unless `allow_change`. The stored config.json
-  is replaced only after the check; each call appends a row to config_history.jsonl.
+
+def check_config(
+  config, workdir, checkpoint_config: dict | None, resumes: bool, allow_change: bool = False
+) -> dict[str, tuple]:
+  """The changes of `config` from the one its checkpoints belong to; writes nothing.
+
+  `resumes`: the workdir has checkpoints. `checkpoint_config`: the config saved with the checkpoint
+  it resumes from; DIR/config.json stands in for it when None (checkpoints saved before they
+  carried their config) and for a run without checkpoints. A change to a STRUCTURAL_KEYS key of a
+  resumed run raises ConfigChanged listing every such key, old -> new, unless `allow_change`.
   """
-  workdir = epath.Path(workdir)
-  new = config_record(config)
-  stored_path = workdir / CONFIG_NAME
-  old = json.loads(stored_path.read_text()) if stored_path.exists() else None
-  changes = config_changes(old, new) if old is not None else {}
+  old = checkpoint_config if checkpoint_config is not None else read_stored_config(workdir)
+  changes = config_changes(old, config_record(config)) if old is not None else {}
   structural = {k: v for k, v in changes.items() if is_structural(k)}
   if resumes and structural:
     if not allow_change:
@@ -248,16 +348,23 @@ def record_config(config, workdir, resumes: bool, allow_change: bool = False):
       format_changes(structural),
     )
   elif resumes and old is None:
-    logging.warning('%s has checkpoints but no %s: recording this config', workdir, CONFIG_NAME)
+    logging.warning('%s has checkpoints but no config record: this config is not checked', workdir)
   if changes:
     logging.info('config changes since the last run of %s:\n%s', workdir, format_changes(changes))
+  return changes
+
+
+def record_config(config, workdir, changes: dict[str, tuple], resumes: bool):
+  """Writes `config` to DIR/config.json and appends a row with its `changes` (check_config) to
+  DIR/config_history.jsonl, on process 0: once the run has restored and passed every check."""
   if jax.process_index() != 0:
     return
+  workdir = epath.Path(workdir)
   row = {
     'time': _now(),
     'resumes': resumes,
     'changes': {k: list(v) for k, v in changes.items()},
-    'allowed_structural_change': bool(resumes and structural),
+    'allowed_structural_change': resumes and any(map(is_structural, changes)),
   }
   files.append_line(workdir / HISTORY_NAME, json.dumps(row))
-  files.write_atomic(stored_path, json.dumps(new, indent=2))
+  files.write_atomic(workdir / CONFIG_NAME, json.dumps(config_record(config), indent=2))
