@@ -14,6 +14,7 @@ import ml_collections
 
 from agrepa_jax import config_base, losses, model, selection
 from agrepa_jax.console import UsageError
+from agrepa_jax.data import sources
 from agrepa_jax.generation import sampler
 
 # A config may add to base_config: the compare workflow's section, and entries of the open sections
@@ -111,6 +112,10 @@ RULES = {
   'data.token_rate': POSITIVE,
   'data.chunk_size': at_least(1),
   'data.shard_clips': at_least(1),
+  'data.max_seconds': NON_NEGATIVE,
+  'data.tokenizer_clips': at_least(1),
+  'data.claim_timeout': POSITIVE,
+  **{f'data.datasets.{d}': OneOf(sources.CORPORA) for d in ('speech', 'audio')},
   'data.num_workers': at_least(0),
   'probe.batch_size': at_least(1),
   'probe.top_k': at_least(1),

@@ -154,6 +154,10 @@ def main(argv):
   try:
     config, workdir = loaded_config(), files.as_path(FLAGS.workdir)
     workdir_lib.check_workdir(workdir)
+    if FLAGS.task is not None and not 0 <= FLAGS.task < FLAGS.num_tasks:
+      raise console.UsageError(
+        f'--task={FLAGS.task}: expected 0 to {FLAGS.num_tasks - 1} (--num_tasks={FLAGS.num_tasks})'
+      )
   except console.UsageError as error:
     exit_for_usage(str(error))
   if FLAGS.distributed:

@@ -10,7 +10,16 @@ import pytest
 import soundfile as sf
 
 from agrepa_jax import audio
-from agrepa_jax.data import features, pipeline, prepare, records, sources, store, tokenizer
+from agrepa_jax.data import (
+  DataError,
+  features,
+  pipeline,
+  prepare,
+  records,
+  sources,
+  store,
+  tokenizer,
+)
 from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.teachers.base import TeacherSpec
 from tests import helpers
@@ -371,7 +380,7 @@ def test_residual_kmeans_recovers_separated_clusters():
   mapping = {k: tokens[0][labels == k][0] for k in range(3)}
   assert len(set(mapping.values())) == 3
   assert all(np.all(tokens[0][labels == k] == mapping[k]) for k in range(3))
-  with pytest.raises(ValueError, match='codebook_size'):
+  with pytest.raises(DataError, match='cannot fit 3 units; lower model.vocab_size'):
     tokenizer.fit_codebooks(points[:2], 3, 1, seed=0)
   clips = [points[:7], points[7:40], points[40:41]]  # several clips' tokens in one padded call
   together = tokenizer.assign_token_lists(clips, codebooks)
@@ -468,7 +477,7 @@ def test_a_plain_speech_tree_is_one_train_split_with_its_transcripts(tmp_path):
     0,
     2,
   )
-  with pytest.raises(FileNotFoundError, match='nowhere'):
+  with pytest.raises(DataError, match='LibriSpeech directory does not exist: .*nowhere'):
     sources.corpus_units('speech', 'librispeech', str(tmp_path / 'nowhere'), splits)
 
 
@@ -506,7 +515,7 @@ def test_external_token_files_are_checked(tmp_path):
     ValueError, match=r'b.npy: token ids in \[5, 8\] are outside 0..7 \(model.vocab_size\)'
   ):
     features.read_token_file(str(tmp_path), ref, {**settings, 'num_codebooks': 2})
-  with pytest.raises(FileNotFoundError, match='missing'):
+  with pytest.raises(DataError, match='missing'):
     features.read_token_file(str(tmp_path), dataclasses.replace(ref, id='missing'), settings)
 
 

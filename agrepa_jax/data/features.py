@@ -24,8 +24,8 @@ import numpy as np
 from etils import epath
 
 from agrepa_jax import audio, sharding
+from agrepa_jax.data import DataError, tokenizer
 from agrepa_jax.data import spec as spec_lib
-from agrepa_jax.data import tokenizer
 from agrepa_jax.teachers.base import Teacher, masked_mean
 
 STORE_VERSION = 4  # tfds records with bf16 bits, whole utterances, content-defined shards
@@ -51,7 +51,7 @@ class ClipError(ValueError):
   """A clip that cannot be used; the message names its file and the reason."""
 
 
-class NoUsableClips(ValueError):
+class NoUsableClips(DataError):
   """Some domain has no usable training clip; `domains` names them."""
 
   def __init__(self, domains: list[str], detail: str):
@@ -191,16 +191,16 @@ def read_token_file(token_dir: str, ref: ClipRef, settings: dict) -> np.ndarray:
   clip's stored audio (never stretched)."""
   path = epath.Path(token_dir) / f'{ref.id}.npy'
   if not path.exists():
-    raise FileNotFoundError(f'token file for clip {ref.id!r} not found: {path}')
+    raise DataError(f'token file for clip {ref.id!r} not found: {path}')
   with path.open('rb') as f:
     tokens = np.atleast_2d(np.load(f))
   vocab, num_codebooks = settings['codebook_size'], settings['num_codebooks']
   if tokens.shape[0] != num_codebooks:
-    raise ValueError(
+    raise DataError(
       f'{path}: holds {tokens.shape[0]} codebooks, model.num_codebooks={num_codebooks}'
     )
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-    raise ValueError(
+    raise DataError(
       f'{path}: token ids in [{tokens.min()}, {tokens.max()}] are outside 0..{vocab - 1} '
       '(model.vocab_size)'
     )

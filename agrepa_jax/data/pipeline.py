@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from agrepa_jax import audio
-from agrepa_jax.data import records
+from agrepa_jax.data import DataError, records
 from agrepa_jax.data.spec import BatchSpec
 
 SILENCE = float(audio.normalize(np.log(audio.LOG_FLOOR)))  # the normalized mel of silence
@@ -136,7 +136,7 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
   }
   if spec.teacher_frames is not None:
     if 'teacher_frames' not in record:
-      raise ValueError(
+      raise DataError(
         'the feature store holds no teacher frames; rebuild with data.teacher_frames=True'
       )
     rows, width = spec.packed_frames
@@ -147,7 +147,7 @@ def crop_record(record: dict, spec: BatchSpec, domains, start_token: int) -> dic
     out['teacher_frames'] = packed
   if spec.audio_rates is not None:
     if 'audio' not in record:
-      raise ValueError('the feature store holds no audio; rebuild it with teachers.online=True')
+      raise DataError('the feature store holds no audio; rebuild it with teachers.online=True')
     first = round(start_seconds * spec.audio_rates[own])
     wave = np.asarray(record['audio'], np.int16)[first : first + spec.audio_samples(own)]
     out['audio'] = fit_rows(wave, spec.audio_length)
@@ -167,13 +167,13 @@ def to_row(record: dict, source: FeatureSplit, crop: str, rng: np.random.Generat
   elif crop == 'start':
     start = 0
   else:
-    raise ValueError(f"data.crop={crop!r}: expected 'random' or 'start'")
+    raise DataError(f"data.crop={crop!r}: expected 'random' or 'start'")
   return crop_record(record, source.spec, source.domains, start)
 
 
 def host_batch_size(global_batch_size: int) -> int:
   if global_batch_size % jax.device_count():
-    raise ValueError(
+    raise DataError(
       f'batch_size={global_batch_size} is not divisible by the {jax.device_count()} devices '
       'of the mesh'
     )
@@ -207,7 +207,7 @@ def mixed_records(source, seed: int, domain_weights=None, layout=None) -> grain.
   if layout:
     missing = sorted({source.domains[d] for d in layout} - {source.domains[d] for d in present})
     if missing:
-      raise ValueError(
+      raise DataError(
         f'no training clips of domain(s) {missing}, which data.domain_weights asks for'
       )
     return grain.MapDataset.range(0, sys.maxsize).map(PeriodicMix(shuffled, tuple(layout)))

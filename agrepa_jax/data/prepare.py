@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from agrepa_jax import audio
-from agrepa_jax.data import claims, features, sources, store
+from agrepa_jax.data import DataError, claims, features, sources, store
 from agrepa_jax.data import spec as spec_lib
 from agrepa_jax.data.pipeline import FeatureSplit
 
@@ -93,17 +93,17 @@ def corpora(config) -> list[store.Corpus]:
       for d in data.domains
     ]
   if data.source != 'directories':
-    raise ValueError(f"data.source={data.source!r}: expected 'embedded' or 'directories'")
+    raise DataError(f"data.source={data.source!r}: expected 'embedded' or 'directories'")
   out = []
   for domain in data.domains:
     root = data.get(f'{domain}_dir', '')
     if not root:
-      raise ValueError(
+      raise DataError(
         f'data.{domain}_dir is empty: give the {domain} corpus or drop {domain!r} from data.domains'
       )
     kind = data.datasets[domain]
     if kind not in sources.CORPORA:
-      raise ValueError(f'data.datasets.{domain}={kind!r}: expected one of {list(sources.CORPORA)}')
+      raise DataError(f'data.datasets.{domain}={kind!r}: expected one of {list(sources.CORPORA)}')
     configured = sources.Splits(
       tuple(s for s in data.train_splits[domain].split('+') if s),
       data.heldout_splits.get(domain, ''),
@@ -159,7 +159,7 @@ def build(config, options: store.BuildOptions | None = None) -> dict:
     complete = built.build()
   except features.NoUsableClips as e:
     roots = {d: config.data.get(f'{d}_dir') or 'the embedded corpus' for d in e.domains}
-    raise ValueError(f'{e}; no usable audio file in {roots}') from e
+    raise DataError(f'{e}; no usable audio file in {roots}') from e
   stats = {
     **built.stats,
     'clips_per_second': built.stats['clips'] / max(built.stats['seconds'], 1e-9),
@@ -176,7 +176,7 @@ def check_teacher_dims(config, found: dict) -> None:
   for domain in config.data.domains:
     dim = int(config.teachers[domain].dim)
     if dim and dim != found[domain]:
-      raise ValueError(
+      raise DataError(
         f'teachers.{domain}.dim={dim}, but the {domain} teacher gives {found[domain]}-d features'
       )
 
@@ -235,7 +235,7 @@ def write_features_report(
   `task`), verifies the checksums of finished shards, and when every shard is done writes the
   index and DIR/features.json."""
   if task is not None and not 0 <= task < num_tasks:
-    raise ValueError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
+    raise DataError(f'--task={task} must be in 0..{num_tasks - 1} (--num_tasks={num_tasks})')
   scan = scan_id(task)
   options = job_options(
     config, task=task, num_tasks=num_tasks, scan=scan, verify=True, refit_tokenizer=refit_tokenizer

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import indexed_gzip
 from etils import epath
 
+from agrepa_jax.data import DataError
+
 AUDIO_SUFFIXES = ('.wav', '.flac', '.mp3', '.ogg', '.opus', '.m4a', '.aac', '.webm')
 LIBRISPEECH_SPLITS = (
   'train-clean-100',
@@ -156,7 +158,7 @@ def file_stamp(path: epath.Path) -> str:
 def checked_root(directory: str, what: str) -> epath.Path:
   root = epath.Path(directory).expanduser()
   if not root.is_dir():
-    raise FileNotFoundError(f'{what} directory does not exist: {root}')
+    raise DataError(f'{what} directory does not exist: {root}')
   return root
 
 
@@ -240,7 +242,7 @@ def scan_archive(path: epath.Path) -> tuple[list[tarfile.TarInfo], dict, bytes]:
         stream.export_index(fileobj=buffer)
         gzip_index = buffer.getvalue()
   except (tarfile.TarError, EOFError, OSError, indexed_gzip.ZranError) as e:
-    raise ValueError(f'{path}: cannot read the archive ({e}); download it again') from e
+    raise DataError(f'{path}: cannot read the archive ({e}); download it again') from e
   return members, transcripts, gzip_index
 
 
@@ -373,7 +375,7 @@ def audioset_rows(root: epath.Path) -> tuple[dict, dict]:
   """({youtube id: [(csv split, start seconds, [label mids])]}, {mid: display name})."""
   labels_csv = root / AUDIOSET_LABELS_CSV
   if not labels_csv.exists():
-    raise FileNotFoundError(
+    raise DataError(
       f'AudioSet class-label CSV not found: {labels_csv} (a folder of clips without the AudioSet '
       "CSVs is data.datasets.<domain>='folder')"
     )
@@ -384,9 +386,7 @@ def audioset_rows(root: epath.Path) -> tuple[dict, dict]:
       for youtube_id, start, _, labels in read_csv_rows(root / csv_name):
         rows.setdefault(youtube_id, []).append((split, float(start), labels.split(',')))
   if not rows:
-    raise FileNotFoundError(
-      f'no AudioSet segment CSV ({", ".join(AUDIOSET_CSVS.values())}) in {root}'
-    )
+    raise DataError(f'no AudioSet segment CSV ({", ".join(AUDIOSET_CSVS.values())}) in {root}')
   return rows, names
 
 
@@ -510,7 +510,7 @@ def resolve_splits(domain: str, corpus: str, root: str, configured: Splits) -> S
   if not train and 'train' in available:
     train = ('train',)
   if not train:
-    raise ValueError(
+    raise DataError(
       f'data.train_splits.{domain}={"+".join(configured.train)!r}: none of these splits is in '
       f'{root} (it holds {sorted(available)})'
     )

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from agrepa_jax import audio
+from agrepa_jax.data import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ def domain_layout(domain_weights) -> tuple[int, ...]:
   smallest = min((w for w in weights if w > 0), default=0.0)
   counts = [w / smallest if smallest else 0.0 for w in weights]
   if not smallest or any(abs(c - round(c)) > 1e-6 for c in counts) or sum(counts) > MAX_PERIOD:
-    raise ValueError(
+    raise DataError(
       f'teachers.online=True gives every batch fixed per-domain counts, so data.domain_weights='
       f'{tuple(weights)} must be a whole-number ratio, e.g. (1, 1) or (3, 1), of at most '
       f'{MAX_PERIOD} clips in all'

@@ -33,8 +33,8 @@ import time
 import tqdm
 from etils import epath
 
+from agrepa_jax.data import DataError, features, plan, records, sources
 from agrepa_jax.data import claims as claims_lib
-from agrepa_jax.data import features, plan, records, sources
 from agrepa_jax.data import index as index_lib
 
 SPLITS = index_lib.SPLITS
@@ -217,7 +217,7 @@ class Store:
       clips[unit.domain] += len(listing)
     empty = [d for d, n in clips.items() if not n]
     if empty:
-      raise ValueError(
+      raise DataError(
         f'domain(s) {empty} have no clips; give their data or drop them from data.domains'
       )
     shards, counts = plan.assign_shards({s: c.finish() for s, c in cutters.items()}, indices)
@@ -300,7 +300,7 @@ class Store:
     if self.settings['token_dir']:
       return {}
     if self.options.refit_tokenizer and not self.options.scan:
-      raise ValueError(
+      raise DataError(
         '--refit_tokenizer with --task needs one scan id for all tasks: run it as a SLURM array '
         '(SLURM_ARRAY_JOB_ID) or set AGREPA_SCAN_ID'
       )

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
+from agrepa_jax.data import DataError
+
 
 def pool_to_rate(frames: np.ndarray, num_tokens: int) -> np.ndarray:
   """(F, C) teacher frames -> (num_tokens, C) means over equal time segments."""
@@ -30,9 +32,9 @@ def fit_codebooks(
   if len(features) > max_fit_points:
     features = features[rng.choice(len(features), max_fit_points, replace=False)]
   if len(features) < codebook_size:
-    raise ValueError(
-      f'tokenizer: {len(features)} feature frames cannot fit {codebook_size} units; '
-      'lower data.tokenizer.codebook_size or add clips'
+    raise DataError(
+      f'tokenizer: {len(features)} feature frames cannot fit {codebook_size} units; lower '
+      'model.vocab_size or raise data.tokenizer_clips'
     )
   codebooks, residual = [], features.astype(np.float32)
   for k in range(num_codebooks):
