@@ -60,6 +60,12 @@ flags.DEFINE_string(
   'multi-host jobs give a directory every host shares (gs://...), so that all hosts find the '
   'same compiled steps and reach their first collective together.',
 )
+flags.DEFINE_string(
+  'topology',
+  '',
+  "aot: compile for this TPU topology with libtpu's compiler on this host (e.g. v5p:4x4x4, "
+  "v5e:8x8, v6e:4x4; pip install -e '.[tpu]') instead of for the local devices.",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -78,6 +84,8 @@ def main(argv):
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
   module, function = MODES[mode]
   options = {'allow_config_change': FLAGS.allow_config_change} if mode in TRAINING_MODES else {}
+  if mode == 'aot':
+    options = {'topology': FLAGS.topology}
   try:
     result = getattr(importlib.import_module(module), function)(config, workdir, **options)
   except console.RunError as e:

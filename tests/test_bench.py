@@ -1,4 +1,5 @@
-"""The train-step bench: its FLOP count, and the official PyTorch step it is compared with."""
+"""The train-step bench: its FLOP count, its profile summary, and the official PyTorch step it is
+compared with."""
 
 import dataclasses
 import json
@@ -11,10 +12,9 @@ import pytest
 import torch
 from flax import nnx
 
-from agrepa_jax import host_memory, losses, train
+from agrepa_jax import flops, host_memory, losses, train
 from agrepa_jax import model as model_lib
 from agrepa_jax.state import TrainState
-from bench import flops
 from tests.reference import official
 from tests.reference.export import export_weights
 from tests.test_reference import (
@@ -183,9 +183,14 @@ def test_one_official_training_step_matches_ours():
 def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   from bench import train_step
 
-  train_step.main(['--configs', 'tiny', '--steps', '1', '--rounds', '2'])
+  train_step.main(['--configs', 'tiny', '--steps', '1', '--rounds', '2', '--profile'])
   (line,) = capsys.readouterr().out.strip().splitlines()
   result = json.loads(line)
+  # the CPU runtime's thunks, costliest first: the step's fusions and matrix products
+  assert 0 < len(result['profile']) <= 10
+  seconds = [op['seconds_per_step'] for op in result['profile']]
+  assert seconds == sorted(seconds, reverse=True) and seconds[-1] > 0
+  assert any('fusion' in op['op'] for op in result['profile'])
   assert result['torch_over_jax'] == pytest.approx(
     result['torch_step_seconds'] / result['step_seconds'], rel=0.01
   )
@@ -202,6 +207,39 @@ def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
   if host_memory.huge_pages_supported():  # the JAX worker runs as main.py does
     assert 'glibc.malloc.hugetlb=1' in result['jax_glibc_tunables'].split(':')
+
+
+def test_profile_summary_reads_the_device_ops_of_a_trace():
+  """A GPU trace's shape: the device's 'XLA Ops' line wins over its streams' kernels and the
+  host's threads; times are per step, shares of the ops' total."""
+  from bench import train_step
+
+  def span(pid, tid, name, dur, ts=0):
+    return {'ph': 'X', 'pid': pid, 'tid': tid, 'name': name, 'ts': ts, 'dur': dur}
+
+  trace = {
+    'traceEvents': [
+      {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+      {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 7, 'args': {'name': 'XLA Ops'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 8, 'args': {'name': 'Stream #13'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 9, 'args': {'name': 'tf_XLAClient'}},
+      span(1, 7, 'fusion.3', 200),
+      span(1, 7, 'custom-call.1', 600, ts=300),
+      span(1, 7, 'fusion.3', 200, ts=900),
+      span(1, 8, 'sm90_xmma_gemm', 5000),
+      span(2, 9, 'thunk', 9000),
+    ]
+  }
+  loop = [span(2, 9, 'while.1', 1000), span(2, 9, 'fusion.2', 300, ts=100)]
+  assert train_step.self_times(loop) == [('while.1', 700), ('fusion.2', 300)]
+  assert train_step.costliest_ops(trace, steps=2, top=1) == [
+    {'op': 'custom-call.1', 'seconds_per_step': 0.0003, 'share': 0.6}
+  ]
+  assert [op['op'] for op in train_step.costliest_ops(trace, steps=2)] == [
+    'custom-call.1',
+    'fusion.3',
+  ]
 
 
 @pytest.mark.parametrize('rng', ['threefry', 'hash'])
