@@ -136,8 +136,8 @@ COLLECTIVE = re.compile(
   r'= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
 )
 SHAPE = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4}
-DTYPE_BYTES |= {'s32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+DTYPE_BYTES = dict(pred=1, bool=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4)
+DTYPE_BYTES |= dict(f64=8, s64=8, u64=8)
 
 
 def collectives(hlo: str) -> list[tuple[str, str, list[tuple[str, tuple[int, ...]]]]]:

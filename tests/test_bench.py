@@ -277,3 +277,41 @@ def test_hash_dropout_keeps_the_rate_and_differs_by_key():
   assert abs((kept == (np.asarray(other) != 0)).mean() - (0.8**2 + 0.2**2)) < 0.005  # independent
   for axis in range(3):  # no position is favoured along any axis
     assert np.abs(kept.mean(axis=tuple(a for a in range(3) if a != axis)) - 0.8).max() < 0.1
+
+
+def test_step_bytes_counts_what_a_block_keeps_and_the_probability_traffic():
+  from bench import step_bytes, train_step
+
+  config = train_step.bench_config('tiny', 'official', [])  # 2 blocks × 32, 2 heads, 47 frames
+  probabilities = 8 * 2 * 47 * 47 * 4  # (B, H, T, T) float32
+  kept = step_bytes.block_residuals(config)
+  (attention,) = [r for r in kept if r['array'] == 'f32[8,2,47,47]']  # the probabilities alone
+  assert attention['bytes'] == probabilities
+  assert '_probability_dropout_attention_forward' in attention['from']
+  assert [r['bytes'] for r in kept] == sorted((r['bytes'] for r in kept), reverse=True)
+  # the largest: the MLP's pre-activation (B, T, 4 · width), the output of mlp_in
+  assert (kept[0]['array'], kept[0]['bytes']) == ('f32[8,47,128]', 8 * 47 * 128 * 4)
+  assert 'Linear.__call__' in kept[0]['from']
+  for remat, passes in (('none', 17), ('full', 23)):
+    moved = step_bytes.probability_bytes(step_bytes.with_model(config, remat=remat))
+    assert moved == {
+      'passes_per_layer': passes,
+      'bytes_per_layer': passes * probabilities,
+      'bytes': 2 * passes * probabilities,
+    }
+  branch = step_bytes.with_model(config, dropout_positions='branch')
+  assert step_bytes.probability_bytes(branch)['bytes'] == 0
+
+
+def test_attention_bench_tells_a_mask_that_ignores_its_key():
+  import jax.numpy as jnp
+
+  from bench import attention
+
+  b, t, h, d = 2, 16, 2, 8
+  q = jnp.ones((b, t, h, d), jnp.bfloat16)
+  inputs = (q, q, q, jnp.array([16, 9]), jnp.ones((b, t, h, d), jnp.float32))
+  official = attention.measure(attention.forms(0.2)['official_hash'], inputs, steps=1)
+  assert not official['same_output_for_two_keys'] and official['temp_bytes'] > 0
+  static = attention.measure(lambda q, k, v, lengths, key: q * 2, inputs, steps=1)
+  assert static['same_output_for_two_keys']
