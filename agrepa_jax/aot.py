@@ -198,7 +198,9 @@ def collective_report(hlo: str, activation_sizes: list[int]) -> dict:
 
 def topology_devices(name: str) -> list:
   """The compile-only TPU devices of topology `name` (e.g. 'v5p:4x4x4', 'v5e:8x8', 'v6e:4x4');
-  libtpu's compiler runs on this host, no TPU needed."""
+  libtpu's compiler runs on this host, no TPU needed. libtpu holds /tmp/libtpu_lockfile while
+  its process lives: a second one on the host fails unless ALLOW_MULTIPLE_LIBTPU_LOAD=1 (safe
+  where the host has no TPU)."""
   if importlib.util.find_spec('libtpu') is None:
     raise RuntimeError(
       f'--topology={name}: compiling for a TPU topology needs libtpu (pip install -e ".[tpu]")'
@@ -209,7 +211,7 @@ def topology_devices(name: str) -> list:
     return topologies.get_topology_desc(name, 'tpu').devices
   except Exception as e:  # libtpu's errors are XlaRuntimeErrors of any kind
     raise ValueError(
-      f'--topology={name!r}: not a TPU topology libtpu knows (e.g. v5p:2x2x4, v5e:8x8): {e}'
+      f'--topology={name!r}: libtpu made no topology of it (names: v5p:2x2x4, v5e:8x8, ...): {e}'
     ) from e
 
 
