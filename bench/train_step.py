@@ -261,7 +261,9 @@ class RandomClips:
     return len(self.rows)
 
 
-def jax_setup(config, fog_a: bool = True):
+def jax_setup(config, fog_a: bool = True, profile: bool = False):
+  """The JAX worker's step on random batches; `fog_a`: time online FoG-A too; `profile`: on CPU,
+  compile the step with the runtime's per-thunk trace events, for the 'profile' handler."""
   import jax
 
   from agrepa_jax import aot, flops, selection, sharding, train
@@ -278,7 +280,9 @@ def jax_setup(config, fog_a: bool = True):
   host_batch = random_batch(config, mesh)
   batch = sharding.global_batch(host_batch, mesh)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  traced = profile and mesh.devices.flat[0].platform == 'cpu'
+  options = {'xla_cpu_enable_xprof_traceme': True} if traced else None
+  compiled = step_fn.lower(state, batch).compile(options)
   compile_seconds = time.perf_counter() - start
   state, parts = compiled(state, batch)  # one untimed step: buffers allocated, caches warm
   jax.block_until_ready(parts)
@@ -354,10 +358,14 @@ def jax_setup(config, fog_a: bool = True):
   return ready, {'round': run_steps, 'profile': profile, 'finish': finish}
 
 
+# A device's trace lines that span other lines' work (modules, steps, framework scopes).
+SUMMARY_LINES = ('Module', 'Step', 'Framework', 'Source', 'Launch')
+
+
 def costliest_ops(trace: dict, steps: int, top: int = 10) -> list[dict]:
   """The `top` ops or fusions by device time per step in a jax.profiler perfetto trace of `steps`
-  steps: a device's 'XLA Ops' line where the trace has one, else its streams' kernels; on CPU the
-  XLA thunks of the runtime's threads (XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true). Times are
+  steps: a device's 'XLA Ops' line where the trace has one, else its kernels; on CPU the
+  XLA thunks of the runtime's threads (compiled with xla_cpu_enable_xprof_traceme). Times are
   self times (a loop's or call's own, without the ops inside it); `share` is of all of them."""
   events = trace['traceEvents']
   processes = {e['pid']: e['args']['name'] for e in events if e.get('name') == 'process_name'}
@@ -372,7 +380,7 @@ def costliest_ops(trace: dict, steps: int, top: int = 10) -> list[dict]:
   device = [(thread, e) for process, thread, e in spans if process.startswith('/device:')]
   ops = (
     [e for thread, e in device if thread == 'XLA Ops']
-    or [e for thread, e in device if thread.startswith('Stream')]
+    or [e for thread, e in device if not any(w in thread for w in SUMMARY_LINES)]
     or [e for _, thread, e in spans if thread.startswith('tf_XLA') and '::' not in e['name']]
   )
   micros = collections.Counter()
@@ -568,11 +576,9 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
 
   config = bench_config(name, args.forms, args.set)
   common = ['--configs', name, '--forms', args.forms, *[f'--set={s}' for s in args.set]]
-  jax_args = ['--worker', 'jax', *common, *(['--no-fog-a'] if args.no_fog_a else [])]
+  options = [*(['--no-fog-a'] if args.no_fog_a else []), *(['--profile'] if args.profile else [])]
+  jax_args = ['--worker', 'jax', *common, *options]
   jax_environ = {'JAX_COMPILATION_CACHE_DIR': cache, **malloc_environ(args.huge_pages != 'none')}
-  if args.profile:  # the CPU runtime's thunks in the trace; an option of XLA's on any platform
-    flags = os.environ.get('XLA_FLAGS', '')
-    jax_environ['XLA_FLAGS'] = f'{flags} --xla_cpu_enable_xprof_traceme=true'.strip()
   jax_worker = Worker(jax_args, **jax_environ)
   result = {'config': name, **jax_worker.read()}
   workers = {'jax': jax_worker}
@@ -715,7 +721,7 @@ def main(argv):
     # memory that the JAX step does not use.
     sys.modules['torch'] = None
     config = bench_config(args.configs, args.forms, args.set)
-    return serve(lambda: jax_setup(config, fog_a=not args.no_fog_a))
+    return serve(lambda: jax_setup(config, fog_a=not args.no_fog_a, profile=args.profile))
   if args.worker == 'torch':
     return serve(lambda: torch_setup(json.loads(args.spec)))
   for name in args.configs.split(','):

@@ -240,6 +240,15 @@ def test_profile_summary_reads_the_device_ops_of_a_trace():
     'custom-call.1',
     'fusion.3',
   ]
+  # without an 'XLA Ops' line: the device's kernels, not its module spans
+  kernels = [e for e in trace['traceEvents'] if e.get('tid') != 7]
+  kernels.append(
+    {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 6, 'args': {'name': 'XLA Modules'}}
+  )
+  kernels.append(span(1, 6, 'jit_train_step', 9999))
+  assert train_step.costliest_ops({'traceEvents': kernels}, steps=1) == [
+    {'op': 'sm90_xmma_gemm', 'seconds_per_step': 0.005, 'share': 1.0}
+  ]
 
 
 @pytest.mark.parametrize('rng', ['threefry', 'hash'])
