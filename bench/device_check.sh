@@ -28,7 +28,8 @@ if compgen -G '.whl/*.whl' >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'
+python3 -c 'import jax; print(jax.devices())'
 
 bench() {  # the paper_day step with config overrides KEY=VALUE
   timeout "${VARIANT_SECONDS:-170}" python3 bench/train_step.py --configs paper_day --no-torch \

@@ -27,7 +27,9 @@ else
   : "${tpu:?set TPU to the TPU VM name}" "${zone:?set ZONE}"
 fi
 remote_dir=${REMOTE_DIR:-'~/agrepa_jax'}  # expanded on the workers, not here
-case $remote_dir in '' | / | '~' | '~/') echo "REMOTE_DIR=$remote_dir: give a directory of its own" >&2; exit 2 ;; esac
+case $remote_dir in
+  '' | / | '~' | '~/') echo "REMOTE_DIR=$remote_dir: give a directory of its own" >&2; exit 2 ;;
+esac
 log_dir=${LOG_DIR:-logs/$tpu/$(date +%Y%m%d-%H%M%S)}
 pid_file=/tmp/agrepa_jax_main.pid
 stop_seconds=${STOP_SECONDS:-120}
@@ -36,7 +38,11 @@ repository=$(cd "$(dirname "$0")/.." && pwd)
 show() {  # prints a command as one would type it, each argument with spaces in single quotes
   local line=+ arg
   for arg in "$@"; do
-    if [[ $arg =~ ^[][A-Za-z0-9_./:=,@%+~*-]+$ ]]; then line+=" $arg"; else line+=" '${arg//\'/\'\\\'\'}'"; fi
+    if [[ $arg =~ ^[][A-Za-z0-9_./:=,@%+~*-]+$ ]]; then
+      line+=" $arg"
+    else
+      line+=" '${arg//\'/\'\\\'\'}'"
+    fi
   done
   echo "$line"
 }
@@ -98,7 +104,8 @@ main_args=$(printf ' %q' --config "$config" --workdir "$workdir" "$@")
 pids=()
 for ((i = 0; i < workers; i++)); do
   # The worker's shell writes its pid, then becomes the trainer (exec): stop_workers signals it.
-  command="cd $remote_dir && echo \$\$ > $pid_file && exec python3 -m agrepa_jax.main --distributed$main_args"
+  command="cd $remote_dir && echo \$\$ > $pid_file && "
+  command+="exec python3 -m agrepa_jax.main --distributed$main_args"
   if ((dry_run)); then
     ssh_workers "$i" "$command"
   else
