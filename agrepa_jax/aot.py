@@ -122,12 +122,11 @@ def chip_report(report: dict, device_kind: str) -> dict:
   chip = flops.chip(device_kind)
   if chip is None:
     return {}
-  per_chip = report['flops_per_step'] / report['devices']
   return {
     'hbm_bytes': int(chip.hbm_bytes),
     'fits': report['peak_bytes'] <= chip.hbm_bytes,
     'peak_flops_per_chip': chip.peak_flops,
-    'roofline_step_seconds': flops.roofline_seconds(per_chip, 0, chip)['compute_seconds'],
+    'roofline_step_seconds': report['flops_per_step'] / report['devices'] / chip.peak_flops,
   }
 
 
@@ -215,13 +214,6 @@ def topology_devices(name: str) -> list:
     ) from e
 
 
-def topology_report(config, name: str) -> dict:
-  """The step compiled by libtpu for TPU topology `name`: per-chip memory from the TPU compiler,
-  whether it fits the chip, the collectives and the roofline."""
-  _, report = compile_train_step(config, topology_devices(name))
-  return {**report, 'topology': name, **chip_report(report, report['device_kind'])}
-
-
 def preset_config(config, name: str):
   """`config` on the mesh of preset `name` (config.mesh.presets), and the preset."""
   if name not in config.mesh.presets:
@@ -240,7 +232,7 @@ def preset_report(config, name: str) -> dict:
   The sizes are XLA's CPU buffer assignment for the preset's mesh and per-device batch: an
   estimate of the GPU's (fusion differs, layouts and padding of the real chip are not modelled),
   good to tell a config that fits from one that does not by a margin. TPUs compile for real
-  (`topology_report`).
+  (`run` with a topology).
   """
   config, preset = preset_config(config, name)
   with tempfile.TemporaryDirectory() as scratch:
@@ -269,12 +261,13 @@ def preset_report(config, name: str) -> dict:
 
 
 def run(config, workdir: epath.Path, topology: str = '') -> dict:
-  """aot.json: the step compiled for TPU `topology` or else this machine's devices, and for each
+  """aot.json: the step compiled for TPU `topology` (libtpu's compiler: per-chip memory, whether
+  it fits the chip, the collectives, the roofline) or else this machine's devices, and for each
   of mesh.aot_presets."""
+  _, report = compile_train_step(config, topology_devices(topology) if topology else None)
+  report.update(chip_report(report, report['device_kind']))
   if topology:
-    report = topology_report(config, topology)
-  else:
-    _, report = compile_train_step(config)
+    report['topology'] = topology
   report['presets'] = {name: preset_report(config, name) for name in config.mesh.aot_presets}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'aot.json').write_text(json.dumps(report, indent=2))
