@@ -1,9 +1,17 @@
-"""Ahead-of-time compilation of the train step from abstract shapes: sizes and memory, no arrays."""
+"""Ahead-of-time compilation of the train step from abstract shapes: sizes and memory, no arrays.
 
+The step compiles for this machine's devices, for a real TPU topology through libtpu's compiler
+(`--topology v5p:4x4x4`, any name `jax.experimental.topologies.get_topology_desc` takes), or for
+a GPU preset on as many fake CPU devices (an estimate).
+"""
+
+import collections
+import importlib.util
 import json
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -12,7 +20,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from agrepa_jax import sharding, train
+from agrepa_jax import flops, sharding, train
 from agrepa_jax import state as state_lib
 from agrepa_jax.data import spec as data_spec
 
@@ -67,6 +75,7 @@ def compile_train_step(config, devices=None):
     *teacher_params,
   ).compile()
   counts = state_lib.param_counts(shapes)
+  device = mesh.devices.flat[0]
   report = {
     'params_backbone': counts['backbone'],
     'params_heads': counts['repa_heads'] + counts['bitc_heads'],
@@ -74,13 +83,18 @@ def compile_train_step(config, devices=None):
     'params_bitc_heads': counts['bitc_heads'],
     'params_blocks': counts['blocks'],
     'devices': int(np.prod(list(mesh.shape.values()))),
-    'platform': jax.devices()[0].platform,
+    'platform': device.platform,
+    'device_kind': device.device_kind,
     'mesh': dict(mesh.shape),
     'batch_size': config.batch_size,
     'clip_seconds': config.data.clip_seconds,
     'remat': config.model.remat,
     'params_online_teachers': sum(x.size for x in jax.tree.leaves(teacher_params)),
     **memory_report(compiled),
+    'flops_per_step': flops.config_train_step_flops(config, teacher_dims),
+    'collectives': collective_report(
+      compiled.as_text(), activation_dims(config, teacher_dims, mesh, shapes, shardings)
+    ),
   }
   return compiled, report
 
@@ -100,6 +114,106 @@ def memory_report(compiled) -> dict[str, int]:
   return report
 
 
+def chip_report(report: dict, device_kind: str) -> dict:
+  """What the chip of `device_kind` makes of a compiled step's `report`: its memory (`hbm_bytes`,
+  `fits`) and the roofline: the hand-counted FLOPs per chip at the dense bf16 peak, a lower bound
+  of the step time (`roofline_step_seconds`; remat's recomputation and elementwise work are not
+  in it). Empty for a chip not in flops.CHIPS."""
+  chip = flops.chip(device_kind)
+  if chip is None:
+    return {}
+  return {
+    'hbm_bytes': int(chip.hbm_bytes),
+    'fits': report['peak_bytes'] <= chip.hbm_bytes,
+    'peak_flops_per_chip': chip.peak_flops,
+    'roofline_step_seconds': report['flops_per_step'] / report['devices'] / chip.peak_flops,
+  }
+
+
+# An HLO instruction that is a collective: `%name = TYPE kind(` or `kind-start(` (async).
+COLLECTIVE = re.compile(
+  r'= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
+)
+SHAPE = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
+DTYPE_BYTES = dict(pred=1, bool=1, s8=1, u8=1, bf16=2, f16=2, s16=2, u16=2, f32=4, s32=4, u32=4)
+DTYPE_BYTES |= dict(f64=8, s64=8, u64=8)
+
+
+def collectives(hlo: str) -> list[tuple[str, str, list[tuple[str, tuple[int, ...]]]]]:
+  """(computation, kind, [(dtype, shape)] of the result) of every collective of an optimized
+  HLO module; computation is 'entry' or 'loop' (any other computation: loop bodies, wrapped
+  async work)."""
+  found, computation = [], None
+  for line in hlo.splitlines():
+    if line.endswith('{') and not line.startswith(' '):
+      computation = 'entry' if line.startswith('ENTRY') else 'loop'
+    match = COLLECTIVE.search(line)
+    if match:
+      shapes = [
+        (dtype, tuple(int(d) for d in dims.split(',') if d))
+        for dtype, dims in SHAPE.findall(match.group(1))
+      ]
+      found.append((computation, match.group(2), shapes))
+  return found
+
+
+def activation_dims(config, teacher_dims, mesh, shapes, shardings) -> list[int]:
+  """Sizes that mark an activation: the global and per-device batch, the frames and tokens of a
+  clip; less any size that a parameter's shape or its per-device shard has, and 1 (they would
+  mark weights too)."""
+  spec = data_spec.batch_spec(config, dict(zip(config.data.domains, teacher_dims)))
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  sizes = {config.batch_size, config.batch_size // shards, spec.num_frames, spec.num_tokens}
+  weights = set()
+  for x, placement in zip(jax.tree.leaves(shapes.params), jax.tree.leaves(shardings.params)):
+    weights.update(x.shape, placement.shard_shape(x.shape))
+  return sorted(sizes - weights - {0, 1})
+
+
+def collective_report(hlo: str, activation_sizes: list[int]) -> dict:
+  """Collectives of the optimized step: per kind the count (`in_loops`: inside the depth scans,
+  run once per layer) and the largest result; `moving_activations` lists those whose shape has an
+  activation size (none where the sharding moves weights only)."""
+  kinds = collections.defaultdict(
+    lambda: {'count': 0, 'in_loops': 0, 'largest': '', 'largest_bytes': 0}
+  )
+  moving = []
+  for computation, kind, shapes in collectives(hlo):
+    entry = kinds[kind]
+    entry['count'] += 1
+    entry['in_loops'] += computation == 'loop'
+    for dtype, shape in shapes:
+      size = DTYPE_BYTES.get(dtype, 4) * int(np.prod(shape))
+      if size > entry['largest_bytes']:
+        entry.update(largest_bytes=size, largest=f'{dtype}[{",".join(map(str, shape))}]')
+    if any(set(activation_sizes) & set(shape) for _, shape in shapes):
+      moving.append(f'{kind} {" ".join(f"{d}{list(s)}" for d, s in shapes)}')
+  return {
+    'by_kind': dict(kinds),
+    'activation_sizes': activation_sizes,
+    'moving_activations': moving,
+  }
+
+
+def topology_devices(name: str) -> list:
+  """The compile-only TPU devices of topology `name` (e.g. 'v5p:4x4x4', 'v5e:8x8', 'v6e:4x4');
+  libtpu's compiler runs on this host, no TPU needed. libtpu holds /tmp/libtpu_lockfile while
+  its process lives: a second one on the host fails unless ALLOW_MULTIPLE_LIBTPU_LOAD=1 (safe
+  where the host has no TPU)."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError(
+      f'--topology={name}: compiling for a TPU topology needs libtpu (pip install -e ".[tpu]")'
+    )
+  from jax.experimental import topologies
+
+  try:
+    return topologies.get_topology_desc(name, 'tpu').devices
+  except Exception as e:  # libtpu's errors are XlaRuntimeErrors of any kind
+    raise ValueError(
+      f'--topology={name!r}: libtpu made no topology of it (names: v5p:2x2x4, v5e:8x8, ...): {e}'
+    ) from e
+
+
 def preset_config(config, name: str):
   """`config` on the mesh of preset `name` (config.mesh.presets), and the preset."""
   if name not in config.mesh.presets:
@@ -113,11 +227,12 @@ def preset_config(config, name: str):
 
 
 def preset_report(config, name: str) -> dict:
-  """Compiles the step for preset `name` in a subprocess with that many CPU devices.
+  """Compiles the step for GPU preset `name` in a subprocess with that many CPU devices.
 
   The sizes are XLA's CPU buffer assignment for the preset's mesh and per-device batch: an
-  estimate of the accelerator's (fusion differs, layouts and padding of the real chip are not
-  modelled), good to tell a config that fits from one that does not by a margin.
+  estimate of the GPU's (fusion differs, layouts and padding of the real chip are not modelled),
+  good to tell a config that fits from one that does not by a margin. TPUs compile for real
+  (`run` with a topology).
   """
   config, preset = preset_config(config, name)
   with tempfile.TemporaryDirectory() as scratch:
@@ -137,13 +252,22 @@ def preset_report(config, name: str) -> dict:
       check=True,
     )
     report = json.loads(report_path.read_text())
-  hbm = int(preset.hbm_gb * 1e9)
-  return {**report, 'preset': name, 'hbm_bytes': hbm, 'fits': report['peak_bytes'] <= hbm}
+  return {
+    **report,
+    'preset': name,
+    'estimate': f'XLA CPU buffer assignment on {preset.devices} fake devices',
+    **chip_report(report, preset.device_kind),
+  }
 
 
-def run(config, workdir: epath.Path) -> dict:
-  """aot.json: the step compiled on this machine's devices, and on each of mesh.aot_presets."""
-  _, report = compile_train_step(config)
+def run(config, workdir: epath.Path, topology: str = '') -> dict:
+  """aot.json: the step compiled for TPU `topology` (libtpu's compiler: per-chip memory, whether
+  it fits the chip, the collectives, the roofline) or else this machine's devices, and for each
+  of mesh.aot_presets."""
+  _, report = compile_train_step(config, topology_devices(topology) if topology else None)
+  report.update(chip_report(report, report['device_kind']))
+  if topology:
+    report['topology'] = topology
   report['presets'] = {name: preset_report(config, name) for name in config.mesh.aot_presets}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'aot.json').write_text(json.dumps(report, indent=2))

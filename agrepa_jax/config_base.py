@@ -147,12 +147,13 @@ def base_config() -> ml_collections.ConfigDict:
       ('heads', 'tensor'),  # tensor parallelism: attention (q, k, v and output) by heads
       ('mlp', 'tensor'),  # tensor parallelism: MLP hidden units
     ),
-    presets=_section(  # --mode aot memory per device for these targets (docs/scaling.md)
-      h100x8=_section(devices=8, data=1, fsdp=8, tensor=1, hbm_gb=80.0),
-      v5p_32=_section(devices=16, data=1, fsdp=16, tensor=1, hbm_gb=95.0),
-      v5e_64=_section(devices=64, data=4, fsdp=16, tensor=1, hbm_gb=16.0),
+    # GPU targets --mode aot estimates on as many fake CPU devices (docs/scaling.md); a chip's
+    # memory and peak come from agrepa_jax/flops.py:CHIPS. TPUs compile for real: --topology.
+    presets=_section(
+      h100x8=_section(devices=8, data=1, fsdp=8, tensor=1, device_kind='NVIDIA H100'),
+      h200x8=_section(devices=8, data=1, fsdp=8, tensor=1, device_kind='NVIDIA H200'),
     ),
-    aot_presets=(),  # presets --mode aot also compiles for, e.g. ('h100x8', 'v5p_32', 'v5e_64')
+    aot_presets=(),  # presets --mode aot also compiles for, e.g. ('h100x8',)
   )
   config.probe = _section(
     checkpoint_step=-1,  # checkpoint to probe; -1 = the latest

@@ -85,6 +85,12 @@ flags.DEFINE_bool(
   'features: fit the built-in tokenizer again (every shard is then computed again); otherwise the '
   'fitted tokenizer is kept whatever clips are added.',
 )
+flags.DEFINE_string(
+  'topology',
+  '',
+  "aot: compile for this TPU topology with libtpu's compiler on this host (e.g. v5p:4x4x4, "
+  "v5e:8x8, v6e:4x4; pip install -e '.[tpu]') instead of for the local devices.",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -177,6 +183,8 @@ def main(argv):
       'num_tasks': FLAGS.num_tasks,
       'refit_tokenizer': FLAGS.refit_tokenizer,
     }
+  if mode == 'aot':
+    options = {'topology': FLAGS.topology}
   try:
     result = getattr(importlib.import_module(module), function)(config, workdir, **options)
   except console.RunError as error:

@@ -2,7 +2,7 @@
 
   python bench/train_step.py [--steps 3] [--rounds 5] [--configs default,paper_width]
       [--forms official|config] [--set model.remat=none ...] [--no-torch]
-      [--huge_pages jax|both|none]
+      [--huge_pages jax|both|none] [--profile] [--no-fog-a]
 
 Each framework runs in a fresh subprocess of its own, so its memory is its own: the JAX step
 (train.jit_train_step) and, on CPU, the same step in PyTorch eager on the re-implementation of the
@@ -19,11 +19,13 @@ as main.py does (agrepa_jax.host_memory; `--huge_pages both` gives it to PyTorch
 neither); `*_glibc_tunables` say what each worker had.
 
 Per config: compile seconds, steps/s, clips/s, matmul FLOPs per step (counted by hand,
-bench/flops.py; XLA's cost analysis counts the depth scan's body once, it is printed beside as
+agrepa_jax/flops.py; XLA's cost analysis counts the depth scan's body once, it is printed beside as
 `xla_cost_analysis_flops_per_device`), achieved FLOP/s, MFU against the chip's dense bf16 peak on
-known GPUs/TPUs, and on CPU the achieved FLOP/s as a fraction of an f32 2048² matmul's measured in
-the same JAX process (`fraction_of_matmul`). Memory: per device, the allocator's peak where the
-device reports one, else the compiled step's (`peak_memory_bytes`); and for each framework the
+known GPUs/TPUs (flops.CHIPS), and on CPU the achieved FLOP/s as a fraction of an f32 2048² matmul's
+measured in the same JAX process (`fraction_of_matmul`). `--profile` adds `profile`: the ten
+costliest ops or fusions by device time per step, from a `jax.profiler` trace of `--steps` steps.
+Memory: per device, the allocator's peak where the device reports one, else the compiled step's
+(`peak_memory_bytes`); and for each framework the
 process's resident memory (Linux VmHWM): `*_baseline_rss_bytes` after importing the framework,
 `*_peak_rss_bytes` the peak over the timed steps (the high-water mark is reset after the warm-up
 step, so JAX's compilation is not in it; `jax_compile_peak_rss_bytes` has it), `*_step_rss_bytes`
@@ -31,9 +33,11 @@ that peak less the memory resident before the steps (what the step itself adds).
 keeps ≈ 0.25 GB of XLA's compiler heap after its first compile; `jax_cached_*` are the figures of
 a second JAX worker that loads the train step from the persistent compilation cache the first one
 wrote, as a rerun or a resumed run does (main.py --compilation_cache); it still compiles the jits
-too quick to be cached (JAX caches compiles of ≥ 1 s).
+too quick to be cached (JAX caches compiles of ≥ 1 s). On accelerators, whose memory is the
+allocator's, there is no such second worker.
 `fog_a_fraction` is the share of training time that online AG-REPA spends re-measuring FoG-A every
-repa.probe_every steps. Batches are random arrays of the right shapes: no data is read.
+repa.probe_every steps (`--no-fog-a` skips it). Batches are random arrays of the right shapes: no
+data is read.
 
 `--forms official` (the default) builds our model in the official forms so both frameworks
 compute the same model: the paper configs' model keys (official time embedding, dropout on the
@@ -44,8 +48,10 @@ affine) and, as the official step does, token conditioning without gradients
 
 import argparse
 import ast
+import collections
 import ctypes
 import gc
+import gzip
 import importlib.util
 import json
 import os
@@ -62,16 +68,6 @@ if str(ROOT) not in sys.path:
 
 from agrepa_jax import host_memory  # noqa: E402
 
-# dense bf16 peak FLOP/s per chip, by the start of jax's device_kind
-PEAK_FLOPS = {
-  'NVIDIA H100': 989e12,
-  'NVIDIA H200': 989e12,
-  'NVIDIA A100': 312e12,
-  'TPU v4': 275e12,
-  'TPU v5 lite': 197e12,
-  'TPU v5': 459e12,
-  'TPU v6 lite': 918e12,
-}
 TEACHER_DIMS = {'speech': 384, 'audio': 384}  # Whisper tiny.en, the default config's teacher
 OFFICIAL_FORMS = dict(
   token_tables='per_domain',
@@ -160,15 +156,6 @@ def bench_config(name: str, forms: str, overrides: list[str]):
   return config
 
 
-def model_config(config):
-  """The ModelConfig that state.make_model builds from `config`."""
-  from agrepa_jax.model import ModelConfig
-
-  return ModelConfig.from_config(
-    {**config.model, 'num_domains': len(config.data.domains), 'bitc_form': config.bitc.form}
-  )
-
-
 # ----- Resident memory (Linux) -----
 def rss_bytes(field: str = 'VmRSS') -> int:
   """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
@@ -191,18 +178,22 @@ def reset_peak_rss() -> None:
 
 # ----- The workers: one process per framework, driven over stdin/stdout -----
 def serve(setup) -> None:
-  """Announces `setup()`'s ready message, then answers `round N` (the seconds that `run_steps`
-  timed for N steps), `memory` (the peak resident memory since the last reset) and `finish`."""
-  ready, run_steps, finish = setup()
+  """Announces the ready message of `setup()`, which returns it with the worker's handlers; then
+  answers `round N` (the seconds the 'round' handler timed for N steps), `profile N` (the
+  'profile' handler's costliest ops over N steps), `memory` (the peak resident memory since the
+  last reset) and `finish`."""
+  ready, handlers = setup()
   reply(ready)
   for line in sys.stdin:
     command, *args = line.split()
     if command == 'round':
-      reply({'seconds': run_steps(int(args[0]))})
+      reply({'seconds': handlers['round'](int(args[0]))})
+    elif command == 'profile':
+      reply({'profile': handlers['profile'](int(args[0]))})
     elif command == 'memory':
       reply({'peak_rss_bytes': rss_bytes('VmHWM')})
     elif command == 'finish':
-      reply(finish())
+      reply(handlers['finish']())
       return
 
 
@@ -270,12 +261,13 @@ class RandomClips:
     return len(self.rows)
 
 
-def jax_setup(config):
+def jax_setup(config, fog_a: bool = True, profile: bool = False):
+  """The JAX worker's step on random batches; `fog_a`: time online FoG-A too; `profile`: on CPU,
+  compile the step with the runtime's per-thunk trace events, for the 'profile' handler."""
   import jax
 
-  from agrepa_jax import aot, selection, sharding, train
+  from agrepa_jax import aot, flops, selection, sharding, train
   from agrepa_jax import state as state_lib
-  from bench import flops
 
   jax.devices()
   baseline = rss_bytes()
@@ -288,7 +280,9 @@ def jax_setup(config):
   host_batch = random_batch(config, mesh)
   batch = sharding.global_batch(host_batch, mesh)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  traced = profile and mesh.devices.flat[0].platform == 'cpu'
+  options = {'xla_cpu_enable_xprof_traceme': True} if traced else None
+  compiled = step_fn.lower(state, batch).compile(options)
   compile_seconds = time.perf_counter() - start
   state, parts = compiled(state, batch)  # one untimed step: buffers allocated, caches warm
   jax.block_until_ready(parts)
@@ -297,19 +291,8 @@ def jax_setup(config):
   reset_peak_rss()
   trimmed = rss_bytes()
 
-  repa = step_cfg.loss.granularity != 'none'
-  heads = max(map(len, selection.repa_head_layers(config)), default=0)
   frames, num_tokens = host_batch['mel'].shape[1], host_batch['tokens'].shape[2]
-  model_cfg = model_config(config)
-  step_flops = flops.train_step_flops(
-    model_cfg,
-    config.batch_size,
-    frames,
-    num_tokens,
-    teacher_dims,
-    min(step_cfg.loss.max_layers, heads) if repa else 0,
-    bool(step_cfg.loss.bitc_weights),
-  )
+  step_flops = flops.config_train_step_flops(config, teacher_dims)
   device = jax.devices()[0]
   ready = {
     'device': device.device_kind,
@@ -330,18 +313,30 @@ def jax_setup(config):
   }
   holder = {'state': state, 'parts': parts}
 
-  def run_steps(n):
-    """One untimed step first, as PyTorch's thread trial: the round then times steps as they
-    follow one another in training, not the first one after the other framework's round (on a
-    VM, memory left free that long is much slower to fault in again; docs/scaling.md)."""
-    state, parts = compiled(holder['state'], batch)
-    jax.block_until_ready(parts)
-    start = time.perf_counter()
+  def steps(n):
+    """n steps on from the last one, waited for."""
+    state, parts = holder['state'], holder['parts']
     for _ in range(n):
       state, parts = compiled(state, batch)
     jax.block_until_ready(parts)
     holder.update(state=state, parts=parts)
+
+  def run_steps(n):
+    """One untimed step first, as PyTorch's thread trial: the round then times steps as they
+    follow one another in training, not the first one after the other framework's round (on a
+    VM, memory left free that long is much slower to fault in again; docs/scaling.md)."""
+    steps(1)
+    start = time.perf_counter()
+    steps(n)
     return time.perf_counter() - start
+
+  def profile(n):
+    steps(1)
+    with tempfile.TemporaryDirectory(prefix='bench_trace_') as trace_dir:
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        steps(n)
+      (path,) = pathlib.Path(trace_dir).rglob('*.trace.json.gz')
+      return costliest_ops(json.loads(gzip.decompress(path.read_bytes())), n)
 
   def finish():
     result = {
@@ -350,15 +345,71 @@ def jax_setup(config):
       'allocator_peak_bytes': int((device.memory_stats() or {}).get('peak_bytes_in_use', 0)),
       'loss': float(holder['parts']['loss']),
       'matmul_flops_per_second_after': matmul_flops_per_second(),
+      'fog_a_seconds': None,
     }
-    online = selection.OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
-    jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
-    start = time.perf_counter()
-    jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
-    result['fog_a_seconds'] = time.perf_counter() - start
+    if fog_a:
+      online = selection.OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
+      jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
+      start = time.perf_counter()
+      jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
+      result['fog_a_seconds'] = time.perf_counter() - start
     return result
 
-  return ready, run_steps, finish
+  return ready, {'round': run_steps, 'profile': profile, 'finish': finish}
+
+
+# A device's trace lines that span other lines' work (modules, steps, framework scopes).
+SUMMARY_LINES = ('Module', 'Step', 'Framework', 'Source', 'Launch')
+
+
+def costliest_ops(trace: dict, steps: int, top: int = 10) -> list[dict]:
+  """The `top` ops or fusions by device time per step in a jax.profiler perfetto trace of `steps`
+  steps: a device's 'XLA Ops' line where the trace has one, else its kernels; on CPU the
+  XLA thunks of the runtime's threads (compiled with xla_cpu_enable_xprof_traceme). Times are
+  self times (a loop's or call's own, without the ops inside it); `share` is of all of them."""
+  events = trace['traceEvents']
+  processes = {e['pid']: e['args']['name'] for e in events if e.get('name') == 'process_name'}
+  threads = {
+    (e['pid'], e['tid']): e['args']['name'] for e in events if e.get('name') == 'thread_name'
+  }
+  spans = [
+    (processes.get(e['pid'], ''), threads.get((e['pid'], e['tid']), ''), e)
+    for e in events
+    if e.get('ph') == 'X'
+  ]
+  device = [(thread, e) for process, thread, e in spans if process.startswith('/device:')]
+  ops = (
+    [e for thread, e in device if thread == 'XLA Ops']
+    or [e for thread, e in device if not any(w in thread for w in SUMMARY_LINES)]
+    or [e for _, thread, e in spans if thread.startswith('tf_XLA') and '::' not in e['name']]
+  )
+  micros = collections.Counter()
+  for name, us in self_times(ops):
+    micros[name] += us
+  total = sum(micros.values()) or 1
+  return [
+    {'op': name, 'seconds_per_step': round(us / 1e6 / steps, 6), 'share': round(us / total, 4)}
+    for name, us in micros.most_common(top)
+  ]
+
+
+def self_times(spans: list[dict]) -> list[tuple[str, float]]:
+  """(name, duration less the spans nested in it on the same thread) of every trace span."""
+  own = {}
+  by_thread = collections.defaultdict(list)
+  for i, e in enumerate(spans):
+    by_thread[e['pid'], e['tid']].append(i)
+    own[i] = e.get('dur', 0)
+  for indices in by_thread.values():
+    open_spans = []  # the spans that contain the current one, innermost last
+    for i in sorted(indices, key=lambda i: (spans[i]['ts'], -spans[i].get('dur', 0))):
+      start = spans[i]['ts']
+      while open_spans and start >= spans[open_spans[-1]]['ts'] + spans[open_spans[-1]]['dur']:
+        open_spans.pop()
+      if open_spans:
+        own[open_spans[-1]] -= spans[i].get('dur', 0)
+      open_spans.append(i)
+  return [(spans[i]['name'], us) for i, us in own.items()]
 
 
 def torch_spec(config, frames: int, num_tokens: int) -> dict:
@@ -477,7 +528,7 @@ def torch_setup(spec):
       'torch_threads_per_round': chosen,
     }
 
-  return ready, run_steps, finish
+  return ready, {'round': run_steps, 'finish': finish}
 
 
 # ----- The driver -----
@@ -518,11 +569,15 @@ def bench(name: str, args) -> dict:
 
 
 def bench_with_cache(name: str, args, cache: str) -> dict:
-  """The timed JAX worker compiles into the empty persistent compilation cache `cache`; a second
-  JAX worker then loads its executables from there and measures the step's memory once more."""
+  """The timed JAX worker compiles into the empty persistent compilation cache `cache`; on CPU a
+  second JAX worker then loads its executables from there and measures the step's memory once
+  more."""
+  from agrepa_jax import flops
+
   config = bench_config(name, args.forms, args.set)
   common = ['--configs', name, '--forms', args.forms, *[f'--set={s}' for s in args.set]]
-  jax_args = ['--worker', 'jax', *common]
+  options = [*(['--no-fog-a'] if args.no_fog_a else []), *(['--profile'] if args.profile else [])]
+  jax_args = ['--worker', 'jax', *common, *options]
   jax_environ = {'JAX_COMPILATION_CACHE_DIR': cache, **malloc_environ(args.huge_pages != 'none')}
   jax_worker = Worker(jax_args, **jax_environ)
   result = {'config': name, **jax_worker.read()}
@@ -542,16 +597,19 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
   for r in range(args.rounds):
     for key in workers if r % 2 == 0 else reversed(workers):
       seconds[key].append(workers[key].ask(f'round {args.steps}')['seconds'] / args.steps)
+  if args.profile:
+    result['profile'] = jax_worker.ask(f'profile {args.steps}')['profile']
   for worker in workers.values():
     result.update(worker.ask('finish'))
     worker.close()
-  result.update(cached_executable_memory(jax_args, jax_environ, args.steps))
+  if result['platform'] == 'cpu':
+    result.update(cached_executable_memory(jax_args, jax_environ, args.steps))
 
   step_seconds = statistics.median(seconds['jax'])
-  model = model_config(config)
+  model = flops.model_config(config)
   per_device = result['flops_per_step_per_device']
   achieved = per_device / step_seconds
-  peak = next((v for k, v in PEAK_FLOPS.items() if result['device'].startswith(k)), None)
+  chip = flops.chip(result['device'])
   matmul = max(result.pop('matmul_flops_per_second'), result.pop('matmul_flops_per_second_after'))
   every = config.repa.probe_every
   fog_a = result['fog_a_seconds']
@@ -573,12 +631,12 @@ def bench_with_cache(name: str, args, cache: str) -> dict:
     steps_per_second=round(1 / step_seconds, 3),
     clips_per_second=round(config.batch_size / step_seconds, 2),
     achieved_flops_per_second=achieved,
-    mfu=None if peak is None else achieved / peak,
+    mfu=None if chip is None else achieved / chip.peak_flops,
     matmul_flops_per_second=matmul,
     fraction_of_matmul=achieved / matmul if result['platform'] == 'cpu' else None,
     peak_memory_bytes=allocator or result['compiled_peak_bytes'],
     peak_memory_source='allocator' if allocator else 'compiled',
-    fog_a_fraction=fog_a / (every * step_seconds + fog_a),
+    fog_a_fraction=None if fog_a is None else fog_a / (every * step_seconds + fog_a),
     probe_every=every,
   )
   for framework in workers:
@@ -651,6 +709,10 @@ def main(argv):
     choices=('jax', 'both', 'none'),
     help="huge-page malloc for the JAX worker as main.py runs it; 'both': for PyTorch's too",
   )
+  parser.add_argument(
+    '--profile', action='store_true', help='the ten costliest ops of --steps traced steps'
+  )
+  parser.add_argument('--no-fog-a', action='store_true', help='skip the online FoG-A timing')
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -658,7 +720,8 @@ def main(argv):
     # tensorboardX (agrepa_jax.metrics) imports torch when it is installed: ≈ 220 MB of resident
     # memory that the JAX step does not use.
     sys.modules['torch'] = None
-    return serve(lambda: jax_setup(bench_config(args.configs, args.forms, args.set)))
+    config = bench_config(args.configs, args.forms, args.set)
+    return serve(lambda: jax_setup(config, fog_a=not args.no_fog_a, profile=args.profile))
   if args.worker == 'torch':
     return serve(lambda: torch_setup(json.loads(args.spec)))
   for name in args.configs.split(','):

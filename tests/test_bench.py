@@ -1,4 +1,5 @@
-"""The train-step bench: its FLOP count, and the official PyTorch step it is compared with."""
+"""The train-step bench: its FLOP count, its profile summary, and the official PyTorch step it is
+compared with."""
 
 import dataclasses
 import json
@@ -11,10 +12,9 @@ import pytest
 import torch
 from flax import nnx
 
-from agrepa_jax import host_memory, losses, train
+from agrepa_jax import flops, host_memory, losses, train
 from agrepa_jax import model as model_lib
 from agrepa_jax.state import TrainState
-from bench import flops
 from tests.reference import official
 from tests.reference.export import export_weights
 from tests.test_reference import (
@@ -183,9 +183,14 @@ def test_one_official_training_step_matches_ours():
 def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   from bench import train_step
 
-  train_step.main(['--configs', 'tiny', '--steps', '1', '--rounds', '2'])
+  train_step.main(['--configs', 'tiny', '--steps', '1', '--rounds', '2', '--profile'])
   (line,) = capsys.readouterr().out.strip().splitlines()
   result = json.loads(line)
+  # the CPU runtime's thunks, costliest first: the step's fusions and matrix products
+  assert 0 < len(result['profile']) <= 10
+  seconds = [op['seconds_per_step'] for op in result['profile']]
+  assert seconds == sorted(seconds, reverse=True) and seconds[-1] > 0
+  assert any('fusion' in op['op'] for op in result['profile'])
   assert result['torch_over_jax'] == pytest.approx(
     result['torch_step_seconds'] / result['step_seconds'], rel=0.01
   )
@@ -202,6 +207,48 @@ def test_bench_prints_both_frameworks_and_their_ratio(capsys):
   assert 0 < result['fraction_of_matmul'] and 0 < result['fog_a_fraction'] < 1
   if host_memory.huge_pages_supported():  # the JAX worker runs as main.py does
     assert 'glibc.malloc.hugetlb=1' in result['jax_glibc_tunables'].split(':')
+
+
+def test_profile_summary_reads_the_device_ops_of_a_trace():
+  """A GPU trace's shape: the device's 'XLA Ops' line wins over its streams' kernels and the
+  host's threads; times are per step, shares of the ops' total."""
+  from bench import train_step
+
+  def span(pid, tid, name, dur, ts=0):
+    return {'ph': 'X', 'pid': pid, 'tid': tid, 'name': name, 'ts': ts, 'dur': dur}
+
+  trace = {
+    'traceEvents': [
+      {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+      {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 7, 'args': {'name': 'XLA Ops'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 8, 'args': {'name': 'Stream #13'}},
+      {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 9, 'args': {'name': 'tf_XLAClient'}},
+      span(1, 7, 'fusion.3', 200),
+      span(1, 7, 'custom-call.1', 600, ts=300),
+      span(1, 7, 'fusion.3', 200, ts=900),
+      span(1, 8, 'sm90_xmma_gemm', 5000),
+      span(2, 9, 'thunk', 9000),
+    ]
+  }
+  loop = [span(2, 9, 'while.1', 1000), span(2, 9, 'fusion.2', 300, ts=100)]
+  assert train_step.self_times(loop) == [('while.1', 700), ('fusion.2', 300)]
+  assert train_step.costliest_ops(trace, steps=2, top=1) == [
+    {'op': 'custom-call.1', 'seconds_per_step': 0.0003, 'share': 0.6}
+  ]
+  assert [op['op'] for op in train_step.costliest_ops(trace, steps=2)] == [
+    'custom-call.1',
+    'fusion.3',
+  ]
+  # without an 'XLA Ops' line: the device's kernels, not its module spans
+  kernels = [e for e in trace['traceEvents'] if e.get('tid') != 7]
+  kernels.append(
+    {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 6, 'args': {'name': 'XLA Modules'}}
+  )
+  kernels.append(span(1, 6, 'jit_train_step', 9999))
+  assert train_step.costliest_ops({'traceEvents': kernels}, steps=1) == [
+    {'op': 'sm90_xmma_gemm', 'seconds_per_step': 0.005, 'share': 1.0}
+  ]
 
 
 @pytest.mark.parametrize('rng', ['threefry', 'hash'])
@@ -239,3 +286,41 @@ def test_hash_dropout_keeps_the_rate_and_differs_by_key():
   assert abs((kept == (np.asarray(other) != 0)).mean() - (0.8**2 + 0.2**2)) < 0.005  # independent
   for axis in range(3):  # no position is favoured along any axis
     assert np.abs(kept.mean(axis=tuple(a for a in range(3) if a != axis)) - 0.8).max() < 0.1
+
+
+def test_step_bytes_counts_what_a_block_keeps_and_the_probability_traffic():
+  from bench import step_bytes, train_step
+
+  config = train_step.bench_config('tiny', 'official', [])  # 2 blocks × 32, 2 heads, 47 frames
+  probabilities = 8 * 2 * 47 * 47 * 4  # (B, H, T, T) float32
+  kept = step_bytes.block_residuals(config)
+  (attention,) = [r for r in kept if r['array'] == 'f32[8,2,47,47]']  # the probabilities alone
+  assert attention['bytes'] == probabilities
+  assert '_probability_dropout_attention_forward' in attention['from']
+  assert [r['bytes'] for r in kept] == sorted((r['bytes'] for r in kept), reverse=True)
+  # the largest: the MLP's pre-activation (B, T, 4 · width), the output of mlp_in
+  assert (kept[0]['array'], kept[0]['bytes']) == ('f32[8,47,128]', 8 * 47 * 128 * 4)
+  assert 'Linear.__call__' in kept[0]['from']
+  for remat, passes in (('none', 17), ('full', 23)):
+    moved = step_bytes.probability_bytes(step_bytes.with_model(config, remat=remat))
+    assert moved == {
+      'passes_per_layer': passes,
+      'bytes_per_layer': passes * probabilities,
+      'bytes': 2 * passes * probabilities,
+    }
+  branch = step_bytes.with_model(config, dropout_positions='branch')
+  assert step_bytes.probability_bytes(branch)['bytes'] == 0
+
+
+def test_attention_bench_tells_a_mask_that_ignores_its_key():
+  import jax.numpy as jnp
+
+  from bench import attention
+
+  b, t, h, d = 2, 16, 2, 8
+  q = jnp.ones((b, t, h, d), jnp.bfloat16)
+  inputs = (q, q, q, jnp.array([16, 9]), jnp.ones((b, t, h, d), jnp.float32))
+  official = attention.measure(attention.forms(0.2)['official_hash'], inputs, steps=1)
+  assert not official['same_output_for_two_keys'] and official['temp_bytes'] > 0
+  static = attention.measure(lambda q, k, v, lengths, key: q * 2, inputs, steps=1)
+  assert static['same_output_for_two_keys']
