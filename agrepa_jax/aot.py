@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from agrepa_jax import flops, sharding, train
+from agrepa_jax import console, flops, sharding, train
 from agrepa_jax import state as state_lib
 from agrepa_jax.data import spec as data_spec
 
@@ -28,7 +28,7 @@ from agrepa_jax.data import spec as data_spec
 def teacher_dims_from_config(config) -> tuple[int, ...]:
   dims = tuple(int(config.teachers[d].dim) for d in config.data.domains)
   if not all(dims):
-    raise ValueError(
+    raise console.UsageError(
       'aot needs every teachers.<domain>.dim set (e.g. 1280 for Whisper large-v3, 768 for BEATs)'
     )
   return dims
@@ -201,7 +201,7 @@ def topology_devices(name: str) -> list:
   its process lives: a second one on the host fails unless ALLOW_MULTIPLE_LIBTPU_LOAD=1 (safe
   where the host has no TPU)."""
   if importlib.util.find_spec('libtpu') is None:
-    raise RuntimeError(
+    raise console.UsageError(
       f'--topology={name}: compiling for a TPU topology needs libtpu (pip install -e ".[tpu]")'
     )
   from jax.experimental import topologies
@@ -209,7 +209,7 @@ def topology_devices(name: str) -> list:
   try:
     return topologies.get_topology_desc(name, 'tpu').devices
   except Exception as e:  # libtpu's errors are XlaRuntimeErrors of any kind
-    raise ValueError(
+    raise console.UsageError(
       f'--topology={name!r}: libtpu made no topology of it (names: v5p:2x2x4, v5e:8x8, ...): {e}'
     ) from e
 
@@ -217,7 +217,7 @@ def topology_devices(name: str) -> list:
 def preset_config(config, name: str):
   """`config` on the mesh of preset `name` (config.mesh.presets), and the preset."""
   if name not in config.mesh.presets:
-    raise ValueError(
+    raise console.UsageError(
       f'mesh.aot_presets: {name!r} is not one of mesh.presets {sorted(config.mesh.presets)}'
     )
   preset = config.mesh.presets[name]

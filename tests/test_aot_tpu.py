@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from agrepa_jax import aot, flops
+from agrepa_jax import aot, console, flops
 from tests.helpers import TEACHER_DIMS, tiny_config
 
 needs_libtpu = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_collectives_are_read_off_the_optimized_module():
 
 def test_a_topology_without_libtpu_names_the_extra(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
-  with pytest.raises(RuntimeError, match=r'v5e:2x2.*\.\[tpu\]'):
+  with pytest.raises(console.UsageError, match=r'v5e:2x2.*\.\[tpu\]'):
     aot.topology_devices('v5e:2x2')
 
 
@@ -84,5 +84,5 @@ def test_a_tiny_step_compiles_for_a_v5e_slice(tmp_path):
 @needs_libtpu
 @pytest.mark.usefixtures('libtpu')
 def test_an_unknown_topology_is_named():
-  with pytest.raises(ValueError, match='v9z:2x2'):
+  with pytest.raises(console.UsageError, match='v9z:2x2'):
     aot.topology_devices('v9z:2x2')

@@ -5,18 +5,11 @@ heads, teachers, REPA preset, remat and dtype are the paper's. Batch 40 and 188 
 no weight shape, so a collective whose shape holds either moves activations.
 """
 
-import re
-
 import jax
 import pytest
 
 from agrepa_jax import aot, audio, config_base, sharding
 from agrepa_jax import state as state_lib
-
-COLLECTIVE = re.compile(
-  r'= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
-)
-SHAPE = re.compile(r'\b[a-z]+[0-9]*\[([0-9,]*)\]')
 
 
 def narrow_paper_single(fsdp: int):
@@ -29,16 +22,8 @@ def narrow_paper_single(fsdp: int):
 
 
 def collectives(hlo: str) -> list[tuple[str, str, list[tuple[int, ...]]]]:
-  """(computation, kind, result shapes) of every collective; computation is 'entry' or 'loop'."""
-  found, computation = [], None
-  for line in hlo.splitlines():
-    if line.endswith('{') and not line.startswith(' '):
-      computation = 'entry' if line.startswith('ENTRY') else 'loop'
-    match = COLLECTIVE.search(line)
-    if match:
-      shapes = [tuple(int(d) for d in s.split(',') if d) for s in SHAPE.findall(match.group(1))]
-      found.append((computation, match.group(2), shapes))
-  return found
+  """(computation, kind, result shapes) of every collective (aot.collectives without dtypes)."""
+  return [(c, kind, [shape for _, shape in shapes]) for c, kind, shapes in aot.collectives(hlo)]
 
 
 @pytest.fixture(scope='module')
