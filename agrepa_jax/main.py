@@ -10,7 +10,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import console, files, host_memory
+from agrepa_jax import config_base, console, files, host_memory
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
 MODES = {
@@ -72,8 +72,11 @@ def main(argv):
     jax.config.update(
       'jax_compilation_cache_dir', os.fspath(files.as_path(FLAGS.compilation_cache))
     )
-  config, workdir = FLAGS.config, files.as_path(FLAGS.workdir)
+  config, fidelity_changes = config_base.resolve_fidelity(FLAGS.config)
+  workdir = files.as_path(FLAGS.workdir)
   log_path = console.configure_logging(workdir, FLAGS.verbose)
+  for key, (old, new) in fidelity_changes.items():
+    logging.info('fidelity=%r sets %s: %r -> %r', config.fidelity, key, old, new)
   mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
   module, function = MODES[mode]
