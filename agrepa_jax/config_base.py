@@ -226,6 +226,7 @@ OFFICIAL_FORMS = {
   'repa.quirks': True,
   'teachers.padding': 'official',
   'data.mel_via_rate': 16000,
+  'data.crop': 'start',
   'sample.cfg_form': 'official',
 }
 # ... and with two codebooks, the official dual-codebook conditioning (which trains no BiT-C).

@@ -92,6 +92,7 @@ def test_official_fidelity_sets_every_official_form():
   assert config.model.frozen_token_conditioning and config.optim.cycle_momentum
   assert config.repa.quirks and config.model.dtype == 'float32'
   assert config.teachers.padding == 'official' and config.data.mel_via_rate == 16000
+  assert config.data.crop == 'start'
   again, changed = config_base.resolve_fidelity(config)
   assert changed == {} and again == config  # idempotent
   dual = config_base.config_from_file('configs/paper_dual.py', 'official')
