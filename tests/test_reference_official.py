@@ -20,19 +20,19 @@ from flax import nnx
 from agrepa_jax import audio, config_base, losses, selection, train
 from agrepa_jax import state as state_lib
 from agrepa_jax.model import ModelConfig
-from agrepa_jax.probe import batch as probe_batch
 from agrepa_jax.probe import fog_a
 from agrepa_jax.state import TrainState
 from tests.reference import official
 from tests.reference.export import export_weights
+from tests.test_bench import official_inputs
 from tests.test_reference import (
   BATCH,
   FRAMES,
   SINGLE,
   TOLERANCE,
-  fused_embedding,
   make_batch,
   mels,
+  official_fog_a,
   official_lambdas,
   official_tokens,
   official_twin,
@@ -172,12 +172,7 @@ def drawn_inputs(batch, rng, step: int, flow_cfg) -> dict:
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
   valid = losses.frame_mask(batch['num_samples'], FRAMES, audio.HOP_LENGTH).sum(1)
   inputs = losses.flow_matching_inputs(jax.random.split(key)[0], batch['mel'], valid, flow_cfg)
-  return {
-    't': to_torch(inputs['t']),
-    'noise': mels(batch['mel'] - inputs['u']),
-    'ref_mel': mels(inputs['ref_mel']),
-    'kept': to_torch(inputs['token_keep']),
-  }
+  return official_inputs(batch, inputs)
 
 
 def test_official_training_steps_on_a_padded_batch_match():
@@ -257,14 +252,7 @@ def test_official_fog_a_on_a_padded_batch_matches(clean_input):
     clean_input=clean_input,
     mask_padding=False,
   )
-  noise = probe_batch.clip_noise(key, BATCH, batch['mel'].shape[1:])
-  inputs = probe_batch.model_inputs(batch, jnp.float32(0.8), noise, 0.15, clean_input)
-  with torch.no_grad():
-    cond = torch.cat([fused_embedding(reference, batch), mels(inputs['ref_mel'])], 1)
-    expected = reference.fog_attribution(
-      mels(inputs['x_t']), cond, 0.8, torch.from_numpy(np.array(batch['domain']))
-    )
-  expected = np.array([expected[layer] for layer in range(cfg.num_layers)])
+  expected = official_fog_a(reference, batch, key, clean_input)
   assert relative_error(table[:, 0], expected) <= TOLERANCE
   masked, _ = fog_a.fog_a_table(
     ours.backbone, batch, (0.8,), key, num_domains=2, batch_size=BATCH, clean_input=clean_input

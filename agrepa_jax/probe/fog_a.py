@@ -189,22 +189,13 @@ def _clip_scores(
   )  # copies of lane 0, their scores written twice
   first, second = np.concatenate([first, first[padding]]), np.concatenate([second, second[padding]])
   lanes = P(tuple(mesh.axis_names))
+  replicated = (state, block_inputs, time_emb, layer_keys, v, valid, lengths)
   per_lane = jax.shard_map(
     functools.partial(_lane_scores, graphdef, chunk_size=chunk_size),
     mesh=mesh,
-    in_specs=(P(), P(), P(), P(), P(), P(), P(), lanes, lanes),
+    in_specs=(P(),) * len(replicated) + (lanes, lanes),
     out_specs=lanes,
-  )(
-    state,
-    block_inputs,
-    time_emb,
-    layer_keys,
-    v,
-    valid,
-    lengths,
-    jnp.asarray(first),
-    jnp.asarray(second),
-  )
+  )(*replicated, jnp.asarray(first), jnp.asarray(second))
   scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
   scores = scores.at[np.concatenate([first, second])].set(
     jnp.concatenate([per_lane[:, 0], per_lane[:, 1]])
