@@ -9,7 +9,8 @@ given (lanes side by side; which is fastest depends on the device and the model)
 counts. The probe sees clips with valid-length masks, as in training. Prints a line per model and,
 last, a JSON object for both: forward_equivalents (probe time / forward time; the prefix-sharing
 floor is (L + 3) / 2 block-stack passes, targets 3.0 at the default and 13.5 at L = 24), its spread
-over the rounds (the per-round ratios' min, median and max), the figure recorded in
+over the rounds (the per-round ratios' min, median and max), the same ratio of CPU seconds
+(cpu_time: steadier than wall time on a shared machine), the figure recorded in
 docs/figures.md and the ratio of the two (regression > 1: slower than recorded), speedup_vs_naive
 (naive loop time / probe time) and chunk_size.
 """
@@ -72,17 +73,19 @@ def recorded_forward_equivalents(figures: pathlib.Path = FIGURES) -> dict[str, f
   return {'default': float(default.group(1)), 'deep_narrow': float(deep.group(1))}
 
 
-def interleaved_seconds(runs: dict, repeats: int) -> dict[str, list[float]]:
-  """Seconds of every run in each of `repeats` rounds; each round runs every function once."""
+def interleaved_seconds(runs: dict, repeats: int) -> tuple[dict, dict]:
+  """Wall and CPU seconds (all threads of the process) of every run in each of `repeats` rounds;
+  each round runs every function once. On a shared machine the CPU seconds vary far less."""
   for run in runs.values():
     jax.block_until_ready(run())  # compile and warm up
-  seconds = {name: [] for name in runs}
+  wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
   for _ in range(repeats):
     for name, run in runs.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(run())
-      seconds[name].append(time.perf_counter() - start)
-  return seconds
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return wall, cpu
 
 
 def measure(cfg: ModelConfig, batch_size: int, repeats: int, chunk_sizes: list[int]) -> dict:
@@ -104,7 +107,7 @@ def measure(cfg: ModelConfig, batch_size: int, repeats: int, chunk_sizes: list[i
       for c in chunk_sizes
     },
   }
-  rounds = interleaved_seconds(runs, repeats)
+  rounds, cpu_rounds = interleaved_seconds(runs, repeats)
   seconds = {name: min(times) for name, times in rounds.items()}
   chunk_size = min(chunk_sizes, key=lambda c: seconds[f'fog_a_chunk{c}'])
   probe = f'fog_a_chunk{chunk_size}'
@@ -116,6 +119,7 @@ def measure(cfg: ModelConfig, batch_size: int, repeats: int, chunk_sizes: list[i
     'chunk_size': chunk_size,
     'forward_equivalents': seconds[probe] / seconds['forward'],
     'forward_equivalents_spread': [per_round[0], statistics.median(per_round), per_round[-1]],
+    'forward_equivalents_cpu': min(cpu_rounds[probe]) / min(cpu_rounds['forward']),
     'floor_forward_equivalents': (cfg.num_layers + 3) / 2,
     'speedup_vs_naive': seconds['naive_loop'] / seconds[probe],
     'speedup_vs_naive_vmapped': seconds['naive_vmapped'] / seconds[probe],
@@ -150,6 +154,7 @@ def main():
       'layers': result['layers'],
       'forward_equivalents': round(result['forward_equivalents'], 3),
       'spread': [round(v, 3) for v in result['forward_equivalents_spread']],
+      'cpu_time': round(result['forward_equivalents_cpu'], 3),
       'target': TARGETS[name],
       'recorded': recorded[name],
       'regression': round(result['forward_equivalents'] / recorded[name], 3),
