@@ -175,7 +175,7 @@ def attention(q, k, v, lengths: jax.Array | None, implementation: str = '') -> j
 
   implementation '' chooses: the key-padding form runs as cuDNN flash attention on GPU in half
   precision, XLA elsewhere; 'xla' or 'cudnn' force one (model.attention). On CPU the XLA form
-  masks through `key_padding_as_feature`.
+  masks through `key_padding_bias`.
   Queries on padding frames still get an output; nothing downstream reads it.
   """
   if lengths is not None:
@@ -184,37 +184,26 @@ def attention(q, k, v, lengths: jax.Array | None, implementation: str = '') -> j
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     implementation = 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
   if lengths is not None and implementation == 'xla' and jax.default_backend() == 'cpu':
-    return key_padding_as_feature(q, k, v, lengths)
+    bias = key_padding_bias(lengths, k.shape[1], q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation='xla')
   return jax.nn.dot_product_attention(
     q, k, v, key_value_seq_lengths=lengths, implementation=implementation
   )
 
 
-# Added to the logits of padding keys: exp of it times any softmax scale is exactly 0 in float32.
+# Added to the logits of padding keys: its exp, at any softmax scale, is exactly 0 in float32.
 PADDING_LOGIT = -1e9
 
 
-def key_padding_as_feature(q, k, v, lengths: jax.Array) -> jax.Array:
-  """`attention` with its key mask folded into the logits' matmul: one more head feature, 1 in
-  every query and 0 (or PADDING_LOGIT past a clip's `lengths`) in every key.
+def key_padding_bias(lengths: jax.Array, num_keys: int, dtype) -> jax.Array:
+  """(B,) valid lengths -> (B, 1, 1, num_keys) logit bias: 0 on a clip's keys, PADDING_LOGIT past.
 
-  The same probabilities as masking the (B, H, T, T) logits, but XLA:CPU keeps the logits' dot
-  and the softmax in one fusion; masking the logits in between materializes the logits and their
-  masked copy, two (B, H, T, T) arrays per attention.
+  The same probabilities as masking the logits with `key_value_seq_lengths`, but XLA:CPU keeps the
+  logits' dot, the bias and the softmax in one fusion; the mask's select in between splits it and
+  writes the logits and their masked copy, two more (B, H, T, T) arrays per attention.
   """
-  head_dim = q.shape[-1]
-  column = lambda x, value: jnp.concatenate(
-    [x, jnp.broadcast_to(value, (*x.shape[:-1], 1)).astype(x.dtype)], axis=-1
-  )
-  keys_valid = valid_mask(lengths, k.shape[1])[:, :, None, None]
-  out = jax.nn.dot_product_attention(
-    column(q, 1.0),
-    column(k, jnp.where(keys_valid, 0.0, PADDING_LOGIT)),
-    column(v, 0.0),
-    scale=1.0 / math.sqrt(head_dim),
-    implementation='xla',
-  )
-  return out[..., :head_dim]
+  valid = valid_mask(lengths, num_keys)
+  return jnp.where(valid, 0.0, PADDING_LOGIT)[:, None, None, :].astype(dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
