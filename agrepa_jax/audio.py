@@ -7,6 +7,7 @@ same settings.
 
 import functools
 import io
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,13 @@ def load_audio(path, sample_rate: int = SAMPLE_RATE, seconds: float | None = Non
   return wave
 
 
-def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def decode_audio(
+  data: bytes, name: str, sample_rate: int = SAMPLE_RATE, via_rate: int = 0
+) -> np.ndarray:
   """An encoded audio file's bytes -> mono float32 at `sample_rate`, peak-normalized.
 
+  via_rate > 0 (data.mel_via_rate, the official front end): peak-normalized at the file's rate,
+  then `official_detour`: through `via_rate` (content above via_rate / 2 is lost) to `sample_rate`.
   Raises AudioDecodeError naming `name` and the reason for whatever makes a file unusable: it
   cannot be decoded, holds no samples or fewer than one STFT window, or holds NaN or infinite
   samples (checked before resampling, so at any rate).
@@ -71,16 +76,88 @@ def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.n
   if not np.all(np.isfinite(wave)):
     raise AudioDecodeError(f'{name}: audio holds NaN or infinite samples')
   wave = wave.mean(axis=1)
-  if file_rate != sample_rate:
+  if via_rate:
+    wave = official_detour(peak_normalize(wave), file_rate, via_rate, sample_rate)
+  elif file_rate != sample_rate:
     wave = librosa.resample(wave, orig_sr=file_rate, target_sr=sample_rate, res_type='soxr_hq')
   if len(wave) < MIN_SAMPLES * sample_rate // SAMPLE_RATE:
     raise AudioDecodeError(
       f'{name}: too short ({len(wave)} samples at {sample_rate} Hz, fewer than one frame)'
     )
+  # the official front end normalizes before resampling only: its peaks may move past 1
+  return wave.astype(np.float32) if via_rate else peak_normalize(wave)
+
+
+def peak_normalize(wave: np.ndarray) -> np.ndarray:
+  """float32 `wave` / max |wave| (a silent wave stays zero)."""
   peak = np.abs(wave).max()
-  if peak > 0:
-    wave = wave / peak
-  return wave.astype(np.float32)
+  return (wave / peak if peak > 0 else wave).astype(np.float32)
+
+
+# The official front end's resamplers (torchaudio's windowed-sinc `resample`): the loader's default
+# (Hann window) to 16 kHz, and the mel extractor's (Kaiser window, β of torchaudio's default) to
+# 24 kHz; both with 6 zero crossings and roll-off 0.99.
+OFFICIAL_LOADER_RESAMPLER = dict(window='hann', lowpass_filter_width=6, rolloff=0.99)
+OFFICIAL_MEL_RESAMPLER = dict(window='kaiser', lowpass_filter_width=6, rolloff=0.99)
+KAISER_BETA = 14.769656459379492
+
+
+def official_detour(wave: np.ndarray, file_rate: int, via_rate: int, rate: int) -> np.ndarray:
+  """The official front end's path of a (normalized) wave: `file_rate` -> `via_rate` (its loader),
+  then -> `rate` (its mel extractor), each step skipped where the rates already agree."""
+  if file_rate != via_rate:
+    wave = sinc_resample(wave, file_rate, via_rate, **OFFICIAL_LOADER_RESAMPLER)
+  if via_rate != rate:
+    wave = sinc_resample(wave, via_rate, rate, **OFFICIAL_MEL_RESAMPLER)
+  return wave
+
+
+def sinc_kernels(
+  orig: int, new: int, window: str, lowpass_filter_width: int, rolloff: float
+) -> tuple[np.ndarray, int]:
+  """Polyphase windowed-sinc filters (new, taps) for orig -> new (coprime), and the taps' reach.
+
+  Output phase j reads input offsets k / orig (k from −reach to reach + orig − 1) around its
+  time −j / new, weighting them by sinc(π·f·Δt)·window(f·Δt)·f / orig with the cutoff
+  f = rolloff·min(orig, new) and the window over ±lowpass_filter_width zero crossings.
+  """
+  cutoff = min(orig, new) * rolloff
+  reach = math.ceil(lowpass_filter_width * orig / cutoff)
+  offsets = np.arange(-reach, reach + orig, dtype=np.float64) / orig
+  times = (-np.arange(new, dtype=np.float64)[:, None] / new + offsets[None, :]) * cutoff
+  times = np.clip(times, -lowpass_filter_width, lowpass_filter_width)
+  if window == 'hann':
+    taper = np.cos(times * math.pi / lowpass_filter_width / 2) ** 2
+  elif window == 'kaiser':
+    taper = np.i0(KAISER_BETA * np.sqrt(1 - (times / lowpass_filter_width) ** 2)) / np.i0(
+      KAISER_BETA
+    )
+  else:
+    raise ValueError(f"window {window!r}: expected 'hann' or 'kaiser'")
+  return np.sinc(times) * taper * cutoff / orig, reach
+
+
+def sinc_resample(
+  wave: np.ndarray,
+  orig_rate: int,
+  new_rate: int,
+  window: str = 'hann',
+  lowpass_filter_width: int = 6,
+  rolloff: float = 0.99,
+) -> np.ndarray:
+  """(..., N) at `orig_rate` -> (..., ⌈N·new/orig⌉) at `new_rate`: torchaudio's windowed-sinc
+  resampling (zero beyond the ends), as the official code's loader and mel extractor run it."""
+  divisor = math.gcd(orig_rate, new_rate)
+  orig, new = orig_rate // divisor, new_rate // divisor
+  kernels, reach = sinc_kernels(orig, new, window, lowpass_filter_width, rolloff)
+  length = wave.shape[-1]
+  padded = np.pad(
+    np.asarray(wave, np.float64), [(0, 0)] * (wave.ndim - 1) + [(reach, reach + orig)]
+  )
+  starts = np.arange(0, padded.shape[-1] - kernels.shape[1] + 1, orig)
+  windows = padded[..., starts[:, None] + np.arange(kernels.shape[1])]  # (..., frames, taps)
+  out = np.einsum('...ft,pt->...fp', windows, kernels).reshape(*wave.shape[:-1], -1)
+  return out[..., : math.ceil(new * length / orig)].astype(np.float32)
 
 
 def decode_with_ffmpeg(data: bytes) -> tuple[np.ndarray, int]:

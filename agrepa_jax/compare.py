@@ -95,7 +95,11 @@ def run_compare(config, workdir: epath.Path, allow_config_change: bool = False) 
   for index in range(config.compare.num_seeds):
     seeded = seed_config(config, index)
     logging.info('compare: seed %d (%d of %d)', seeded.seed, index + 1, config.compare.num_seeds)
-    runs += run_seed(seeded, workdir / f'seed{seeded.seed}', allow_config_change)
+    rows = run_seed(seeded, workdir / f'seed{seeded.seed}', allow_config_change)
+    if rows is None:
+      logging.warning('compare: stopped before the end; the same command resumes it')
+      return {'runs': runs, 'summary': []}
+    runs += rows
   summary = summarize(runs, tuple(config.compare.variants))
   if jax.process_index() == 0:
     files.write_csv(workdir / 'compare_runs.csv', RUN_COLUMNS, runs)
@@ -105,12 +109,23 @@ def run_compare(config, workdir: epath.Path, allow_config_change: bool = False) 
   return {'runs': runs, 'summary': summary}
 
 
-def run_seed(config, workdir: epath.Path, allow_config_change: bool = False) -> list[dict]:
-  """Phase I, its probe and the Phase II variants of one seed; one row per variant."""
+def trained_to_the_end(config, workdir: epath.Path, allow_config_change: bool) -> bool:
+  """Trains (or resumes) one run; False when it stopped early (SIGTERM or Ctrl-C saved it)."""
+  state = train.train_and_evaluate(config, workdir, allow_config_change)
+  return int(state.step) >= config.num_steps
+
+
+def run_seed(config, workdir: epath.Path, allow_config_change: bool = False) -> list[dict] | None:
+  """Phase I, its probe and the Phase II variants of one seed; one row per variant.
+
+  None when a run stopped early: nothing after it runs (no probe of an unfinished Phase I), and
+  the same command resumes there.
+  """
   workdirs = {PHASE_ONE: workdir / 'phase1'}
   logging.info('compare: Phase I (no hidden-state alignment)')
   phase_one = config_base.variant_config(config, PHASE_ONE)
-  train.train_and_evaluate(phase_one, workdirs[PHASE_ONE], allow_config_change)
+  if not trained_to_the_end(phase_one, workdirs[PHASE_ONE], allow_config_change):
+    return None
   probe_file = workdirs[PHASE_ONE] / 'probe' / 'selection.json'
   if not probe_file.exists():
     from agrepa_jax.probe import report
@@ -124,7 +139,8 @@ def run_seed(config, workdir: epath.Path, allow_config_change: bool = False) -> 
     logging.info('compare: Phase II variant %s', variant)
     workdirs[variant] = workdir / variant.replace(':', '')
     variant_cfg = config_base.variant_config(config, variant, str(selection_file))
-    train.train_and_evaluate(variant_cfg, workdirs[variant], allow_config_change)
+    if not trained_to_the_end(variant_cfg, workdirs[variant], allow_config_change):
+      return None
   if config.compare.eval_clips:
     for variant, variant_dir in workdirs.items():
       evaluate_variant(

@@ -1,9 +1,10 @@
 """Every config key, its default and a one-line meaning; configs/*.py override what defines them.
 
 Reference-code quirks (docs/method.md, "Reference quirks") are switches that default to the
-sound choice: model.frozen_token_conditioning, flow.loss_on_prompt, repa.quirks. Where the official
-code's architecture differs from ours, a key names both forms (docs/fidelity.md): the paper configs
-take the official one, the embedded default ours where it is better.
+sound choice: model.frozen_token_conditioning, model.mask_padding, flow.loss_on_prompt,
+repa.quirks. Where the official code's architecture differs from ours, a key names both forms
+(docs/fidelity.md). `fidelity='official'` sets every one of these keys to the official code's
+value (OFFICIAL_FORMS, applied by `resolve_fidelity`), so that one key reproduces its training step.
 This module only builds ConfigDicts: it imports nothing that runs.
 """
 
@@ -19,6 +20,7 @@ def _section(**fields) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.fidelity = 'ours'  # ours: the keys as set | official: OFFICIAL_FORMS (docs/fidelity.md)
   config.workflow = 'single'  # single: one run | compare: probe-then-intervene (compare.py)
   config.seed = 0  # parameter initialization and the per-step random draws
   config.num_steps = 1000  # optimization steps of the run
@@ -52,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     dropout_positions='branch',  # branch outputs | official: attention probs, after GELU and MLP
     modulation_init='xavier',  # adaLN modulation kernel: xavier | normal (official: N(0, 0.02))
     frozen_token_conditioning=False,  # quirk: tables and P_d never train; P_d identity-initialized
+    mask_padding=True,  # padding frames out of attention keys, time means, L_FM | False: official
     dropout_rng='threefry',  # threefry | rbg (XLA's, for TPU) | hash (fused; fastest on CPU)
     scan_unroll=False,  # unroll the depth scan: faster on CPU, compile time grows with depth
   )
@@ -68,11 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
     b2=0.999,  # AdamW β2
     weight_decay=0.1,  # AdamW decoupled weight decay
     grad_clip=1.0,  # global gradient-norm clip
-    schedule='onecycle',  # onecycle | constant
+    schedule='onecycle',  # onecycle (PyTorch's OneCycleLR, cosine) | constant
     schedule_steps=-1,  # length of the one-cycle schedule; -1 = num_steps
     pct_start=0.3,  # one-cycle: share of the steps spent warming up
     div_factor=25.0,  # one-cycle: peak / initial learning rate
     final_div_factor=1e4,  # one-cycle: initial / final learning rate
+    cycle_momentum=False,  # one-cycle: β1 max_momentum -> base_momentum -> back (b1 unused)
+    base_momentum=0.85,  # cycle_momentum: β1 at the peak learning rate
+    max_momentum=0.95,  # cycle_momentum: β1 at the start and the end
     ema_decay=0.0,  # > 0: moving average of the parameters for eval, probe, sample (paper: none)
   )
   config.bitc = _section(
@@ -100,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     speech=_section(name='whisper', checkpoint='', dim=0),
     audio=_section(name='whisper', checkpoint='', dim=0),
     online=False,  # teachers run in the train step on each crop's stored audio; docs/data.md
+    # official: Whisper on its 30 s window, BEATs on the clip_seconds crop, no padding mask, the
+    # utterance target averaged over every frame (padding too) | masked: audio frames only
+    padding='masked',
   )
   config.data = _section(
     source='embedded',  # embedded (generated, no download) | directories (real corpora)
@@ -130,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     num_workers=0,  # grain worker processes reading training batches; 0 = in the trainer
     teacher_frames=False,  # also store teacher frame features (repa.granularity='frame')
     claim_timeout=600.0,  # s without a heartbeat before another builder takes a claim over
+    mel_via_rate=0,  # > 0: audio passes through this rate before the 24 kHz mel (official: 16000)
   )
   config.mesh = _section(
     data=-1,  # data-parallel axis size; -1 = all remaining devices
@@ -198,6 +208,66 @@ def base_config() -> ml_collections.ConfigDict:
     checkpoint='',  # Vocos mel-24khz directory (config.yaml, pytorch_model.bin); '' = Griffin-Lim
   )
   return config
+
+
+FIDELITIES = ('ours', 'official')
+
+# fidelity='official': the value of every key whose form the official code fixes (docs/fidelity.md).
+OFFICIAL_FORMS = {
+  'model.token_tables': 'per_domain',
+  'model.time_embedding': 'official',
+  'model.dropout_positions': 'official',
+  'model.modulation_init': 'normal',
+  'model.frozen_token_conditioning': True,
+  'model.mask_padding': False,
+  'model.dtype': 'float32',
+  'flow.loss_on_prompt': True,
+  'optim.schedule': 'onecycle',
+  'optim.cycle_momentum': True,
+  'bitc.form': 'official',
+  'repa.quirks': True,
+  'teachers.padding': 'official',
+  'data.mel_via_rate': 16000,
+  'data.crop': 'start',
+  'data.max_seconds': 0.0,  # clips cut or padded to clip_seconds, as the official loader does
+  'sample.cfg_form': 'official',
+}
+# ... and with two codebooks, the official dual-codebook conditioning (which trains no BiT-C).
+OFFICIAL_DUAL_FORMS = {'model.codebook_fusion': 'concat', 'bitc.enabled': False}
+
+
+def resolve_fidelity(config) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config with `config.fidelity` applied, {key: (old, new)} of the values it changed).
+
+  'ours' changes nothing; 'official' sets OFFICIAL_FORMS (and OFFICIAL_DUAL_FORMS with two
+  codebooks), whatever those keys held. Idempotent.
+  """
+  if config.fidelity not in FIDELITIES:
+    raise ValueError(f'fidelity={config.fidelity!r}: expected one of {FIDELITIES}')
+  config = config.copy_and_resolve_references()
+  if config.fidelity == 'ours':
+    return config, {}
+  forms = dict(OFFICIAL_FORMS)
+  if config.model.num_codebooks == 2:
+    forms.update(OFFICIAL_DUAL_FORMS)
+  changed = {}
+  for key, value in forms.items():
+    section, name = key.split('.')
+    if config[section][name] != value:
+      changed[key] = (config[section][name], value)
+      config[section][name] = value
+  return config, changed
+
+
+def with_fidelity(config, variant: str) -> ml_collections.ConfigDict:
+  """A config file's fidelity variant: '' the config as it is, 'official' with fidelity='official'
+  applied (`--config configs/X.py:official`)."""
+  if variant not in ('', 'official'):
+    raise ValueError(f"config variant {variant!r}: expected '' or 'official'")
+  if not variant:
+    return config
+  config.fidelity = 'official'
+  return resolve_fidelity(config)[0]
 
 
 def config_from_file(path: str | pathlib.Path, *args) -> ml_collections.ConfigDict:

@@ -90,7 +90,7 @@ def repa_loss(
 
   hidden: (L, B, W) time-pooled block outputs (utterance granularity), or (L, B, T, W) per frame
     (frame granularity: teacher frames (B, F, C_d) are interpolated to T and the distance is
-    averaged over the (B, T) `valid_frames`).
+    averaged over the (B, T) `valid_frames`, or all frames if None).
   lambdas: dense (L, num_domains) weights; a zero entry switches that pair off, and changing the
     values never recompiles. Only the heads of the `max_layers` (default L; at most as many as a
     domain has heads) largest λ per domain run (selection.active_layers): the cost does not
@@ -107,10 +107,9 @@ def repa_loss(
     prediction = repa_heads(d, hidden[layers[d]], layers[d])
     if hidden.ndim == 4:
       target = interpolate_linear(target, hidden.shape[2])
-      weights_t = valid_frames.astype(prediction.dtype)
-      distance = (cosine_distance(prediction, target[None]) * weights_t).sum(-1) / jnp.maximum(
-        weights_t.sum(-1), 1
-      )
+      distance = masked_mean(
+        jnp.moveaxis(cosine_distance(prediction, target[None]), 0, -1), valid_frames
+      ).T  # (K, B)
     else:
       distance = cosine_distance(prediction, target[None])
     in_domain = (domain == d).astype(distance.dtype)
@@ -128,6 +127,7 @@ class LossConfig:
   domains: tuple[str, ...]  # order of the λ columns and heads; batches key teacher targets by name
   bitc_skips_dropped: bool = False  # bitc.form='official': clips whose tokens were dropped skip it
   max_layers: int = 3  # static K: REPA heads run for at most this many layers per domain
+  mask_padding: bool = True  # False (official): padding frames are attended, pooled and in L_FM
 
   @classmethod
   def from_config(cls, config) -> 'LossConfig':
@@ -151,6 +151,7 @@ class LossConfig:
       domains,
       bitc_skips_dropped=config.bitc.form == 'official',
       max_layers=config.repa.max_layers,
+      mask_padding=config.model.mask_padding,
     )
 
 
@@ -171,8 +172,11 @@ def compute_losses(model, batch, lambdas, key, cfg: LossConfig, train: bool) -> 
 def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dropout_key=None):
   """`compute_losses` for given draws `inputs` (flow_matching_inputs) and (B, T) valid frames.
 
-  Padding frames (valid False) reach no loss: attention, L_FM and every time mean skip them.
+  Padding frames (valid False) reach no loss: attention, L_FM and every time mean skip them. With
+  `cfg.mask_padding` off (the official code, which zero-pads every clip to the crop length) they
+  count as audio everywhere.
   """
+  counted = valid if cfg.mask_padding else None  # the frames every loss and time mean reads
   velocity, extras = model.backbone(
     inputs['x_t'],
     inputs['t'],
@@ -182,9 +186,9 @@ def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dr
     token_keep=inputs['token_keep'],
     dropout_key=dropout_key,
     hidden=cfg.granularity,
-    lengths=valid.sum(1),
+    lengths=None if counted is None else counted.sum(1),
   )
-  fm_weights = inputs['loss_weights'] * valid
+  fm_weights = inputs['loss_weights'] if counted is None else inputs['loss_weights'] * counted
   out = {'loss_fm': flow_matching_loss(velocity, inputs['u'], fm_weights)}
   teacher = tuple(batch['teacher'][d] for d in cfg.domains)
   out['loss_bitc'] = jnp.zeros(())
@@ -196,7 +200,7 @@ def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dr
       batch['domain'],
       cfg.bitc_weights,
       inputs['token_keep'] if cfg.bitc_skips_dropped else None,
-      valid_frames=valid,
+      valid_frames=counted,
     )
   out['loss_repa'] = jnp.zeros(())
   if cfg.granularity != 'none':
@@ -208,7 +212,7 @@ def losses_given_draws(model, batch, inputs, valid, lambdas, cfg: LossConfig, dr
       teacher,
       batch['domain'],
       lambdas,
-      valid,
+      counted,
       cfg.max_layers,
     )
   out['loss'] = out['loss_fm'] + out['loss_bitc'] + out['loss_repa']

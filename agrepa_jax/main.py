@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from agrepa_jax import console, files, host_memory
+from agrepa_jax import config_base, console, files, host_memory
 from agrepa_jax import workdir as workdir_lib
 
 # mode -> (module, function(config, workdir)), imported only when the mode runs
@@ -136,9 +136,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     exit_for_usage(describe_flag_error(error))
 
 
-def loaded_config() -> ml_collections.ConfigDict:
-  """--config, checked (config_checks) and locked; UsageError for a missing or failing file (which
-  config_flags only reports when the config is first used)."""
+def loaded_config() -> tuple[ml_collections.ConfigDict, dict]:
+  """(--config with its fidelity applied, checked (config_checks) and locked; {key: (old, new)}
+  that fidelity='official' set). UsageError for a missing or failing file (which config_flags
+  only reports when the config is first used)."""
   config = FLAGS.config
   if not isinstance(config, ml_collections.ConfigDict):
     path = FLAGS['config'].config_filename.split(':')[0]
@@ -150,15 +151,20 @@ def loaded_config() -> ml_collections.ConfigDict:
       raise console.UsageError(describe_flag_error(error)) from error
   from agrepa_jax import config_checks  # here, after the huge-page re-exec: it imports the model
 
+  if config.get('fidelity') not in config_base.FIDELITIES:
+    raise console.UsageError(
+      f'fidelity={config.get("fidelity")!r}: expected one of {config_base.FIDELITIES}'
+    )
+  config, fidelity_changes = config_base.resolve_fidelity(config)
   config_checks.check(config)
   config.lock()
-  return config
+  return config, fidelity_changes
 
 
 def main(argv):
   del argv
   try:
-    config, workdir = loaded_config(), files.as_path(FLAGS.workdir)
+    (config, fidelity_changes), workdir = loaded_config(), files.as_path(FLAGS.workdir)
     workdir_lib.check_workdir(workdir)
     if FLAGS.task is not None and not 0 <= FLAGS.task < FLAGS.num_tasks:
       raise console.UsageError(
@@ -173,6 +179,8 @@ def main(argv):
       'jax_compilation_cache_dir', os.fspath(files.as_path(FLAGS.compilation_cache))
     )
   log_path = console.configure_logging(workdir, FLAGS.verbose)
+  for key, (old, new) in fidelity_changes.items():
+    logging.info('fidelity=%r sets %s: %r -> %r', config.fidelity, key, old, new)
   mode = 'compare' if FLAGS.mode == 'train' and config.workflow == 'compare' else FLAGS.mode
   logging.info('%s: %s (all log lines: %s)', mode, workdir, log_path)
   module, function = MODES[mode]

@@ -174,7 +174,8 @@ def attention(q, k, v, lengths: jax.Array | None, implementation: str = '') -> j
   """Self-attention over (B, T, heads, head_dim); keys past a clip's `lengths` (B,) are masked.
 
   implementation '' chooses: the key-padding form runs as cuDNN flash attention on GPU in half
-  precision, XLA elsewhere; 'xla' or 'cudnn' force one (model.attention).
+  precision, XLA elsewhere; 'xla' or 'cudnn' force one (model.attention). On CPU the XLA form
+  masks through `key_padding_bias`.
   Queries on padding frames still get an output; nothing downstream reads it.
   """
   if lengths is not None:
@@ -182,9 +183,27 @@ def attention(q, k, v, lengths: jax.Array | None, implementation: str = '') -> j
   if not implementation:
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     implementation = 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+  if lengths is not None and implementation == 'xla' and jax.default_backend() == 'cpu':
+    bias = key_padding_bias(lengths, k.shape[1], q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation='xla')
   return jax.nn.dot_product_attention(
     q, k, v, key_value_seq_lengths=lengths, implementation=implementation
   )
+
+
+# Added to the logits of padding keys: its exp, at any softmax scale, is exactly 0 in float32.
+PADDING_LOGIT = -1e9
+
+
+def key_padding_bias(lengths: jax.Array, num_keys: int, dtype) -> jax.Array:
+  """(B,) valid lengths -> (B, 1, 1, num_keys) logit bias: 0 on a clip's keys, PADDING_LOGIT past.
+
+  The same probabilities as masking the logits with `key_value_seq_lengths`, but XLA:CPU keeps the
+  logits' dot, the bias and the softmax in one fusion; the mask's select in between splits it and
+  writes the logits and their masked copy, two more (B, H, T, T) arrays per attention.
+  """
+  valid = valid_mask(lengths, num_keys)
+  return jnp.where(valid, 0.0, PADDING_LOGIT)[:, None, None, :].astype(dtype)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -2,12 +2,14 @@
 
 λ is a dense (layers × domains) array, an input of the train step, so a new selection never
 recompiles. It comes from the config (fixed layers or the paper's presets), from a probe's
-selection.json, or from FoG-A re-measured during training (`OnlineFogA`). FoG-A selection: per
+selection.json, or from FoG-A re-measured during training (probe/online.py). FoG-A selection: per
 domain, the top-K layers by score; λ rules over them: 'raw', λ = the score itself (the paper's
 code); 'normalized', the scores scaled to sum to `total`; 'softmax', total · softmax(score / T).
-A selection is {domain: {layer (1-based): λ}}, what `dense_lambdas` takes.
+A selection is {domain: {layer (1-based): λ}}, what `dense_lambdas` takes. A FoG-A schedule
+(`ProbeSchedule`) says what a measurement covers, so also which layers a selection can pick.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -15,17 +17,64 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model.
+# Layers (1-based) and λ that the paper's code selected by FoG-A for the 24-layer model, exactly
+# as its REPA models hold them.
 PAPER_PRESETS = {
   'paper_single': {
-    'speech': {1: 0.334, 9: 0.139, 5: 0.118},
-    'audio': {1: 0.278, 21: 0.120, 9: 0.112},
+    'speech': {1: 0.334, 9: 0.139, 5: 0.1176},
+    'audio': {1: 0.278, 21: 0.12, 9: 0.1122},
   },
   'paper_dual': {
-    'speech': {1: 0.506, 3: 0.131, 23: 0.108},
-    'audio': {1: 0.388, 3: 0.103, 7: 0.086},
+    'speech': {1: 0.506, 3: 0.1308, 23: 0.1082},
+    'audio': {1: 0.388, 3: 0.1026, 7: 0.0856},
   },
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSchedule:
+  """What a FoG-A measurement covers: which t, how many clips, dropout, which layers."""
+
+  t_values: tuple[float, ...]
+  num_clips: int
+  dropout: bool  # training mode: a fresh dropout draw in every forward pass (the official)
+  clean_input: bool  # the model reads the clean mel x1 labelled t (the official), not x_t
+  odd_layers_only: bool  # only 1-based odd layers are probed; even ones score 0, never selected
+  lambda_rule: str  # how selected layers' scores become λ (layer_lambdas)
+
+
+# Reference quirks (docs/method.md, reference quirks): the paper's code probes in training mode
+# (fresh dropout per pass) at t = 0.8 on the clean mel of 2 clips, only odd-numbered layers, and
+# uses the raw score as λ.
+REFERENCE_SCHEDULE = ProbeSchedule(
+  t_values=(0.8,),
+  num_clips=2,
+  dropout=True,
+  clean_input=True,
+  odd_layers_only=True,
+  lambda_rule='raw',
+)
+
+
+def schedule_from_config(config) -> ProbeSchedule:
+  """config.probe's schedule, or the reference code's when config.repa.quirks is set."""
+  if config.repa.quirks:
+    return REFERENCE_SCHEDULE
+  probe = config.probe
+  return ProbeSchedule(
+    tuple(float(t) for t in probe.t_values),
+    int(probe.num_clips),
+    dropout=False,
+    clean_input=False,
+    odd_layers_only=False,
+    lambda_rule=probe.lambda_rule,
+  )
+
+
+def probed_layers(num_layers: int, schedule: ProbeSchedule) -> np.ndarray:
+  """(L,) bool: the layers a schedule measures (index 0 is layer 1)."""
+  layers = np.arange(1, num_layers + 1)
+  return layers % 2 == 1 if schedule.odd_layers_only else np.ones(num_layers, bool)
 
 
 def dense_lambdas(per_domain: dict[str, dict[int, float]], num_layers: int, domains) -> np.ndarray:
@@ -193,14 +242,12 @@ def repa_head_layers(config) -> tuple[tuple[int, ...], ...]:
   if repa.all_layer_heads:
     return tuple(tuple(range(num_layers)) for _ in domains)
   if repa.selection == 'fog_a':
-    from agrepa_jax import probe
-
     if config.probe.top_k > repa.max_layers:
       raise ValueError(
         f'probe.top_k={config.probe.top_k} selects more layers than repa.max_layers='
         f'{repa.max_layers}'
       )
-    eligible = probe.probed_layers(num_layers, probe.schedule_from_config(config))
+    eligible = probed_layers(num_layers, schedule_from_config(config))
     return tuple(tuple(np.flatnonzero(eligible).tolist()) for _ in domains)
   lambdas = configured_lambdas(config)
   return tuple(tuple(np.flatnonzero(lambdas[:, d]).tolist()) for d in range(len(domains)))
@@ -262,111 +309,3 @@ def lambda_scalars(lambdas: np.ndarray, domains) -> dict[str, float]:
 def cumulative_mean(old, new, count: int):
   """Mean of `count` measurements: `old` the mean of the first count − 1, `new` the newest."""
   return new if old is None else old + (new - old) / count
-
-
-class OnlineFogA:
-  """Re-measures FoG-A on a fixed held-out probe batch and turns the averaged scores into λ.
-
-  The probe settings (t values, clips, top-K, λ rule) are `config.probe`'s, or the reference code's
-  with `repa.quirks`. The average is a moving one with decay `repa.score_ema`, or with
-  `repa.quirks` the official cumulative mean of every measurement so far. With
-  `repa.measure_only` the averaged scores are kept but the run's λ stay as configured.
-  """
-
-  def __init__(self, config, heldout_source):
-    from agrepa_jax import probe
-    from agrepa_jax.probe import batch as probe_batch
-
-    self.config, self.domains = config, tuple(config.data.domains)
-    self.schedule = probe.schedule_from_config(config)
-    clip_domains = np.asarray(heldout_source.arrays['domain'])
-    rows = probe_batch.balanced_indices(
-      clip_domains, len(self.domains), self.schedule.num_clips, config.probe.seed
-    )
-    self.batch = probe_batch.stack_records([heldout_source[int(i)] for i in rows], self.domains)
-    self.eligible = probe.probed_layers(config.model.num_layers, self.schedule)
-    self.latest = None  # (step, λ chosen from the averaged scores) of the latest measurement
-
-  def measure(self, dit, step: int, mesh) -> np.ndarray:
-    """(L, domains) FoG-A scores of the current model, its ablations split over the training mesh.
-
-    The dropout draw of the reference-quirk schedule follows `step`.
-    """
-    import jax
-
-    from agrepa_jax.probe import fog_a
-
-    probe = self.config.probe
-    key = jax.random.fold_in(jax.random.key(probe.seed), step)
-    table, _ = fog_a.fog_a_table(
-      dit,
-      self.batch,
-      self.schedule.t_values,
-      key,
-      num_domains=len(self.domains),
-      batch_size=probe.batch_size,
-      chunk_size=probe.chunk_size,
-      mesh=mesh,
-      prompt_fraction=probe.prompt_fraction,
-      dropout=self.schedule.dropout,
-      clean_input=self.schedule.clean_input,
-      noise_std=self.config.flow.noise_std,
-    )
-    return layer_scores(table, self.schedule.t_values, probe.selection_t)
-
-  def update(
-    self, scores: np.ndarray, previous: np.ndarray | None, count: int = 1
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """New (λ, averaged scores) from fresh scores, the `count`-th measurement of the run.
-
-    A domain absent from the probe keeps its old scores.
-    """
-    if previous is not None:
-      scores = np.where(np.isfinite(scores), scores, previous)
-    if self.config.repa.quirks:
-      averaged = cumulative_mean(previous, scores, count)
-    else:
-      averaged = ema_update(previous, scores, self.config.repa.score_ema)
-    probe = self.config.probe
-    silent = ~(np.nan_to_num(averaged) > 0).any(
-      0
-    )  # a domain whose blocks all score 0 selects nothing yet
-    chosen = select_layers(
-      np.where(silent[None], np.nan, averaged),
-      self.domains,
-      top_k=probe.top_k,
-      rule=self.schedule.lambda_rule,
-      total=probe.lambda_total,
-      temperature=probe.softmax_temperature,
-      eligible=self.eligible,
-    )
-    return dense_lambdas(chosen, self.config.model.num_layers, self.domains), averaged
-
-  def reselect(self, state, graphdef, mesh):
-    """Measures FoG-A on the current model; returns `state` with the new λ and score average."""
-    import jax
-    from flax import nnx
-
-    from agrepa_jax import sharding
-
-    model = nnx.merge(graphdef, state.params, state.frozen)
-    step = int(state.step)
-    scores = self.measure(model.backbone, step, mesh)
-    previous = np.asarray(jax.device_get(state.scores))
-    count = step // self.config.repa.probe_every  # measurements so far, this one included
-    lambdas, averaged = self.update(scores, previous if previous.any() else None, count)
-    self.latest = (step, lambdas)
-    put = lambda x: jax.device_put(np.asarray(x, np.float32), sharding.replicated(mesh))
-    if not measures_online(self.config):
-      return state.replace(scores=put(averaged))
-    return state.replace(lambdas=put(lambdas), scores=put(averaged))
-
-  def write_latest(self, path: epath.Path):
-    """The latest measurement's selection as a selection.json (`repa.selection_file` reads it)."""
-    step, lambdas = self.latest
-    chosen = {
-      domain: {int(layer) + 1: float(lambdas[layer, d]) for layer in np.flatnonzero(lambdas[:, d])}
-      for d, domain in enumerate(self.domains)
-    }
-    settings = {'step': step, 'measurements': step // self.config.repa.probe_every}
-    path.write_text(json.dumps(selection_json(chosen, **settings), indent=2))

@@ -47,23 +47,48 @@ def make_model(config, teacher_dims: tuple[int, ...], seed) -> AgRepaModel:
   )
 
 
+def one_cycle(step, total_steps: int, pct_start: float, start: float, peak: float, end: float):
+  """PyTorch OneCycleLR's two cosine phases at `step` (0-based): `start` -> `peak` over steps
+  [0, pct_start·total − 1], then `peak` -> `end` at step total − 1 (later steps stay there)."""
+  warmup_end = float(pct_start * total_steps) - 1.0
+  step = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, total_steps - 1.0)
+  warming = step <= warmup_end
+  phase_start = jnp.where(warming, 0.0, warmup_end)
+  phase_end = jnp.where(warming, warmup_end, total_steps - 1.0)
+  fraction = (step - phase_start) / jnp.maximum(phase_end - phase_start, 1e-6)
+  high, low = jnp.where(warming, start, peak), jnp.where(warming, peak, end)
+  return low + (high - low) / 2 * (jnp.cos(jnp.pi * fraction) + 1)
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping and a one-cycle (or constant) learning-rate schedule."""
+  """AdamW with global-norm clipping and a one-cycle (or constant) learning-rate schedule.
+
+  The one-cycle schedule is PyTorch's OneCycleLR (cosine annealing), the official code's; with
+  optim.cycle_momentum, β1 follows it the other way (max_momentum -> base_momentum -> back), as
+  OneCycleLR does by default.
+  """
   opt = config.optim
   total = opt.schedule_steps if opt.schedule_steps > 0 else config.num_steps
+  initial = opt.learning_rate / opt.div_factor
   if opt.schedule == 'onecycle':
-    schedule = optax.cosine_onecycle_schedule(
-      total, opt.learning_rate, opt.pct_start, opt.div_factor, opt.final_div_factor
+    schedule = lambda step: one_cycle(
+      step, total, opt.pct_start, initial, opt.learning_rate, initial / opt.final_div_factor
     )
   elif opt.schedule == 'constant':
     schedule = optax.constant_schedule(opt.learning_rate)
   else:
     raise ValueError(f"optim.schedule={opt.schedule!r}: expected 'onecycle' or 'constant'")
-  tx = optax.chain(
-    optax.clip_by_global_norm(opt.grad_clip),
-    optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
-  )
-  return tx, schedule
+  adamw = functools.partial(optax.adamw, b2=opt.b2, weight_decay=opt.weight_decay)
+  if opt.cycle_momentum:
+    if opt.schedule != 'onecycle':
+      raise ValueError("optim.cycle_momentum needs optim.schedule='onecycle'")
+    b1 = lambda step: one_cycle(
+      step, total, opt.pct_start, opt.max_momentum, opt.base_momentum, opt.max_momentum
+    )
+    optimizer = optax.inject_hyperparams(adamw)(learning_rate=schedule, b1=b1)
+  else:
+    optimizer = adamw(schedule, b1=opt.b1)
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip), optimizer), schedule
 
 
 def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState]:

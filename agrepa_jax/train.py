@@ -243,7 +243,9 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
   )
   online_fog_a = None
   if selection.probes_during_training(config):
-    online_fog_a = selection.OnlineFogA(config, heldout_source)
+    from agrepa_jax.probe import online as online_probe
+
+    online_fog_a = online_probe.OnlineFogA(config, heldout_source)
 
   # ----- The loop -----
   start_step = int(state.step)

@@ -11,7 +11,8 @@ balanced_train (audio, ≈ 22 k clips), both domains under the 1:1 sampler, the 
 
 Everything else follows the paper's single-codebook config (configs/paper_single.py): schedule,
 dropout, flow matching, 10 s clips, tokens at 25 Hz, utterance-level REPA. Step time, memory and
-the day's budget: docs/compare.md.
+the day's budget: docs/compare.md. `configs/paper_day.py:official` runs every variant in the
+official code's forms (fidelity='official'); `:VARIANT` or `:official,VARIANT` one compare variant.
 """
 
 import pathlib
@@ -24,6 +25,10 @@ STEPS_PER_RUN = 12_000  # ≈ 13 epochs of train-clean-100 under the 1:1 sampler
 
 
 def get_config(variant: str = ''):
+  """variant: '', 'official', a compare variant (config_base.variant_config), 'official,VARIANT'."""
+  fidelity, _, variant = variant.rpartition(',') if ',' in variant else ('', '', variant)
+  if variant == 'official':
+    fidelity, variant = variant, ''
   config = config_base.config_from_file(pathlib.Path(__file__).with_name('paper_single.py'))
   config.workflow = 'compare'
   config.batch_size = 64
@@ -59,4 +64,5 @@ def get_config(variant: str = ''):
       num_seeds=3,  # seeds config.seed + i; each runs the whole workflow
     )
   )
+  config = config_base.with_fidelity(config, fidelity)
   return config_base.variant_config(config, variant) if variant else config

@@ -7,6 +7,8 @@ interpolation, and the model trains without BiT-C. External tokens (data.token_d
 streams as rows of a (2, N) array.
 
   python -m agrepa_jax.main --config configs/paper_dual.py --workdir DIR [as paper_single.py]
+
+`configs/paper_dual.py:official`: the official code's training step exactly (as paper_single.py).
 """
 
 import pathlib
@@ -14,9 +16,10 @@ import pathlib
 from agrepa_jax import config_base
 
 
-def get_config():
+def get_config(variant: str = ''):
+  """variant '' (ours) or 'official' (fidelity='official')."""
   config = config_base.config_from_file(pathlib.Path(__file__).with_name('paper_single.py'))
   config.model.update(num_codebooks=2, codebook_fusion='concat', second_vocab_size=1024)
   config.bitc.enabled = False
   config.repa.preset = 'paper_dual'
-  return config
+  return config_base.with_fidelity(config, variant)

@@ -9,6 +9,12 @@ paper's FoG-A layers with its λ.
 
 Multi-host: launch/tpu_pod.sh or launch/slurm.sbatch. `--mode aot` needs no data or checkpoint and
 compiles the step for 8 devices in about a minute on a CPU.
+
+`configs/paper_single.py:official` is the official code's training step exactly
+(fidelity='official', docs/fidelity.md): frozen token conditioning, padding attended and counted,
+the prompt in L_FM, β1 cycling, float32, the official FoG-A schedule, Whisper's 30 s window, the
+16 kHz detour. It is the one that reproduces the paper's numbers; the plain config is the one we
+recommend.
 """
 
 from agrepa_jax import config_base
@@ -17,7 +23,8 @@ LIBRISPEECH_UTTERANCES = 281_241  # LibriSpeech 960 h; the 1:1 sampler adds as m
 EPOCHS = 3
 
 
-def get_config():
+def get_config(variant: str = ''):
+  """variant '' (ours) or 'official' (fidelity='official')."""
   config = config_base.base_config()
   config.batch_size = 64
   config.num_steps = EPOCHS * 2 * LIBRISPEECH_UTTERANCES // config.batch_size
@@ -68,4 +75,4 @@ def get_config():
   config.repa.update(selection='fixed', preset='paper_single', granularity='utterance')
 
   config.mesh.update(data=-1, fsdp=8)
-  return config
+  return config_base.with_fidelity(config, variant)

@@ -49,6 +49,23 @@ def test_seed_configs_move_initialization_and_data_order_together(tmp_path):
   assert all(v.seed == second.seed and v.data.order_seed == second.seed for v in variants)
 
 
+def test_a_stopped_run_stops_the_workflow_before_the_probe(tmp_path, monkeypatch):
+  """SIGTERM saves Phase I early and train_and_evaluate returns: no probe of the unfinished model,
+  no Phase II, no comparison files; rerunning resumes."""
+  config = compare_config(tmp_path)
+  calls = []
+
+  def stopped_early(config, workdir, allow_config_change=False):
+    calls.append(workdir)
+    return ml_collections.ConfigDict({'step': config.num_steps - 2})
+
+  monkeypatch.setattr(compare.train, 'train_and_evaluate', stopped_early)
+  result = compare.run_compare(config, tmp_path / 'run')
+  assert result == {'runs': [], 'summary': []} and len(calls) == 1
+  assert not (tmp_path / 'run' / 'seed0' / 'phase1' / 'probe').exists()
+  assert not (tmp_path / 'run' / 'compare.csv').exists()
+
+
 def test_paired_interval_by_hand():
   mean, low, high = compare.paired_interval([1.0, 2.0, 3.0])
   half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)  # sd 1, n 3: 4.303 / √3 = 2.484

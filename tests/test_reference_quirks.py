@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agrepa_jax import config_base, selection
-from agrepa_jax.probe import REFERENCE_SCHEDULE, fog_a, probed_layers, schedule_from_config
+from agrepa_jax import config_base
+from agrepa_jax.probe import REFERENCE_SCHEDULE, fog_a
 from agrepa_jax.probe import batch as probe_batch
+from agrepa_jax.probe.online import OnlineFogA
 from tests.test_probe import CFG, FRAMES, make_batch, make_dit
 
 
@@ -67,17 +68,13 @@ def test_fog_a_table_in_training_mode_runs_the_official_probe():
   np.testing.assert_allclose(table[:, 0], means, rtol=1e-6)
 
 
-def online_fog_a(quirks: bool, num_layers: int = 4) -> selection.OnlineFogA:
+def online_fog_a(quirks: bool, num_layers: int = 4) -> OnlineFogA:
   """An OnlineFogA without a probe set: `update` needs only the config and the schedule."""
   config = config_base.base_config()
   config.model.num_layers = num_layers
   config.repa.update(selection='fog_a', quirks=quirks, score_ema=0.5)
   config.probe.update(top_k=2, lambda_rule='raw')
-  online = object.__new__(selection.OnlineFogA)
-  online.config, online.domains = config, tuple(config.data.domains)
-  online.schedule = schedule_from_config(config)
-  online.eligible = probed_layers(num_layers, online.schedule)
-  return online
+  return OnlineFogA(config)
 
 
 def test_quirks_average_every_measurement_cumulatively():

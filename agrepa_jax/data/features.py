@@ -92,17 +92,23 @@ def write_json(path: epath.Path, value) -> None:
 # ----- decoding, mels, teachers, tokens -----
 
 
-def decode_clip(ref: ClipRef, data: bytes, max_samples: int) -> np.ndarray:
-  """The clip's 24 kHz waveform, at most max_samples long. Raises ClipError for any bad file."""
+def decode_clip(ref: ClipRef, data: bytes, max_samples: int, via_rate: int = 0):
+  """(the clip's 24 kHz waveform, at most max_samples long; with via_rate (the official front end,
+  data.mel_via_rate) also the clip at via_rate, which the teachers then read as the official code
+  does, else None). Raises ClipError for any bad file."""
   try:
-    wave = audio.decode_audio(data, ref.path)[:max_samples]
+    wave = audio.decode_audio(data, ref.path, via_rate=via_rate)[:max_samples]
+    at_via = None
+    if via_rate:
+      at_via = audio.decode_audio(data, ref.path, via_rate, via_rate=via_rate)
+      at_via = at_via[: -(-max_samples * via_rate // audio.SAMPLE_RATE)]
   except audio.AudioDecodeError as e:
     raise ClipError(str(e)) from e
   except Exception as e:  # anything else a file can do (e.g. a resampler error) is this file's
     raise ClipError(f'{ref.path}: {type(e).__name__}: {e}') from e
   if not np.any(wave):
     raise ClipError(f'{ref.path}: every sample is zero (a silent clip)')
-  return wave
+  return wave, at_via
 
 
 def feature_mesh():
@@ -143,6 +149,7 @@ def teacher_features(
   mesh,
   rows: int = 0,
   pcm: tuple | None = None,
+  at_rate: tuple | None = None,
 ):
   """Utterance means (N, C) over frames holding audio, frame features (N, F, C) and their mask.
 
@@ -151,12 +158,15 @@ def teacher_features(
   and sharded over the mesh. Clips longer than the teacher's longest input (Whisper: 30 s) are
   read in consecutive windows of that length, their frames concatenated. pcm: `teacher_audio(waves,
   num_samples, rate)`, which the teacher then reads instead: exactly the audio the store keeps for
-  online teachers, so stored and online targets agree.
+  online teachers, so stored and online targets agree. at_rate: (waves (N, S') at the teacher's
+  rate, their sample counts), read instead of resampling `waves` (the official front end's).
   """
   rate = teacher.spec.sample_rate
   if pcm is not None:
     pcm16, teacher_samples = pcm
     resampled = pcm16.astype(np.float32) / spec_lib.PCM_SCALE
+  elif at_rate is not None:
+    resampled, teacher_samples = at_rate
   else:
     resampled = librosa.resample(
       waves, orig_sr=audio.SAMPLE_RATE, target_sr=rate, res_type='soxr_hq', axis=-1
@@ -230,18 +240,32 @@ def batch_length(num_samples: np.ndarray, max_samples: int) -> int:
   return min(max_samples, -(-needed // BUCKET_SAMPLES) * BUCKET_SAMPLES)
 
 
-def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers) -> list[dict]:
-  """Records of decoded clips of one domain (a teacher batch)."""
-  settings, domain = workers.settings, refs[0].domain
+def batch_targets(decoded: list[tuple], workers: Workers, domain: str):
+  """(num_samples, padded 24 kHz waves, teacher-rate PCM or None, (utterance, frames, mask)) of a
+  batch of decoded clips (decode_clip's pairs) of one domain."""
+  settings = workers.settings
+  waves = [wave for wave, _ in decoded]
   num_samples = np.array([len(w) for w in waves])
   padded = pad_waves(waves, batch_length(num_samples, settings['max_samples']))
-  mel = np.asarray(audio.log_mel(jnp.asarray(pad_rows(padded, settings['chunk_size']))))
   teacher = workers.teachers[domain]
-  store_audio = settings.get('teacher_audio', False)
-  pcm = teacher_audio(padded, num_samples, teacher.spec.sample_rate) if store_audio else None
-  utterance, frames, mask = teacher_features(
-    teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm
+  rate = teacher.spec.sample_rate
+  pcm = teacher_audio(padded, num_samples, rate) if settings.get('teacher_audio') else None
+  at_rate = None
+  if settings.get('mel_via_rate') == rate:  # the official front end: the teacher reads the clip
+    at_via = [clip for _, clip in decoded]  # at the detour's rate, not resampled back from 24 kHz
+    length = -(-padded.shape[1] * rate // audio.SAMPLE_RATE)
+    at_rate = (pad_waves(at_via, length), np.array([len(a) for a in at_via]))
+  targets = teacher_features(
+    teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm, at_rate=at_rate
   )
+  return num_samples, padded, pcm, targets
+
+
+def clip_records(refs: list[ClipRef], decoded: list[tuple], workers: Workers) -> list[dict]:
+  """Records of decoded clips (decode_clip's pairs) of one domain (a teacher batch)."""
+  settings, domain = workers.settings, refs[0].domain
+  num_samples, padded, pcm, (utterance, frames, mask) = batch_targets(decoded, workers, domain)
+  mel = np.asarray(audio.log_mel(jnp.asarray(pad_rows(padded, settings['chunk_size']))))
   valid = mask.sum(1)
   if settings['token_dir']:
     tokens = [
@@ -278,15 +302,15 @@ def clip_records(refs: list[ClipRef], waves: list[np.ndarray], workers: Workers)
 
 
 def decoded_batches(clips, settings: dict, skipped: list, warn: bool = True):
-  """Yields (refs, waves) of up to chunk_size decodable clips of one domain from `clips`, an
-  iterable of (ClipRef, its file's bytes, or the OSError met reading them). Bad clips go to
-  `skipped` as {'id', 'path', 'reason'} (and to the log once, with `warn`)."""
+  """Yields (refs, decode_clip's pairs) of up to chunk_size decodable clips of one domain from
+  `clips`, an iterable of (ClipRef, its file's bytes, or the OSError met reading them). Bad clips
+  go to `skipped` as {'id', 'path', 'reason'} (and to the log once, with `warn`)."""
   pending = {}
   for ref, data in clips:
     try:
       if isinstance(data, Exception):
         raise ClipError(f'{ref.path}: cannot read the file ({data})')
-      wave = decode_clip(ref, data, settings['max_samples'])
+      wave = decode_clip(ref, data, settings['max_samples'], settings.get('mel_via_rate', 0))
     except ClipError as e:
       if warn:
         logging.warning('skipping clip %s: %s', ref.id, e)
@@ -315,16 +339,8 @@ def fit_tokenizer(clips, domain: str, workers: Workers, seed: int) -> np.ndarray
   """(K, V, C) residual k-means codebooks on the teacher frames, pooled to the token rate, of the
   clips (ClipRef, bytes) of `domain`."""
   settings, pooled, skipped = workers.settings, [], []
-  for batch_refs, waves in decoded_batches(clips, settings, skipped, warn=False):
-    num_samples = np.array([len(w) for w in waves])
-    padded = pad_waves(waves, batch_length(num_samples, settings['max_samples']))
-    teacher = workers.teachers[batch_refs[0].domain]
-    pcm = None
-    if settings.get('teacher_audio', False):
-      pcm = teacher_audio(padded, num_samples, teacher.spec.sample_rate)
-    _, frames, mask = teacher_features(
-      teacher, padded, num_samples, workers.mesh, settings['chunk_size'], pcm=pcm
-    )
+  for batch_refs, decoded in decoded_batches(clips, settings, skipped, warn=False):
+    num_samples, _, _, (_, frames, mask) = batch_targets(decoded, workers, domain)
     pooled += [
       token_features(frames[i], int(mask[i].sum()), num_samples[i], settings['token_rate'])
       for i in range(len(batch_refs))

@@ -51,6 +51,9 @@ def store_settings(config) -> dict:
     'teacher_frames': data.teacher_frames,
     'teachers': {d: dict(config.teachers[d]) for d in data.domains},
     **online,
+    # the official front end (fidelity='official'); absent otherwise, so stores keep their keys
+    **({'mel_via_rate': data.mel_via_rate} if data.mel_via_rate else {}),
+    **({'teacher_padding': config.teachers.padding} if config.teachers.padding != 'masked' else {}),
   }
 
 
@@ -124,7 +127,9 @@ def load_teachers(config) -> dict:
     spec = config.teachers[domain]
     key = (spec.name, spec.checkpoint)
     if key not in by_key:
-      by_key[key] = load_teacher(spec.name, spec.checkpoint or None)
+      by_key[key] = load_teacher(
+        spec.name, spec.checkpoint or None, padding=config.teachers.padding
+      )
     per_domain[domain] = by_key[key]
   return per_domain
 

@@ -83,6 +83,17 @@ def valid_frames(num_samples: jax.Array, num_frames: int) -> jax.Array:
   return losses.frame_mask(num_samples, num_frames, audio.HOP_LENGTH)
 
 
+def scored_frames(num_samples: jax.Array, num_frames: int, mask_padding: bool = True):
+  """(B, T) bool frames a probe scores, and the (B,) lengths the model masks attention keys with.
+
+  mask_padding False (model.mask_padding, the official code): every frame, and no key mask (None).
+  """
+  if not mask_padding:
+    return jnp.ones((num_samples.shape[0], num_frames), bool), None
+  valid = valid_frames(num_samples, num_frames)
+  return valid, valid.sum(1)
+
+
 def model_inputs(
   batch: dict, t: jax.Array, noise: jax.Array, prompt_fraction: float, clean: bool = False
 ) -> dict:

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from agrepa_jax.model import DiT, run_blocks
 from agrepa_jax.probe import batch as probe_batch
-from agrepa_jax.probe.batch import MODEL_KEYS, model_inputs, valid_frames
+from agrepa_jax.probe.batch import MODEL_KEYS, model_inputs, scored_frames
 
 
 def relative_rms(v_ablated: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
@@ -120,14 +120,25 @@ def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second, lengths
 
 
 def _lane_scores(
-  graphdef, state, block_inputs, time_emb, layer_keys, v, valid, first, second, *, chunk_size
+  graphdef,
+  state,
+  block_inputs,
+  time_emb,
+  layer_keys,
+  v,
+  valid,
+  lengths,
+  first,
+  second,
+  *,
+  chunk_size,
 ):
   """Per-device: Δ (lanes, 2, B) of this device's lanes, `chunk_size` lanes at a time."""
   dit = nnx.merge(graphdef, state)
 
   def chunk(lanes):
     finals = jnp.stack(
-      run_lanes(dit.blocks, block_inputs, time_emb, layer_keys, *lanes, valid.sum(1)), 1
+      run_lanes(dit.blocks, block_inputs, time_emb, layer_keys, *lanes, lengths), 1
     )
     velocity = dit.output(finals.reshape(-1, *finals.shape[-2:])).reshape(
       *finals.shape[:3], *v.shape[-2:]
@@ -139,15 +150,34 @@ def _lane_scores(
 
 
 @functools.partial(
-  jax.jit, static_argnames=('graphdef', 'chunk_size', 'mesh', 'prompt_fraction', 'clean_input')
+  jax.jit,
+  static_argnames=(
+    'graphdef',
+    'chunk_size',
+    'mesh',
+    'prompt_fraction',
+    'clean_input',
+    'mask_padding',
+  ),
 )
 def _clip_scores(
-  state, batch, t, noise, dropout_key, *, graphdef, chunk_size, mesh, prompt_fraction, clean_input
+  state,
+  batch,
+  t,
+  noise,
+  dropout_key,
+  *,
+  graphdef,
+  chunk_size,
+  mesh,
+  prompt_fraction,
+  clean_input,
+  mask_padding,
 ):
   dit = nnx.merge(graphdef, state)
   inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
-  valid = valid_frames(batch['num_samples'], noise.shape[1])
-  v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key, valid.sum(1))
+  valid, lengths = scored_frames(batch['num_samples'], noise.shape[1], mask_padding)
+  v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key, lengths)
   num_layers = block_inputs.shape[0]
   last = relative_rms(dit.output(block_inputs[-1]), v, valid)
   first, second = ablation_lanes(num_layers)
@@ -159,12 +189,13 @@ def _clip_scores(
   )  # copies of lane 0, their scores written twice
   first, second = np.concatenate([first, first[padding]]), np.concatenate([second, second[padding]])
   lanes = P(tuple(mesh.axis_names))
+  replicated = (state, block_inputs, time_emb, layer_keys, v, valid, lengths)
   per_lane = jax.shard_map(
     functools.partial(_lane_scores, graphdef, chunk_size=chunk_size),
     mesh=mesh,
-    in_specs=(P(), P(), P(), P(), P(), P(), lanes, lanes),
+    in_specs=(P(),) * len(replicated) + (lanes, lanes),
     out_specs=lanes,
-  )(state, block_inputs, time_emb, layer_keys, v, valid, jnp.asarray(first), jnp.asarray(second))
+  )(*replicated, jnp.asarray(first), jnp.asarray(second))
   scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
   scores = scores.at[np.concatenate([first, second])].set(
     jnp.concatenate([per_lane[:, 0], per_lane[:, 1]])
@@ -188,12 +219,15 @@ def clip_scores(
   chunk_size: int = 1,
   mesh: jax.sharding.Mesh | None = None,
   clean_input: bool = False,
+  mask_padding: bool = True,
 ):
   """Δ (L, B) of every block for every clip of `batch` at one t, prefix-shared and lane-sharded.
 
   batch: 'mel' x1 (B, T, M), 'tokens', 'domain', 'num_samples'; noise: x0 (B, T, M).
   mesh: the lanes are split over all its devices (default: one device).
   clean_input: the model reads x1 labelled t instead of x_t (the official probe's quirk).
+  mask_padding: padding frames are masked from attention and from Δ (False: the official code,
+    every frame counts).
   """
   graphdef, state = nnx.split(dit)
   return _clip_scores(
@@ -207,21 +241,33 @@ def clip_scores(
     mesh=mesh or single_device_mesh(),
     prompt_fraction=prompt_fraction,
     clean_input=clean_input,
+    mask_padding=mask_padding,
   )
 
 
 @functools.partial(
-  jax.jit, static_argnames=('graphdef', 'prompt_fraction', 'clean_input', 'fresh_dropout')
+  jax.jit,
+  static_argnames=('graphdef', 'prompt_fraction', 'clean_input', 'fresh_dropout', 'mask_padding'),
 )
 def _naive_clip_scores(
-  state, batch, t, noise, dropout_key, *, graphdef, prompt_fraction, clean_input, fresh_dropout
+  state,
+  batch,
+  t,
+  noise,
+  dropout_key,
+  *,
+  graphdef,
+  prompt_fraction,
+  clean_input,
+  fresh_dropout,
+  mask_padding,
 ):
   inputs = model_inputs(batch, t, noise, prompt_fraction, clean_input)
-  valid = valid_frames(batch['num_samples'], noise.shape[1])
+  valid, lengths = scored_frames(batch['num_samples'], noise.shape[1], mask_padding)
   num_layers = nnx.merge(graphdef, state).cfg.num_layers
   masks = jnp.concatenate([jnp.ones((1, num_layers)), 1 - jnp.eye(num_layers)])
   forward = lambda gates, key: nnx.merge(graphdef, state)(
-    **inputs, gates=gates, dropout_key=key, lengths=valid.sum(1)
+    **inputs, gates=gates, dropout_key=key, lengths=lengths
   )[0]
   if dropout_key is None:
     velocities = jax.vmap(lambda gates: forward(gates, None))(masks)
@@ -242,6 +288,7 @@ def naive_clip_scores(
   prompt_fraction: float = 0.15,
   clean_input: bool = False,
   fresh_dropout: bool = False,
+  mask_padding: bool = True,
 ):
   """Δ (L, B) like `clip_scores`, from the model vmapped over all L+1 gate masks.
 
@@ -259,6 +306,7 @@ def naive_clip_scores(
     prompt_fraction=prompt_fraction,
     clean_input=clean_input,
     fresh_dropout=fresh_dropout,
+    mask_padding=mask_padding,
   )
 
 
@@ -286,6 +334,7 @@ def fog_a_table(
   clean_input: bool = False,
   progress: bool = False,
   noise_std: float = probe_batch.NOISE_STD,
+  mask_padding: bool = True,
 ):
   """FoG-A over a probe set: (L, n_t, D) per-domain mean Δ (NaN for an absent domain), (D,) counts.
 
@@ -293,6 +342,7 @@ def fog_a_table(
   key: draws the fixed noise (per clip, see batch.py) and, with `dropout`, the training-mode
   dropout, fresh in every forward pass (the official probe; L+1 full passes, no prefix sharing).
   clean_input: the model reads the clean mel labelled t (the official probe's quirk).
+  mask_padding: False scores every frame with no attention mask (model.mask_padding, the official).
   """
   num_clips = len(batch['domain'])
   noise = probe_batch.clip_noise(key, num_clips, batch['mel'].shape[1:], noise_std)
@@ -302,7 +352,9 @@ def fog_a_table(
   for b, j in tqdm.tqdm(jobs, desc='FoG-A', unit='forward set', disable=not progress):
     rows = slice(starts[b], starts[b] + batch_size)
     clips = {k: batch[k][rows] for k in MODEL_KEYS}
-    settings = dict(prompt_fraction=prompt_fraction, clean_input=clean_input)
+    settings = dict(
+      prompt_fraction=prompt_fraction, clean_input=clean_input, mask_padding=mask_padding
+    )
     if dropout:
       scores = naive_clip_scores(
         dit,

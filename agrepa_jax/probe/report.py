@@ -27,7 +27,7 @@ from etils import epath  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from agrepa_jax import checkpoint, files, selection  # noqa: E402
-from agrepa_jax.probe import fog_a, lasp, probed_layers, scd, schedule_from_config  # noqa: E402
+from agrepa_jax.probe import fog_a, lasp, scd  # noqa: E402
 from agrepa_jax.probe.batch import balanced_indices, stack_records  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def run_probe(config, workdir: epath.Path) -> dict:
     raise ValueError(
       f'probe.storage_measure {probe.storage_measure!r}: expected one of {lasp.MEASURES}'
     )
-  schedule = schedule_from_config(config)
+  schedule = selection.schedule_from_config(config)
   run = checkpoint.restore_trained(
     config, workdir, None if probe.checkpoint_step < 0 else probe.checkpoint_step
   )
@@ -122,8 +122,9 @@ def run_probe(config, workdir: epath.Path) -> dict:
     clean_input=schedule.clean_input,
     progress=jax.process_index() == 0,
     noise_std=config.flow.noise_std,
+    mask_padding=config.model.mask_padding,
   )
-  eligible = probed_layers(table.shape[0], schedule)
+  eligible = selection.probed_layers(table.shape[0], schedule)
   table[~eligible] = 0.0
   contribution = selection.layer_scores(table, schedule.t_values, probe.selection_t)
   lasp_t = lasp_time(config, schedule)

