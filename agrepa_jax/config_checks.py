@@ -115,6 +115,8 @@ RULES = {
   'data.max_seconds': NON_NEGATIVE,
   'data.tokenizer_clips': at_least(1),
   'data.claim_timeout': POSITIVE,
+  'data.mel_via_rate': at_least(0),
+  'teachers.padding': OneOf(('masked', 'official')),
   **{f'data.datasets.{d}': OneOf(sources.CORPORA) for d in ('speech', 'audio')},
   'data.num_workers': at_least(0),
   'probe.batch_size': at_least(1),

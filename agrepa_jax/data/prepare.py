@@ -127,9 +127,12 @@ def load_teachers(config) -> dict:
     spec = config.teachers[domain]
     key = (spec.name, spec.checkpoint)
     if key not in by_key:
-      by_key[key] = load_teacher(
-        spec.name, spec.checkpoint or None, padding=config.teachers.padding
-      )
+      try:
+        by_key[key] = load_teacher(
+          spec.name, spec.checkpoint or None, padding=config.teachers.padding
+        )
+      except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, an unknown name
+        raise DataError(f'teachers.{domain} ({spec.name}, {spec.checkpoint!r}): {e}') from e
     per_domain[domain] = by_key[key]
   return per_domain
 
