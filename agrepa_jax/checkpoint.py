@@ -286,10 +286,12 @@ def checkpoint_step(workdir: epath.Path, step: int | None = None) -> int:
 
 
 def restore_trained(config, workdir: epath.Path, step: int | None = None) -> TrainedRun:
-  """Opens the data and restores the model parameters of `step` (default: the latest checkpoint)."""
+  """Opens the data and restores the model parameters of `step` (default: the newest checkpoint
+  that restores; a damaged newer one is reported with its step and reason, and left in place)."""
   from agrepa_jax.data import prepare
 
-  step = checkpoint_step(workdir, step)  # before any data is built or read
+  chosen = checkpoint_step(workdir, step)  # before any data is built or read
+  steps = [chosen] if step is not None else sorted(saved_steps(workdir), reverse=True)
   mesh = sharding.make_mesh(config.mesh)
   train_source, heldout_source, meta = prepare.prepare(config)
   teacher_dims = tuple(meta['teacher_dims'][d] for d in config.data.domains)
@@ -301,13 +303,26 @@ def restore_trained(config, workdir: epath.Path, step: int | None = None) -> Tra
   abstract = {
     k: state_lib.abstract_with_shardings(getattr(shapes, k), getattr(shardings, k)) for k in wanted
   }
-  restored = ocp.PyTreeCheckpointer().restore(
-    directory / str(step) / 'state',
-    args=ocp.args.PyTreeRestore(
-      item=abstract,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True,
-    ),
+  failed = []
+  for candidate in steps:
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(candidate) / 'state',
+        args=ocp.args.PyTreeRestore(
+          item=abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True,
+        ),
+      )
+    except Exception as error:  # any failure to read a checkpoint is damage
+      failed.append(f'step {candidate}: {describe(error)}')
+      logging.warning('checkpoint %d cannot be restored: %s', candidate, describe(error))
+      continue
+    model = nnx.merge(graphdef, restored[(wanted - {'frozen'}).pop()], restored['frozen'])
+    return TrainedRun(model, int(candidate), mesh, train_source, heldout_source, meta)
+  what = (
+    f'checkpoint {chosen} in {directory} cannot be restored'
+    if step is not None
+    else f'no checkpoint in {directory} can be restored'
   )
-  model = nnx.merge(graphdef, restored[(wanted - {'frozen'}).pop()], restored['frozen'])
-  return TrainedRun(model, int(step), mesh, train_source, heldout_source, meta)
+  raise NoUsableCheckpoint(what + ':\n  ' + '\n  '.join(failed))

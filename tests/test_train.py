@@ -269,3 +269,16 @@ def test_restore_trained_gives_the_final_inference_parameters(config, tmp_path, 
   with pytest.raises(FileNotFoundError, match='train this workdir first'):
     checkpoint.restore_trained(config, tmp_path / 'empty')
   assert not (tmp_path / 'empty' / 'checkpoints').exists()
+
+
+def test_inference_modes_restore_the_newest_checkpoint_that_restores(config, tmp_path, caplog):
+  config.num_steps, config.eval_every, config.checkpoint_every = 4, 0, 2
+  train.train_and_evaluate(config, tmp_path / 'run')
+  (tmp_path / 'run' / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()  # damaged
+  run = checkpoint.restore_trained(config, tmp_path / 'run')
+  assert run.step == 2 and 'checkpoint 4 cannot be restored' in caplog.text
+  assert (tmp_path / 'run' / 'checkpoints' / '4').is_dir()  # reported, left in place
+  with pytest.raises(
+    checkpoint.NoUsableCheckpoint, match='checkpoint 4 in .* cannot be restored:\n  step 4: '
+  ):
+    checkpoint.restore_trained(config, tmp_path / 'run', step=4)
