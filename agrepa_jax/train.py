@@ -178,11 +178,13 @@ def train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool = 
   """
   config_checks.check(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  with workdir_lib.exclusive(workdir):
-    return _train_and_evaluate(config, workdir, allow_config_change)
+  with workdir_lib.exclusive(workdir) as signals:
+    return _train_and_evaluate(config, workdir, allow_config_change, signals)
 
 
-def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) -> TrainState:
+def _train_and_evaluate(
+  config, workdir: epath.Path, allow_config_change: bool, signals: workdir_lib.SignalsRaise
+) -> TrainState:
   # Imported here, so that a process that only runs the steps (aot, bench) does not hold orbax
   # (24 MB resident) or the data pipeline.
   from agrepa_jax import checkpoint
@@ -196,6 +198,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
   # ----- Mesh and data -----
   mesh = sharding.make_mesh(config.mesh)
   train_source, heldout_source, meta = prepare.prepare(config)
+  signals.raise_received()
   domains = tuple(config.data.domains)
   teacher_dims = tuple(meta['teacher_dims'][d] for d in domains)
   eval_batches = pipeline.evaluation_batches(heldout_source, config.batch_size, config.eval_batches)
@@ -229,6 +232,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
     if not selection.measures_online(config):  # fixed λ follow the config, not the checkpoint
       lambdas = selection.lambdas_from_config(config)
       state = state.replace(lambdas=jax.device_put(lambdas, sharding.replicated(mesh)))
+  signals.raise_received()
   workdir_lib.record_config(config, workdir, changes, resumes)
   data_iterator = iter(
     pipeline.training_dataset(
@@ -250,6 +254,7 @@ def _train_and_evaluate(config, workdir: epath.Path, allow_config_change: bool) 
   # ----- The loop -----
   start_step = int(state.step)
   writer = metrics.MetricWriter(workdir, after_step=start_step)
+  signals.raise_received()
   stop = checkpoint.StopRequest(config.stop_check_every)
   progress = tqdm.tqdm(
     total=config.num_steps,

@@ -18,6 +18,7 @@ import os
 import pathlib
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -198,15 +199,26 @@ def _raise_for(signum: int):
 class SignalsRaise:
   """Until `close()`: SIGTERM raises console.Preempted and SIGINT KeyboardInterrupt, except inside
   `deferred()` blocks (taking or releasing the lock), at whose end they are raised. Signals this
-  process ignores (nohup, a background job) stay ignored."""
+  process ignores (nohup, a background job) stay ignored.
+
+  Python runs a handler wherever the main thread is, also inside a gc callback or a `__del__`,
+  where what it raises would be printed as a traceback and dropped (JAX's `_xla_gc_callback` is
+  one): it is dropped quietly, and `raise_received` raises it again at the next point that calls it.
+  """
 
   def __init__(self, signals):
-    self.depth, self.pending = 0, None
+    self.depth, self.pending, self.received = 0, None, None
     self._previous = {
       s: signal.signal(s, self._handle) for s in signals if signal.getsignal(s) != signal.SIG_IGN
     }
+    self._previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+  def _unraisable(self, unraisable):
+    if not isinstance(unraisable.exc_value, Preempted | KeyboardInterrupt):
+      self._previous_unraisable_hook(unraisable)
 
   def _handle(self, signum, frame):
+    self.received = self.received or signum
     if self.depth:
       self.pending = self.pending or signum
     else:
@@ -223,9 +235,15 @@ class SignalsRaise:
       signum, self.pending = self.pending, None
       _raise_for(signum)
 
+  def raise_received(self):
+    """Raises the first signal received, if any: one that a callback swallowed is not lost."""
+    if self.received:
+      _raise_for(self.received)
+
   def close(self):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+    sys.unraisablehook = self._previous_unraisable_hook
 
 
 def _acquire_on_process_0(workdir) -> WorkdirLock | None:
@@ -254,7 +272,8 @@ def exclusive(workdir):
 
   A signal at any moment releases the lock: SIGTERM raises console.Preempted (on multi-process
   runs JAX's preemption notifier keeps SIGTERM, and the loop stops at its next check) and Ctrl-C
-  KeyboardInterrupt, each after the lock is taken or released if that is under way.
+  KeyboardInterrupt, each after the lock is taken or released if that is under way. Yields the
+  SignalsRaise, whose `raise_received` the run calls between its start-up stages.
   """
   handled = (signal.SIGINT,) if preemption_service_running() else (signal.SIGINT, signal.SIGTERM)
   signals = SignalsRaise(handled)
@@ -262,7 +281,7 @@ def exclusive(workdir):
   try:
     with signals.deferred():
       lock = _acquire_on_process_0(workdir)
-    yield
+    yield signals
   finally:
     with signals.deferred():
       if lock is not None:

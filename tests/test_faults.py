@@ -253,6 +253,27 @@ def test_a_signal_while_the_lock_is_taken_raises_once_it_is_taken_and_releases_i
   assert not lock_path(tmp_path).exists()
 
 
+def test_a_signal_that_a_finalizer_swallowed_is_raised_at_the_next_check(tmp_path, capsys):
+  class SignalledWhenCollected:
+    def __del__(self):  # like JAX's gc callback: what a handler raises in here is dropped
+      os.kill(os.getpid(), signal.SIGTERM)
+      deadline = time.time() + 5
+      while time.time() < deadline:
+        time.sleep(0.01)
+
+  hook_before = sys.unraisablehook
+  with (
+    pytest.raises(console.Preempted, match='SIGTERM'),
+    workdir_lib.exclusive(tmp_path) as signals,
+  ):
+    SignalledWhenCollected()  # collected at once: the signal lands in __del__
+    assert signals.received == signal.SIGTERM
+    assert 'Traceback' not in capsys.readouterr().err  # dropped quietly, not printed
+    signals.raise_received()
+  assert not lock_path(tmp_path).exists()
+  assert sys.unraisablehook is hook_before
+
+
 def test_the_nonfinite_flag_keeps_the_first_bad_step():
   track = jax.jit(train.track_nonfinite)
   first = np.int32(0)
