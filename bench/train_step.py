@@ -242,7 +242,7 @@ def random_batch(config, mesh, seed: int = 0) -> dict:
 
 
 class RandomClips:
-  """A held-out split of random clips: what selection.OnlineFogA reads."""
+  """A held-out split of random clips: what probe.online.OnlineFogA reads."""
 
   def __init__(self, config, mesh, num_clips: int):
     import jax
@@ -266,8 +266,9 @@ def jax_setup(config, fog_a: bool = True, profile: bool = False):
   compile the step with the runtime's per-thunk trace events, for the 'profile' handler."""
   import jax
 
-  from agrepa_jax import aot, flops, selection, sharding, train
+  from agrepa_jax import aot, flops, sharding, train
   from agrepa_jax import state as state_lib
+  from agrepa_jax.probe.online import OnlineFogA
 
   jax.devices()
   baseline = rss_bytes()
@@ -348,7 +349,7 @@ def jax_setup(config, fog_a: bool = True, profile: bool = False):
       'fog_a_seconds': None,
     }
     if fog_a:
-      online = selection.OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
+      online = OnlineFogA(config, RandomClips(config, mesh, config.probe.num_clips))
       jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)
       start = time.perf_counter()
       jax.block_until_ready(online.reselect(holder['state'], graphdef, mesh).lambdas)

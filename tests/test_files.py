@@ -153,10 +153,10 @@ def test_the_lock_and_config_record_work_in_a_bucket(bucket, monkeypatch):
   config = ConfigDict({'model': {'width': 8}, 'lr': 1e-3})
   with workdir.exclusive(run):
     assert json.loads((bucket / 'run' / 'lock.json').read_text())['pid'] == os.getpid()
-    workdir.record_config(config, run, resumes=False)
+    workdir.record_config(config, run, workdir.check_config(config, run, None, False), False)
   assert not (bucket / 'run' / 'lock.json').exists()
   config.lr = 2e-3
-  workdir.record_config(config, run, resumes=True)
+  workdir.record_config(config, run, workdir.check_config(config, run, None, True), True)
   history = (bucket / 'run' / 'config_history.jsonl').read_text().splitlines()
   assert [json.loads(row)['changes'] for row in history] == [{}, {'lr': [1e-3, 2e-3]}]
   assert json.loads((bucket / 'run' / 'config.json').read_text())['lr'] == 2e-3

@@ -208,7 +208,7 @@ def tiny_teacher(tiny_encoder):
 
 def test_registry_loads_bundled_whisper_and_rejects_unknown_names():
   teacher = load_teacher('whisper')
-  assert teacher.spec == base.TeacherSpec('whisper-tiny.en', 384, 16000, 50.0)
+  assert teacher.spec == base.TeacherSpec('whisper-tiny.en', 384, 16000, 50.0, max_seconds=30.0)
   with pytest.raises(ValueError, match="unknown teacher 'hubert'.*beats, whisper"):
     load_teacher('hubert')
 
