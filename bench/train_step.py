@@ -56,6 +56,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -361,6 +362,9 @@ def jax_setup(config, fog_a: bool = True, profile: bool = False):
 
 # A device's trace lines that span other lines' work (modules, steps, framework scopes).
 SUMMARY_LINES = ('Module', 'Step', 'Framework', 'Source', 'Launch')
+# An HLO instruction's name (dot.61, ynn_fusion.91), not a runtime span on the CPU runtime's threads
+# (ThunkExecutor::Execute, 'Wait: pending_threads=3/8', which lead the list on a busy machine).
+HLO_NAME = re.compile(r'[a-z][\w.$-]*')
 
 
 def costliest_ops(trace: dict, steps: int, top: int = 10) -> list[dict]:
@@ -382,7 +386,9 @@ def costliest_ops(trace: dict, steps: int, top: int = 10) -> list[dict]:
   ops = (
     [e for thread, e in device if thread == 'XLA Ops']
     or [e for thread, e in device if not any(w in thread for w in SUMMARY_LINES)]
-    or [e for _, thread, e in spans if thread.startswith('tf_XLA') and '::' not in e['name']]
+    or [
+      e for _, thread, e in spans if thread.startswith('tf_XLA') and HLO_NAME.fullmatch(e['name'])
+    ]
   )
   micros = collections.Counter()
   for name, us in self_times(ops):
