@@ -93,6 +93,11 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState]:
   model = make_model(config, teacher_dims, seed)
+  return model_state(config, model, tx, jax.random.fold_in(jax.random.key(seed), 1))
+
+
+def model_state(config, model, tx, key) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, the step-0 train state of `model`); `key` seeds the steps' random draws."""
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   lambdas = jnp.asarray(selection.lambdas_from_config(config))
   state = TrainState(
@@ -100,7 +105,7 @@ def init_state(config, teacher_dims, tx, seed) -> tuple[nnx.GraphDef, TrainState
     params=params,
     frozen=frozen,
     opt_state=tx.init(params),
-    rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+    rng=jax.random.key_data(key),
     lambdas=lambdas,
     scores=jnp.zeros_like(lambdas),
     ema_params=jax.tree.map(jnp.copy, params) if config.optim.ema_decay > 0 else None,

@@ -21,7 +21,6 @@ from agrepa_jax import audio, config_base, losses, selection, train
 from agrepa_jax import state as state_lib
 from agrepa_jax.model import ModelConfig
 from agrepa_jax.probe import fog_a
-from agrepa_jax.state import TrainState
 from tests.reference import official
 from tests.reference.export import export_weights
 from tests.test_bench import official_inputs
@@ -142,18 +141,7 @@ def test_official_one_cycle_and_beta1_follow_torch_onecyclelr():
 def our_steps(config, model, batch):
   """NUM_STEPS train steps of `model` on `batch`: (losses per step, gradient norms, final model)."""
   tx, schedule = state_lib.make_optimizer(config)
-  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-  lambdas = jnp.asarray(selection.lambdas_from_config(config))
-  state = TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    frozen=frozen,
-    opt_state=tx.init(params),
-    rng=jax.random.key_data(jax.random.key(3)),
-    lambdas=lambdas,
-    scores=jnp.zeros_like(lambdas),
-    ema_params=None,
-  )
+  graphdef, state = state_lib.model_state(config, model, tx, jax.random.key(3))
   step_cfg = train.StepConfig(losses.LossConfig.from_config(config))
   step = jax.jit(
     functools.partial(
