@@ -6,7 +6,7 @@ For each seed: trains Phase I (BiT-C, no hidden-state alignment), probes it (FoG
 selection), trains the Phase II variants from the same initialization and data order, and
 evaluates every variant (FAD, WER, mel L1 on compare.eval_clips held-out clips). Then writes
 DIR/compare.csv (mean ± std over seeds, paired differences with 95% intervals), compare_runs.csv,
-compare_curves.png and compare.html (docs/compare.md). 30 minutes on 2 CPU cores, measured
+compare_curves.png and compare.html (docs/compare.md). About 20 minutes on 2 CPU cores, measured
 (docs/compare.md). One variant on its own:
 --config configs/compare.py:VARIANT with VARIANT none, fixed:<layer> or fog_a (then also
 --config.repa.selection_file=.../selection.json, or FoG-A is re-measured during training).
