@@ -7,6 +7,8 @@ use the cheaper local operations on local disks.
 
 import csv
 import io
+import json
+import math
 import os
 import uuid
 
@@ -62,3 +64,19 @@ def save_figure(figure, path: epath.Path, **savefig_options):
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', **savefig_options)
   path.write_bytes(buffer.getvalue())
+
+
+def _finite_or_none(value):
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_finite_or_none(v) for v in value]
+  return value
+
+
+def json_text(value, **dumps_options) -> str:
+  """JSON that every reader parses: a NaN or infinite float (an undefined score) is null, where
+  json.dumps would write a bare NaN that jq, JavaScript and strict parsers reject."""
+  return json.dumps(_finite_or_none(value), allow_nan=False, **dumps_options)

@@ -193,3 +193,14 @@ def test_the_checkpoint_directory_stays_in_the_bucket(monkeypatch, tmp_path):
     os.fspath(checkpoint.checkpoint_directory('gs://bucket/run')) == 'gs://bucket/run/checkpoints'
   )
   assert os.fspath(checkpoint.checkpoint_directory('run')) == str(tmp_path / 'run' / 'checkpoints')
+
+
+def test_json_text_writes_undefined_scores_as_null_for_strict_readers():
+  value = {'spearman': float('nan'), 'scores': (1.5, float('inf'), np.float64('-inf')), 'n': 3}
+  text = files.json_text(value)
+  reject = lambda constant: pytest.fail(f'{constant} is not JSON')
+  assert json.loads(text, parse_constant=reject) == {
+    'spearman': None,
+    'scores': [1.5, None, None],
+    'n': 3,
+  }

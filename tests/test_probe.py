@@ -414,7 +414,8 @@ def test_run_probe_writes_the_documented_files(tmp_path):
     'ridge',
   }
   assert {r['measure'] for r in lasp_rows} == {'cosine', 'centered'}
-  report = json.loads((out / 'scd.json').read_text())
+  reject = lambda constant: pytest.fail(f'scd.json holds {constant}, which is not JSON')
+  report = json.loads((out / 'scd.json').read_text(), parse_constant=reject)
   assert report['storage_measure'] == 'centered'
   centered = results['storage']['centered']['ridge'][:, 1]
   assert report['probes']['ridge']['audio']['spearman'] == pytest.approx(

@@ -459,7 +459,7 @@ def run_eval(config, workdir: epath.Path) -> dict:
     'clip_ids': [clip['id'] for clip in generation.clips],
   }
   if jax.process_index() == 0:
-    (workdir / 'eval.json').write_text(json.dumps(report, indent=2))
+    (workdir / 'eval.json').write_text(files.json_text(report, indent=2))
     writer = metrics.MetricWriter(workdir)
     writer.write(
       run.step,

@@ -205,7 +205,7 @@ def write_outputs(out: epath.Path, results: dict, schedule, probe, domains):
   }
   clips = {domain: int(n) for domain, n in zip(domains, results['clips_per_domain'])}
   (out / 'scd.json').write_text(
-    json.dumps(
+    files.json_text(
       {
         **settings,
         'clips_per_domain': clips,
