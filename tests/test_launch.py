@@ -246,7 +246,11 @@ case "$*" in
   *--worker=1*exec\\ python3*)
     until [[ -f $FAKE_DIR/worker0.pid ]]; do sleep 0.05; done
     worker 1 "$WORKER_1_SECONDS" 3 ;;
-  *kill\\ -TERM*) cat "$FAKE_DIR"/worker*.pid | xargs kill -TERM 2>/dev/null; true ;;
+  *kill\\ -TERM*)  # as the real command: TERM, then wait until the trainer has exited
+    for pid in $(cat "$FAKE_DIR"/worker*.pid); do
+      kill -TERM "$pid" 2>/dev/null
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    done ;;
 esac
 """
 
