@@ -8,7 +8,7 @@ falls alike on all of them; each time is the fastest round's. The probe runs at 
 given (lanes side by side; which is fastest depends on the device and the model) and the fastest
 counts. The probe sees clips with valid-length masks, as in training. Prints a line per model and,
 last, a JSON object for both: forward_equivalents (probe time / forward time; the prefix-sharing
-floor is (L + 3) / 2 block-stack passes, targets 3.0 at the default and 13.5 at L = 24), its spread
+floor is (L + 1) / 2 block-stack passes, targets 3.0 at the default and 13.5 at L = 24), its spread
 over the rounds (the per-round ratios' min, median and max), the same ratio of CPU seconds
 (cpu_time: steadier than wall time on a shared machine), the figure recorded in
 docs/figures.md and the ratio of the two (regression > 1: slower than recorded), speedup_vs_naive
@@ -120,7 +120,7 @@ def measure(cfg: ModelConfig, batch_size: int, repeats: int, chunk_sizes: list[i
     'forward_equivalents': seconds[probe] / seconds['forward'],
     'forward_equivalents_spread': [per_round[0], statistics.median(per_round), per_round[-1]],
     'forward_equivalents_cpu': min(cpu_rounds[probe]) / min(cpu_rounds['forward']),
-    'floor_forward_equivalents': (cfg.num_layers + 3) / 2,
+    'floor_forward_equivalents': (cfg.num_layers + 1) / 2,
     'speedup_vs_naive': seconds['naive_loop'] / seconds[probe],
     'speedup_vs_naive_vmapped': seconds['naive_vmapped'] / seconds[probe],
   }

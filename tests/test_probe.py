@@ -79,8 +79,11 @@ def looped_scores(dit, batch, t, noise, dropout_key):
 @pytest.mark.parametrize('num_layers', [1, 2, 3, 4, 5, 8])
 def test_ablation_lanes_cover_every_continuation_in_full_lanes(num_layers):
   first, second = fog_a.ablation_lanes(num_layers)
-  assert len(first) == num_layers // 2
-  assert set(first) | set(second) == set(range(num_layers - 1))  # ablation L-1 needs no block
+  middle = fog_a.unpaired_ablation(num_layers)
+  assert len(first) == (num_layers - 1) // 2 and all(first < second)
+  alone = set() if middle is None else {middle}  # runs L/2 blocks without a partner
+  assert set(first) | set(second) | alone == set(range(num_layers - 1))  # L-1 needs no block
+  assert not alone & (set(first) | set(second))
   for a, b in zip(first, second):
     steps = list(range(a + 1, num_layers)) + list(
       range(b + 1, num_layers)
@@ -139,7 +142,7 @@ def test_block_that_is_identity_by_its_weights_scores_zero_at_every_t():
 
 
 def test_prefix_shared_scores_equal_one_ablation_at_a_time():
-  num_layers = 4  # even: the middle ablation shares a lane with itself
+  num_layers = 4  # even: one lane, and the middle ablation runs alone
   cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': num_layers})
   dit, batch = make_dit(cfg), make_batch(cfg)
   noise = probe_batch.clip_noise(jax.random.key(2), 4, (FRAMES, cfg.n_mels))
@@ -153,8 +156,10 @@ def test_prefix_shared_scores_equal_one_ablation_at_a_time():
   assert expected.min() > 1e-2
 
 
-def test_sharding_lanes_and_chunk_size_do_not_change_scores():
-  cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': 6})  # 3 lanes: chunks of 2 pad a fourth
+# 6: 2 lanes and the middle ablation alone; 7: 3 lanes, so chunks of 2 pad a fourth
+@pytest.mark.parametrize('num_layers', [6, 7])
+def test_sharding_lanes_and_chunk_size_do_not_change_scores(num_layers):
+  cfg = ModelConfig(**{**CFG.__dict__, 'num_layers': num_layers})
   dit, batch = make_dit(cfg), make_batch(cfg)
   noise = probe_batch.clip_noise(jax.random.key(4), 4, (FRAMES, cfg.n_mels))
   reference = fog_a.naive_clip_scores(dit, batch, 0.3, noise)

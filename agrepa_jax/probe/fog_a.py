@@ -10,7 +10,8 @@ L+1 gate settings:
 - `clip_scores`: shares the prefix. g_ℓ = 0 makes block ℓ exactly the identity, so the run without
   block i (0-based) equals the clean run up to block i's input, and continues from that clean hidden
   state through blocks i+1..L−1. Those continuations are packed into lanes of exactly L block
-  evaluations (`ablation_lanes`): ⌊L/2⌋ lanes, so about L²/2 block evaluations with the clean pass.
+  evaluations (`ablation_lanes`): ⌊(L−1)/2⌋ lanes, and for even L the middle continuation (L/2
+  blocks) on its own, so L(L+1)/2 block evaluations with the clean pass: (L+1)/2 stack passes.
   The lanes are split over all devices of the mesh (shard_map) and run at most `chunk_size` at a
   time on each, so memory holds the L clean hidden states plus `chunk_size` lanes' activations.
 
@@ -51,11 +52,16 @@ def ablation_lanes(num_layers: int) -> tuple[np.ndarray, np.ndarray]:
   """Pairs of ablated blocks (0-based) sharing a lane of `num_layers` block evaluations.
 
   Without block i, blocks i+1..L−1 remain: L−1−i evaluations. A lane runs ablation `first` = i in
-  steps [0, L−1−i) and ablation `second` = L−2−i in the remaining i+1 steps, so every lane is full;
-  for even L the middle ablation pairs with itself. Ablation L−1 needs no block and no lane.
+  steps [0, L−1−i) and ablation `second` = L−2−i in the remaining i+1 steps, so every lane is full.
+  For even L the middle ablation has no partner (`unpaired_ablation`); ablation L−1 needs no block.
   """
-  first = np.arange(num_layers // 2)
+  first = np.arange((num_layers - 1) // 2)
   return first, num_layers - 2 - first
+
+
+def unpaired_ablation(num_layers: int) -> int | None:
+  """The ablation that runs alone, in L/2 block evaluations, for even L (None for odd L)."""
+  return num_layers // 2 - 1 if num_layers % 2 == 0 else None
 
 
 def lane_layout(num_lanes: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
@@ -119,6 +125,20 @@ def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second, lengths
   return first_final, second_final
 
 
+def run_suffix(blocks, h, time_emb, layer_keys, start: int, lengths=None):
+  """Final hidden state (B, T, W) of blocks `start`..L−1 applied to `h` (a block's input)."""
+  graphdef, stacked = nnx.split(blocks)
+  suffix = jax.tree.map(lambda p: p[start:], stacked)
+  keys = None if layer_keys is None else layer_keys[start:]
+  gate = jnp.ones((), h.dtype)
+
+  def step(h, params_and_key):
+    params, key = params_and_key
+    return nnx.merge(graphdef, params)(h, time_emb, gate, key, lengths), None
+
+  return jax.lax.scan(step, h, (suffix, keys))[0]
+
+
 def _lane_scores(
   graphdef,
   state,
@@ -179,29 +199,40 @@ def _clip_scores(
   valid, lengths = scored_frames(batch['num_samples'], noise.shape[1], mask_padding)
   v, block_inputs, time_emb, layer_keys = clean_pass(dit, inputs, dropout_key, lengths)
   num_layers = block_inputs.shape[0]
-  last = relative_rms(dit.output(block_inputs[-1]), v, valid)
+  scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
+  scores = scores.at[-1].set(relative_rms(dit.output(block_inputs[-1]), v, valid))
+  middle = unpaired_ablation(num_layers)
+  if middle is not None:  # on every device: L/2 blocks, less than a lane
+    final = run_suffix(dit.blocks, block_inputs[middle], time_emb, layer_keys, middle + 1, lengths)
+    scores = scores.at[middle].set(relative_rms(dit.output(final), v, valid))
   first, second = ablation_lanes(num_layers)
-  if not len(first):
-    return last[None]
+  if len(first):
+    replicated = (state, block_inputs, time_emb, layer_keys, v, valid, lengths)
+    scores = _scatter_lane_scores(
+      scores, graphdef, replicated, first, second, chunk_size=chunk_size, mesh=mesh
+    )
+  # replicated, so that every host of a multi-host mesh can read the whole table
+  return jax.lax.with_sharding_constraint(scores, NamedSharding(mesh, P()))
+
+
+def _scatter_lane_scores(scores, graphdef, replicated, first, second, *, chunk_size, mesh):
+  """`scores` (L, B) with the rows of the lanes' ablations (`first`, `second`), lanes split over
+  the devices of `mesh`; `replicated`: _lane_scores's inputs that every device reads whole."""
   num_lanes, chunk_size = lane_layout(len(first), mesh.size, chunk_size)
   padding = np.zeros(
     num_lanes - len(first), np.int64
   )  # copies of lane 0, their scores written twice
   first, second = np.concatenate([first, first[padding]]), np.concatenate([second, second[padding]])
   lanes = P(tuple(mesh.axis_names))
-  replicated = (state, block_inputs, time_emb, layer_keys, v, valid, lengths)
   per_lane = jax.shard_map(
     functools.partial(_lane_scores, graphdef, chunk_size=chunk_size),
     mesh=mesh,
     in_specs=(P(),) * len(replicated) + (lanes, lanes),
     out_specs=lanes,
   )(*replicated, jnp.asarray(first), jnp.asarray(second))
-  scores = jnp.zeros((num_layers, v.shape[0]), v.dtype)
-  scores = scores.at[np.concatenate([first, second])].set(
+  return scores.at[np.concatenate([first, second])].set(
     jnp.concatenate([per_lane[:, 0], per_lane[:, 1]])
   )
-  # replicated, so that every host of a multi-host mesh can read the whole table
-  return jax.lax.with_sharding_constraint(scores.at[-1].set(last), NamedSharding(mesh, P()))
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
