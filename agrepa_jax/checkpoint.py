@@ -144,17 +144,29 @@ def describe(error: BaseException) -> str:
   return f'{type(error).__name__}: {lines[0][:300]}'
 
 
-def try_restore(manager, step: int, abstract: TrainState):
-  """((train state, data position, saved config), None), or (None, the error) when checkpoint
-  `step` fails to restore; ConfigChanged (other shapes) is raised, it is not damage."""
-  try:
-    check_shapes(manager, step, abstract)
-    state, position = restore_checkpoint(manager, step, abstract)
-    return (state, position, saved_config(manager.directory.parent, step)), None
-  except workdir_lib.ConfigChanged:
-    raise
-  except Exception as error:  # any failure to read a checkpoint is damage
-    return None, error
+def newest_that_restores(steps, restore) -> tuple[int | None, object, list[tuple[int, str]]]:
+  """(step, what `restore(step)` returned) of the first of `steps` that restores on every process,
+  and the (step, reason) of each one before it that failed, reported; (None, None, failures) when
+  none restores. Any exception but ConfigChanged (other shapes: not damage) counts as damage. All
+  processes agree on the step, so that a file one host cannot read does not split the run."""
+  failed = []
+  for step in steps:
+    try:
+      restored, error = restore(step), None
+    except workdir_lib.ConfigChanged:
+      raise
+    except Exception as e:  # any failure to read a checkpoint is damage
+      restored, error = None, e
+    if not any_process(error is not None):
+      return step, restored, failed
+    failed.append((step, describe(error) if error else 'failed on another process'))
+    logging.warning('checkpoint %d cannot be restored: %s', step, failed[-1][1])
+    logging.warning('checkpoint %d:', step, exc_info=error, extra={console.FILE_ONLY: True})
+  return None, None, failed
+
+
+def failure_lines(failed: list[tuple[int, str]]) -> str:
+  return '\n'.join(f'  step {s}: {reason}' for s, reason in failed)
 
 
 def move_aside(manager, steps: list[int]):
@@ -182,21 +194,21 @@ def restore_newest(manager, abstract: TrainState) -> tuple[TrainState, dict, dic
   NoUsableCheckpoint when none restores; neither moves anything (the next run must not silently
   start from step 0).
   """
-  failed = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    restored, error = try_restore(manager, step, abstract)
-    if not any_process(error is not None):
-      if failed:
-        move_aside(manager, [s for s, _ in failed])
-      return restored
-    failed.append((step, describe(error) if error else 'failed on another process'))
-    logging.warning('checkpoint %d cannot be restored: %s', step, failed[-1][1])
-    logging.warning('checkpoint %d:', step, exc_info=error, extra={console.FILE_ONLY: True})
-  raise NoUsableCheckpoint(
-    f'no checkpoint in {manager.directory} can be restored:\n'
-    + '\n'.join(f'  step {s}: {reason}' for s, reason in failed)
-    + f'\nthey are left in place; to train this workdir from step 0, move {manager.directory} aside'
-  )
+
+  def restore(step):
+    check_shapes(manager, step, abstract)
+    state, position = restore_checkpoint(manager, step, abstract)
+    return state, position, saved_config(manager.directory.parent, step)
+
+  step, restored, failed = newest_that_restores(sorted(manager.all_steps(), reverse=True), restore)
+  if step is None:
+    raise NoUsableCheckpoint(
+      f'no checkpoint in {manager.directory} can be restored:\n{failure_lines(failed)}\n'
+      f'they are left in place; to train this workdir from step 0, move {manager.directory} aside'
+    )
+  if failed:
+    move_aside(manager, [s for s, _ in failed])
+  return restored
 
 
 class StopRequest:
@@ -303,26 +315,21 @@ def restore_trained(config, workdir: epath.Path, step: int | None = None) -> Tra
   abstract = {
     k: state_lib.abstract_with_shardings(getattr(shapes, k), getattr(shardings, k)) for k in wanted
   }
-  failed = []
-  for candidate in steps:
-    try:
-      restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(candidate) / 'state',
-        args=ocp.args.PyTreeRestore(
-          item=abstract,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True,
-        ),
-      )
-    except Exception as error:  # any failure to read a checkpoint is damage
-      failed.append(f'step {candidate}: {describe(error)}')
-      logging.warning('checkpoint %d cannot be restored: %s', candidate, describe(error))
-      continue
-    model = nnx.merge(graphdef, restored[(wanted - {'frozen'}).pop()], restored['frozen'])
-    return TrainedRun(model, int(candidate), mesh, train_source, heldout_source, meta)
-  what = (
-    f'checkpoint {chosen} in {directory} cannot be restored'
-    if step is not None
-    else f'no checkpoint in {directory} can be restored'
+  restore = lambda step: ocp.PyTreeCheckpointer().restore(
+    directory / str(step) / 'state',
+    args=ocp.args.PyTreeRestore(
+      item=abstract,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True,
+    ),
   )
-  raise NoUsableCheckpoint(what + ':\n  ' + '\n  '.join(failed))
+  restored_step, restored, failed = newest_that_restores(steps, restore)
+  if restored_step is None:
+    what = (
+      f'checkpoint {chosen} in {directory} cannot be restored'
+      if step is not None
+      else f'no checkpoint in {directory} can be restored'
+    )
+    raise NoUsableCheckpoint(f'{what}:\n{failure_lines(failed)}')
+  model = nnx.merge(graphdef, restored[(wanted - {'frozen'}).pop()], restored['frozen'])
+  return TrainedRun(model, int(restored_step), mesh, train_source, heldout_source, meta)

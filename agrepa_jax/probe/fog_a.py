@@ -125,18 +125,13 @@ def run_lanes(blocks, block_inputs, time_emb, layer_keys, first, second, lengths
   return first_final, second_final
 
 
-def run_suffix(blocks, h, time_emb, layer_keys, start: int, lengths=None):
+def run_suffix(dit: DiT, h, time_emb, layer_keys, start: int, lengths=None):
   """Final hidden state (B, T, W) of blocks `start`..L−1 applied to `h` (a block's input)."""
-  graphdef, stacked = nnx.split(blocks)
-  suffix = jax.tree.map(lambda p: p[start:], stacked)
+  graphdef, stacked = nnx.split(dit.blocks)
+  suffix = nnx.merge(graphdef, jax.tree.map(lambda p: p[start:], stacked))
   keys = None if layer_keys is None else layer_keys[start:]
-  gate = jnp.ones((), h.dtype)
-
-  def step(h, params_and_key):
-    params, key = params_and_key
-    return nnx.merge(graphdef, params)(h, time_emb, gate, key, lengths), None
-
-  return jax.lax.scan(step, h, (suffix, keys))[0]
+  gates = jnp.ones((dit.cfg.num_layers - start,), h.dtype)
+  return run_blocks(suffix, h, time_emb, gates, keys, 'none', dit.cfg.remat, lengths)[0]
 
 
 def _lane_scores(
@@ -203,7 +198,7 @@ def _clip_scores(
   scores = scores.at[-1].set(relative_rms(dit.output(block_inputs[-1]), v, valid))
   middle = unpaired_ablation(num_layers)
   if middle is not None:  # on every device: L/2 blocks, less than a lane
-    final = run_suffix(dit.blocks, block_inputs[middle], time_emb, layer_keys, middle + 1, lengths)
+    final = run_suffix(dit, block_inputs[middle], time_emb, layer_keys, middle + 1, lengths)
     scores = scores.at[middle].set(relative_rms(dit.output(final), v, valid))
   first, second = ablation_lanes(num_layers)
   if len(first):
